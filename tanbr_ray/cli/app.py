@@ -1,0 +1,12 @@
+"""The `tanbr` command tree; sub-modules register their commands on these apps."""
+
+import typer
+
+app = typer.Typer(
+    name="tanbr",
+    help="Task-aware expert merging for online MoE inference at the edge.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks: print a table, write JSON (and plots).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
