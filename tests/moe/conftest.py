@@ -1,0 +1,61 @@
+"""Tiny fixtures: a randomly initialised 2-task MoE whose experts genuinely differ."""
+
+import os
+
+import pytest
+import torch
+
+from tanbr_ray.moe.build import attach_tokenizer
+from tanbr_ray.moe.config import MoEConfig, TinyBase
+from tanbr_ray.moe.merge import FFN_KEYS
+from tanbr_ray.moe.model import TaskMoE
+from transformers import BertConfig
+
+TINY = dict(
+    name="tiny",
+    tiny_base=TinyBase(),
+    tasks=["SST-2", "MNLI"],
+    train_examples=32,
+    batch_size=16,
+    max_len_single=16,
+    max_len_pair=24,
+    head_hidden=16,
+    heads_only_examples=32,
+    heads_only_epochs=2,
+    router_examples=8,
+    router_steps=10,
+    fisher_examples=8,
+    regmean_examples=8,
+    adapt_steps=3,
+)
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    d = os.environ.get("TANBR_DATA_DIR")
+    assert d, "set TANBR_DATA_DIR to the GLUE copy (e.g. ../shared/data/glue)"
+    return d
+
+
+@pytest.fixture()
+def tiny_cfg():
+    return MoEConfig(**TINY)
+
+
+@pytest.fixture()
+def tiny_moe(tiny_cfg):
+    """Random weights, experts perturbed apart, a router and heads: exactness needs no training."""
+    torch.manual_seed(0)
+    bc = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    moe = TaskMoE(bc, tiny_cfg.tasks, None, 16, 0.1)
+    with torch.no_grad():
+        for p in moe.parameters():
+            if p.dim() > 0:
+                p.normal_(0, 0.2)
+        moe.base["ln_w"].fill_(1.0)
+        moe.reset_experts_to_base()
+        for k in FFN_KEYS:
+            moe.experts[k].add_(torch.randn_like(moe.experts[k]) * 0.3)
+    attach_tokenizer(moe, tiny_cfg)
+    moe.eval()
+    return moe
