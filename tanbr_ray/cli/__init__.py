@@ -1,6 +1,7 @@
 """Command-line entry point (`tanbr`). Importing the command modules registers them."""
 
 from tanbr_ray.cli import regret_cmd  # noqa: F401  (registers `tanbr bench regret`)
+from tanbr_ray.cli import model_cmd  # noqa: F401
 from tanbr_ray.cli.app import app
 
 
