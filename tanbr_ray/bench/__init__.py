@@ -1,0 +1,1 @@
+"""Benchmarks behind `tanbr bench ...`: each returns a JSON-ready dict; the CLI prints and writes it."""

@@ -1,0 +1,90 @@
+"""The feasible set X = {x in R^K : x >= 0, sum(x) = 1, ||x||_0 <= B} and input checks.
+
+Every public entry point of the router validates its inputs here, so a bad psi, budget, x or reward
+vector fails fast with a ValueError naming the field instead of silently corrupting learned state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SUM_TOL = 1e-6
+
+
+def as_vector(value, length: int, field: str) -> np.ndarray:
+    """A finite float64 vector of the given length, or a ValueError naming `field`."""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{field}: expected a numeric vector, got {type(value).__name__}") from exc
+    if arr.ndim != 1 or arr.shape[0] != length:
+        raise ValueError(f"{field}: expected a vector of length {length}, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{field}: contains NaN or infinite values")
+    return arr
+
+
+def check_psi(psi, num_tasks: int) -> np.ndarray:
+    """psi must be a probability distribution over the V task types."""
+    arr = as_vector(psi, num_tasks, "psi")
+    if np.any(arr < 0):
+        raise ValueError("psi: entries must be non-negative (a task distribution)")
+    if abs(arr.sum() - 1.0) > SUM_TOL:
+        raise ValueError(f"psi: entries must sum to 1 (a task distribution), got {arr.sum():.6g}")
+    return arr
+
+
+def check_budget(budget, num_experts: int) -> int:
+    """budget B: how many experts may carry non-zero weight, 1 <= B <= K."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+        raise ValueError(f"budget: expected an integer, got {type(budget).__name__}")
+    if not 1 <= int(budget) <= num_experts:
+        raise ValueError(f"budget: must be in [1, {num_experts}] (number of experts), got {budget}")
+    return int(budget)
+
+
+def check_x(x, num_experts: int, budget: int | None = None) -> np.ndarray:
+    """x must lie in X: non-negative, summing to 1, with at most `budget` non-zeros."""
+    arr = as_vector(x, num_experts, "x")
+    if np.any(arr < 0):
+        raise ValueError("x: merging weights must be non-negative")
+    if abs(arr.sum() - 1.0) > SUM_TOL:
+        raise ValueError(f"x: merging weights must sum to 1, got {arr.sum():.6g}")
+    if budget is not None and np.count_nonzero(arr) > budget:
+        raise ValueError(f"x: {np.count_nonzero(arr)} non-zero weights exceed the budget {budget}")
+    return arr
+
+
+def check_rewards(rewards, num_tasks: int) -> np.ndarray:
+    """One finite reward per task type."""
+    return as_vector(rewards, num_tasks, "rewards")
+
+
+def project_to_budget(x: np.ndarray, budget: int) -> np.ndarray:
+    """Keep the `budget` largest weights (ties: lowest index) and renormalise.
+
+    The cheapest map from the simplex into X; exact when x already has <= budget non-zeros.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if np.count_nonzero(x) <= budget:
+        return x / x.sum()
+    keep = np.argsort(-x, kind="stable")[:budget]
+    out = np.zeros_like(x)
+    out[keep] = x[keep]
+    total = out.sum()
+    if total <= 0:  # all kept weights were zero: fall back to uniform over the kept support
+        out[keep] = 1.0
+        total = float(budget)
+    return out / total
+
+
+def project_rows_to_budget(xs: np.ndarray, budget: int) -> np.ndarray:
+    """Row-wise `project_to_budget`, vectorised for candidate matrices."""
+    xs = np.asarray(xs, dtype=np.float64)
+    if budget >= xs.shape[1]:
+        return xs / xs.sum(axis=1, keepdims=True)
+    order = np.argsort(-xs, axis=1, kind="stable")[:, :budget]
+    out = np.zeros_like(xs)
+    rows = np.arange(xs.shape[0])[:, None]
+    out[rows, order] = xs[rows, order]
+    return out / out.sum(axis=1, keepdims=True)

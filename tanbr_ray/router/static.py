@@ -1,0 +1,76 @@
+"""Policies that do not learn: Random, Uniform, psi-merge, and the Oracle that knows the rewards."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tanbr_ray.router.feasible import project_to_budget
+from tanbr_ray.router.policy import Policy, default_task_experts
+
+
+class RandomPolicy(Policy):
+    """Uniform over X: a uniformly random support of size B, then Dirichlet(1) weights on it."""
+
+    name = "Random"
+
+    def __init__(self, num_experts: int, num_tasks: int, seed: int = 0):
+        super().__init__(num_experts, num_tasks)
+        self.rng = np.random.default_rng(seed)
+
+    def _select(self, psi, budget):
+        support = self.rng.choice(self.num_experts, size=budget, replace=False)
+        x = np.zeros(self.num_experts)
+        x[support] = self.rng.dirichlet(np.ones(budget))
+        return x
+
+
+class UniformPolicy(Policy):
+    """x = 1/K (simple averaging). With B < K: 1/B over the experts of the B most requested tasks."""
+
+    name = "Uniform"
+
+    def __init__(self, num_experts: int, num_tasks: int, task_experts: Sequence[int] | None = None):
+        super().__init__(num_experts, num_tasks)
+        self.task_experts = np.asarray(task_experts if task_experts is not None
+                                       else default_task_experts(num_tasks, num_experts))
+
+    def _select(self, psi, budget):
+        if budget >= self.num_experts:
+            return np.full(self.num_experts, 1.0 / self.num_experts)
+        mass = np.bincount(self.task_experts, weights=psi, minlength=self.num_experts)
+        x = np.zeros(self.num_experts)
+        x[np.argsort(-mass, kind="stable")[:budget]] = 1.0 / budget
+        return x
+
+
+class PsiMergePolicy(Policy):
+    """x from psi: each expert weighted by the mass of the tasks it serves, top-B renormalised."""
+
+    name = "psi-merge"
+
+    def __init__(self, num_experts: int, num_tasks: int, task_experts: Sequence[int] | None = None):
+        super().__init__(num_experts, num_tasks)
+        self.task_experts = np.asarray(task_experts if task_experts is not None
+                                       else default_task_experts(num_tasks, num_experts))
+
+    def _select(self, psi, budget):
+        mass = np.bincount(self.task_experts, weights=psi, minlength=self.num_experts)
+        if mass.sum() <= 0:
+            mass = np.ones(self.num_experts)
+        return project_to_budget(mass / mass.sum(), budget)
+
+
+class OraclePolicy(Policy):
+    """Knows the reward function: plays its argmax for the current psi (zero regret by definition)."""
+
+    name = "Oracle"
+
+    def __init__(self, num_experts: int, num_tasks: int,
+                 optimum: Callable[[np.ndarray, int], np.ndarray]):
+        super().__init__(num_experts, num_tasks)
+        self.optimum = optimum
+
+    def _select(self, psi, budget):
+        return self.optimum(psi, budget)
