@@ -53,19 +53,22 @@ def _psi(tasks, v) -> dict[str, float]:
     return {t: float(p) for t, p in zip(tasks, v)}
 
 
-def search_landscape(moe, cache, xs, mixes, sel, val, oracle_preds, adapted=None, progress=True) -> dict:
-    """Evaluate every x once (per-task scores on both halves), reuse for all mixes: pick the best x on
-    the selection half, report it and the baselines on the scoring half."""
+def evaluate_xs(moe, cache, xs, sel, val, adapted=None, progress=True):
+    """Per-task scores of every x on the selection half (A) and the scoring half (B): each x is
+    evaluated once and reused for every mix."""
     from tqdm.auto import tqdm
 
-    tasks = moe.tasks
     A, B = [], []
     for x in tqdm(xs, desc="merge landscape" + (" (no adaptation)" if adapted is False else ""), disable=not progress):
         p = predict(moe, cache, "merged", x=x, adapted=adapted)
         A.append(score(cache, p, sel))
         B.append(score(cache, p, val))
-    oracle_b = score(cache, oracle_preds, val)
-    K = moe.num_experts
+    return A, B
+
+
+def summarise_landscape(tasks, xs, mixes, A, B, oracle_b) -> list[dict]:
+    """Per mix: best x picked on half A, it and the baselines scored on half B."""
+    K = len(tasks)
     uni = np.full(K, 1.0 / K)
     out = []
     for name, v in mixes:
@@ -75,6 +78,7 @@ def search_landscape(moe, cache, xs, mixes, sel, val, oracle_preds, adapted=None
         i = int(np.argmax(sa))
         iu = next(j for j, x in enumerate(xs) if np.allclose(x, uni))
         ip = next((j for j, x in enumerate(xs) if np.allclose(x, v)), None)
+        orc = weighted_score(oracle_b, psi)
         out.append(
             {
                 "name": name,
@@ -84,13 +88,13 @@ def search_landscape(moe, cache, xs, mixes, sel, val, oracle_preds, adapted=None
                 "best_on_selection_half": sa[i],
                 "uniform": sb[iu],
                 "psi_merge": sb[ip] if ip is not None else None,
-                "oracle": weighted_score(oracle_b, psi),
+                "oracle": orc,
                 "best_minus_uniform": sb[i] - sb[iu],
-                "oracle_minus_best": weighted_score(oracle_b, psi) - sb[i],
+                "oracle_minus_best": orc - sb[i],
                 "best_index": i,
             }
         )
-    return {"entries": out, "scores_sel": A, "scores_val": B}
+    return out
 
 
 def run_bench(
@@ -99,7 +103,7 @@ def run_bench(
     eval_examples: int | None = None,
     landscape_size: int = 200,
     landscape_examples: int = 240,
-    no_adapt_size: int = 40,
+    no_adapt_size: int = 24,
     runs: int = 20,
     warmup: int = 3,
     seq_len: int = 64,
@@ -141,24 +145,24 @@ def run_bench(
     drop = {t: ora_a[t] - uni_a[t] for t in tasks}
     mixes = reference_mixes(tasks, drop)
     xs = candidate_xs(K, moe.budget, landscape_size, [v for _, v in mixes], seed)
-    land = search_landscape(moe, lc, xs, mixes, sel, val, oracle_p, progress=progress)
-    entries = land["entries"]
-    # no single fixed x best for all mixes: score each mix's best x under the other mixes
+    A, B = evaluate_xs(moe, lc, xs, sel, val, progress=progress)
+    oracle_b = score(lc, oracle_p, val)
+    entries = summarise_landscape(tasks, xs, mixes, A, B, oracle_b)
+    stat_val = {n: score(lc, predict(moe, lc, "merged", state=moe.static_state(n)), val) for n in moe.static_merges}
     for e in entries:
-        e["best_x_of_other_mixes"] = {
-            o["name"]: weighted_score(land["scores_val"][o["best_index"]], e["psi"]) for o in entries if o is not e
-        }
-        stat_val = {n: score(lc, predict(moe, lc, "merged", state=moe.static_state(n)), val) for n in moe.static_merges}
-        for n, s in stat_val.items():
-            e[n] = weighted_score(s, e["psi"])
+        # no single fixed x is best for all mixes: score each mix's best x under the other mixes
+        e["best_x_of_other_mixes"] = {o["name"]: weighted_score(B[o["best_index"]], e["psi"]) for o in entries if o is not e}
+        for n, sv in stat_val.items():
+            e[n] = weighted_score(sv, e["psi"])
     distinct_best = len({tuple(e["best_x"]) for e in entries})
     adaptation = None
     if bool(moe.adapted.item()) and no_adapt_size > 0:
-        sub = xs[:no_adapt_size]
-        without = search_landscape(moe, lc, sub, mixes, sel, val, oracle_p, adapted=False, progress=progress)["entries"]
-        with_sub = search_landscape(moe, lc, sub, mixes, sel, val, oracle_p, adapted=True, progress=False)["entries"]
+        n = min(no_adapt_size, len(xs))
+        A0, B0 = evaluate_xs(moe, lc, xs[:n], sel, val, adapted=False, progress=progress)
+        without = summarise_landscape(tasks, xs[:n], mixes, A0, B0, oracle_b)
+        with_sub = summarise_landscape(tasks, xs[:n], mixes, A[:n], B[:n], oracle_b)
         adaptation = {
-            "num_x": len(sub),
+            "num_x": n,
             "per_mix": [
                 {
                     "name": w["name"],
@@ -166,6 +170,8 @@ def run_bench(
                     "gap_with": w["oracle_minus_best"],
                     "uniform_gap_without": wo["oracle"] - wo["uniform"],
                     "uniform_gap_with": w["oracle"] - w["uniform"],
+                    "best_without": wo["best"],
+                    "best_with": w["best"],
                 }
                 for w, wo in zip(with_sub, without)
             ],

@@ -66,7 +66,7 @@ def bench_model_cmd(
     eval_examples: int = typer.Option(None, "--eval-examples", min=1, help="dev examples per task for mode scores (default all)"),
     landscape_size: int = typer.Option(200, "--landscape-size", min=1, help="number of feasible x searched"),
     landscape_examples: int = typer.Option(240, "--landscape-examples", min=2, help="dev examples per task (halved: select/score)"),
-    no_adapt_size: int = typer.Option(40, "--no-adapt-size", min=0, help="x re-evaluated without adaptation"),
+    no_adapt_size: int = typer.Option(24, "--no-adapt-size", min=0, help="x re-evaluated without adaptation"),
     runs: int = typer.Option(20, "--runs", min=1, help="timed runs per latency point (after warm-up)"),
     threads: int = typer.Option(None, "--threads", min=1),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
