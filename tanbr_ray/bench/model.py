@@ -76,7 +76,7 @@ def summarise_landscape(tasks, xs, mixes, A, B, oracle_b) -> list[dict]:
         sa = [weighted_score(s, psi) for s in A]
         sb = [weighted_score(s, psi) for s in B]
         i = int(np.argmax(sa))
-        iu = next(j for j, x in enumerate(xs) if np.allclose(x, uni))
+        iu = next((j for j, x in enumerate(xs) if np.allclose(x, uni)), None)  # None when B < K
         ip = next((j for j, x in enumerate(xs) if np.allclose(x, v)), None)
         orc = weighted_score(oracle_b, psi)
         out.append(
@@ -86,10 +86,10 @@ def summarise_landscape(tasks, xs, mixes, A, B, oracle_b) -> list[dict]:
                 "best_x": [round(float(a), 4) for a in xs[i]],
                 "best": sb[i],
                 "best_on_selection_half": sa[i],
-                "uniform": sb[iu],
+                "uniform": sb[iu] if iu is not None else None,
                 "psi_merge": sb[ip] if ip is not None else None,
                 "oracle": orc,
-                "best_minus_uniform": sb[i] - sb[iu],
+                "best_minus_uniform": sb[i] - sb[iu] if iu is not None else None,
                 "oracle_minus_best": orc - sb[i],
                 "best_index": i,
             }
@@ -168,8 +168,8 @@ def run_bench(
                     "name": w["name"],
                     "gap_without": wo["oracle_minus_best"],
                     "gap_with": w["oracle_minus_best"],
-                    "uniform_gap_without": wo["oracle"] - wo["uniform"],
-                    "uniform_gap_with": w["oracle"] - w["uniform"],
+                    "uniform_gap_without": None if wo["uniform"] is None else wo["oracle"] - wo["uniform"],
+                    "uniform_gap_with": None if w["uniform"] is None else w["oracle"] - w["uniform"],
                     "best_without": wo["best"],
                     "best_with": w["best"],
                 }
@@ -223,7 +223,7 @@ def check_targets(res: dict) -> dict:
     out["experts_beat_heads_only_by_3pts_avg"] = float(np.mean(gains)) >= 0.03
     out["experts_beat_heads_only_each"] = all(g > 0 for g in gains)
     non_uni = [e for e in res["landscape"] if e["name"] != "uniform"]
-    out["best_beats_uniform_by_2pts"] = {e["name"]: e["best_minus_uniform"] >= 0.02 for e in non_uni}
+    out["best_beats_uniform_by_2pts"] = {e["name"]: (e["best_minus_uniform"] or 0.0) >= 0.02 for e in non_uni}
     out["no_single_best_x"] = res["landscape_meta"]["distinct_best_x"] > 1
     out["best_within_4pts_of_oracle"] = {e["name"]: e["oracle_minus_best"] <= 0.04 for e in res["landscape"]}
     b32 = lambda mode: m[mode]["latency_ms_p50"]["32"]  # noqa: E731
@@ -258,8 +258,9 @@ def format_table(res: dict) -> str:
     lines += [h2, "-" * len(h2)]
     for e in res["landscape"]:
         pm = "   n/a" if e["psi_merge"] is None else f"{e['psi_merge']:6.3f}"
+        un = "    n/a" if e["uniform"] is None else f"{e['uniform']:7.3f}"
         lines.append(
-            f"{e['name']:24} {e['best']:6.3f} {e['uniform']:7.3f} {pm} {e.get('fisher', float('nan')):6.3f} "
+            f"{e['name']:24} {e['best']:6.3f} {un} {pm} {e.get('fisher', float('nan')):6.3f} "
             f"{e.get('regmean', float('nan')):7.3f} {e['oracle']:6.3f}  {e['best_x']}"
         )
     if res.get("adaptation"):
@@ -267,10 +268,10 @@ def format_table(res: dict) -> str:
         lines.append("")
         lines.append(f"merge-aware adaptation (oracle − best merge, {a['num_x']} x):")
         for p in a["per_mix"]:
-            lines.append(
-                f"  {p['name']:24} gap without {p['gap_without']:+.3f} → with {p['gap_with']:+.3f}; "
-                f"uniform gap {p['uniform_gap_without']:+.3f} → {p['uniform_gap_with']:+.3f}"
-            )
+            line = f"  {p['name']:24} gap without {p['gap_without']:+.3f} → with {p['gap_with']:+.3f}"
+            if p["uniform_gap_with"] is not None:
+                line += f"; uniform merge's gap {p['uniform_gap_without']:+.3f} → {p['uniform_gap_with']:+.3f}"
+            lines.append(line)
     lines.append("")
     lines.append(f"build {res['build_seconds']:.0f}s; bench {res['bench_seconds']:.0f}s; device {res['device']}")
     lines.append("targets: " + ", ".join(f"{k}={v}" for k, v in res["targets"].items()))

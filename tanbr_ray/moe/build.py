@@ -306,7 +306,7 @@ def build_moe(cfg: MoEConfig, data_dir=None, progress: bool = True) -> tuple[Tas
         t: stage(f"expert_{t}", lambda t=t: train_expert(moe, cfg, train[t].head(cfg.train_examples, cfg.seed), progress))
         for t in cfg.tasks
     }
-    # held-out part of train for the small stages (disjoint seed keeps them cheap and varied)
+    # the small stages use another random subset of train (a different seed), kept small for speed
     small = lambda n: [train[t].head(n, cfg.seed + 1) for t in cfg.tasks]  # noqa: E731
     for sp in tqdm(small(cfg.heads_only_examples), desc="heads-only baseline", disable=not progress):
         stage(f"heads_only_{sp.task}", lambda sp=sp: train_dense_head(moe, cfg, sp))

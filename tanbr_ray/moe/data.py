@@ -140,7 +140,8 @@ class Batch:
         )
 
 
-def tokenize(tokenizer, split: TaskSplit, max_len: int) -> list[list[int]] | dict:
+def tokenize(tokenizer, split: TaskSplit, max_len: int):
+    """Unpadded token ids and type ids (padding happens per bucket)."""
     enc = tokenizer(
         split.text_a,
         split.text_b,
