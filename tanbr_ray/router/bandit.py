@@ -3,7 +3,7 @@
 f_theta(x) -> R^V predicts the reward of every task type for a merge x (an MLP, width 64 and two
 hidden layers by default, as in the paper). For a task mix psi the score of a candidate is
 
-    score(x | psi) = psi . f(x) + gamma * sqrt(g^T A^-1 g),   g = grad_theta(psi . f(x)) / sqrt(width)
+    score(x | psi) = psi . f(x) + gamma * sqrt(g^T A^-1 g),   g = grad_theta(psi . f(x))
 
 with A = lambda*I + sum of g g^T over played (x, psi) (NeuralUCB, Zhou et al. 2020). A is diagonal
 by default: then g^T A^-1 g decomposes per linear layer into (delta^2)^T A_W^-1 (a^2) + (delta^2)^T
@@ -27,7 +27,7 @@ class BanditConfig(BaseModel):
 
     width: int = Field(64, ge=1, le=4096, description="hidden units per layer")
     depth: int = Field(2, ge=1, le=8, description="hidden layers")
-    gamma: float = Field(0.1, ge=0.0, le=1e3, description="exploration coefficient")
+    gamma: float = Field(0.03, ge=0.0, le=1e3, description="exploration coefficient")
     lam: float = Field(1.0, gt=0.0, le=1e6, description="regulariser of A (A = lam*I + ...)")
     lr: float = Field(1e-2, gt=0.0, le=1.0, description="Adam learning rate")
     sgd_steps: int = Field(4, ge=0, le=1000, description="J: gradient steps per update")
@@ -62,7 +62,6 @@ class NeuralUCB:
         self.num_params = sum(p.numel() for p in self.params.values())
         self.opt = torch.optim.Adam(self.net.parameters(), lr=c.lr)
         self.gen = torch.Generator().manual_seed(c.seed + 1)
-        self.scale = 1.0 / c.width  # g / sqrt(width), squared
         if c.full_covariance:
             self.A_inv = torch.eye(self.num_params, dtype=torch.float64) / c.lam
         else:
@@ -88,7 +87,7 @@ class NeuralUCB:
             width2 = ((g @ self.A_inv) * g).sum(1)
         else:
             mean, width2 = self._diag_forward(X, w)
-        return mean.numpy(), torch.sqrt(torch.clamp(width2 * self.scale, min=0.0)).numpy()
+        return mean.numpy(), torch.sqrt(torch.clamp(width2, min=0.0)).numpy()
 
     def _diag_forward(self, X: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, backward of psi.f and sum_j g_j^2 / A_jj per row, all batched."""
@@ -125,9 +124,9 @@ class NeuralUCB:
     # --- learning --------------------------------------------------------------------------
     def observe(self, x: np.ndarray, psi: np.ndarray, rewards: np.ndarray) -> None:
         """Add (x, rewards) to the history, A += g g^T for the played x, then J gradient steps."""
-        xt = torch.as_tensor(x, dtype=torch.float64)[None]
+        xt = torch.tensor(x, dtype=torch.float64)[None]
         w = torch.as_tensor(psi, dtype=torch.float64)
-        g = self._per_sample_grads(xt, w)[0] * np.sqrt(self.scale)
+        g = self._per_sample_grads(xt, w)[0]
         with torch.no_grad():
             if self.config.full_covariance:
                 Ag = self.A_inv @ g

@@ -89,7 +89,7 @@ class PartitionTree:
         return np.asarray(self._leaves, dtype=np.int64)
 
     def is_leaf(self, node: int) -> bool:
-        return self.children[node, 0] < 0
+        return 0 <= node < self.size and self.children[node, 0] < 0
 
     def threshold(self, depth: int) -> int:
         """Visits a leaf at this depth needs before it splits: ceil(tau0 * rho^-depth)."""
@@ -131,6 +131,8 @@ class PartitionTree:
 
     def visit(self, node: int) -> tuple[int, int] | None:
         """Count one play of a leaf; split it once its visits reach the depth's threshold."""
+        if not self.is_leaf(node):
+            raise ValueError(f"node: {node} is not an active leaf of this tree")
         self.visits[node] += 1
         if self.visits[node] >= self.threshold(int(self.depth[node])):
             return self.split(node)
