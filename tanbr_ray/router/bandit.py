@@ -69,6 +69,7 @@ class NeuralUCB:
         # replay buffer
         self.buf_x = torch.zeros(c.history, num_experts, dtype=torch.float64)
         self.buf_r = torch.zeros(c.history, num_tasks, dtype=torch.float64)
+        self.buf_m = torch.zeros(c.history, num_tasks, dtype=torch.float64)  # 1 = reward observed
         self.n_seen = 0
 
     # --- prediction ------------------------------------------------------------------------
@@ -122,7 +123,7 @@ class NeuralUCB:
         return torch.cat([grads[k].reshape(X.shape[0], -1) for k in self.params], dim=1)
 
     # --- learning --------------------------------------------------------------------------
-    def observe(self, x: np.ndarray, psi: np.ndarray, rewards: np.ndarray) -> None:
+    def observe(self, x: np.ndarray, psi: np.ndarray, rewards: np.ndarray, mask: np.ndarray | None = None) -> None:
         """Add (x, rewards) to the history, A += g g^T for the played x, then J gradient steps."""
         xt = torch.tensor(x, dtype=torch.float64)[None]
         w = torch.as_tensor(psi, dtype=torch.float64)
@@ -140,6 +141,7 @@ class NeuralUCB:
         slot = self.n_seen % self.config.history
         self.buf_x[slot] = xt[0]
         self.buf_r[slot] = torch.as_tensor(rewards, dtype=torch.float64)
+        self.buf_m[slot] = 1.0 if mask is None else torch.as_tensor(mask, dtype=torch.float64)
         self.n_seen += 1
         self.train(self.config.sgd_steps)
 
@@ -150,7 +152,8 @@ class NeuralUCB:
         loss = torch.tensor(float("nan"))
         for _ in range(steps):
             idx = torch.randint(0, n, (min(self.config.batch_size, n),), generator=self.gen)
-            loss = ((self.net(self.buf_x[idx]) - self.buf_r[idx]) ** 2).mean()
+            m = self.buf_m[idx]
+            loss = (m * (self.net(self.buf_x[idx]) - self.buf_r[idx]) ** 2).sum() / m.sum().clamp(min=1.0)
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()
@@ -162,6 +165,7 @@ class NeuralUCB:
         out = {f"net.{k}": p.detach().clone() for k, p in self.params.items()}
         n = min(self.n_seen, self.config.history)
         out["buf_x"], out["buf_r"] = self.buf_x[:n].clone(), self.buf_r[:n].clone()
+        out["buf_m"] = self.buf_m[:n].clone()
         out["gen_state"] = self.gen.get_state().clone()
         if self.config.full_covariance:
             out["A_inv"] = self.A_inv.clone()
@@ -182,6 +186,7 @@ class NeuralUCB:
         self.n_seen = n_seen
         n = min(n_seen, self.config.history)
         self.buf_x[:n], self.buf_r[:n] = tensors["buf_x"], tensors["buf_r"]
+        self.buf_m[:n] = tensors["buf_m"]
         self.gen.set_state(tensors["gen_state"])
         if self.config.full_covariance:
             self.A_inv = tensors["A_inv"].clone()

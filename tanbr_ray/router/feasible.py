@@ -55,9 +55,26 @@ def check_x(x, num_experts: int, budget: int | None = None) -> np.ndarray:
     return arr
 
 
-def check_rewards(rewards, num_tasks: int) -> np.ndarray:
-    """One finite reward per task type."""
-    return as_vector(rewards, num_tasks, "rewards")
+def check_rewards(rewards, num_tasks: int, observed=None) -> tuple[np.ndarray, np.ndarray]:
+    """One finite reward per task type, or per observed task type when a mask is given.
+
+    A slot may carry no labelled request of some task: `observed` marks the tasks whose reward was
+    measured; the others are ignored (returned as 0 with mask False) instead of being invented.
+    """
+    if observed is None:
+        return as_vector(rewards, num_tasks, "rewards"), np.ones(num_tasks, dtype=bool)
+    mask = np.asarray(observed, dtype=bool)
+    if mask.shape != (num_tasks,):
+        raise ValueError(f"observed: expected a boolean vector of length {num_tasks}, got shape {mask.shape}")
+    try:
+        arr = np.asarray(rewards, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"rewards: expected a numeric vector, got {type(rewards).__name__}") from exc
+    if arr.shape != (num_tasks,):
+        raise ValueError(f"rewards: expected a vector of length {num_tasks}, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr[mask])):
+        raise ValueError("rewards: contains NaN or infinite values for observed tasks")
+    return np.where(mask, arr, 0.0), mask
 
 
 def project_to_budget(x: np.ndarray, budget: int) -> np.ndarray:

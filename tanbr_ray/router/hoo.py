@@ -45,11 +45,12 @@ class HOOPolicy(Policy):
         self._pending[x.tobytes()] = path
         return x.copy()
 
-    def _update(self, x, psi, rewards):
+    def _update(self, x, psi, rewards, mask):
         path = self._pending.pop(x.tobytes(), None)
         if path is None:  # not our choice: HOO cannot attribute it to a cell
             return
-        reward = float(psi @ rewards)
+        weight = psi * mask
+        reward = float(weight @ rewards / weight.sum()) if weight.sum() > 0 else float(rewards[mask].mean())
         self.t += 1
         for node in path:
             self.count[node] += 1

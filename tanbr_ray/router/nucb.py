@@ -35,5 +35,5 @@ class NucbPolicy(Policy):
         mean, width = self.bandit.ucb(cands, psi)
         return cands[int(np.argmax(mean + self.bandit.config.gamma * width))].copy()
 
-    def _update(self, x, psi, rewards):
-        self.bandit.observe(x, psi, rewards)
+    def _update(self, x, psi, rewards, mask):
+        self.bandit.observe(x, psi, rewards, mask)

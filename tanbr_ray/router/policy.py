@@ -32,17 +32,22 @@ class Policy(ABC):
         x = self._select(psi, budget)
         return check_x(x, self.num_experts, budget)
 
-    def update(self, x, psi, rewards) -> None:
-        """Feed back the per-task rewards observed after serving a slot with weights x."""
+    def update(self, x, psi, rewards, observed=None) -> None:
+        """Feed back the per-task rewards observed after serving a slot with weights x.
+
+        `observed` (optional boolean mask) marks the tasks whose reward was measured this slot.
+        """
         x = check_x(x, self.num_experts)
         psi = check_psi(psi, self.num_tasks)
-        rewards = check_rewards(rewards, self.num_tasks)
-        self._update(x, psi, rewards)
+        rewards, mask = check_rewards(rewards, self.num_tasks, observed)
+        if not mask.any():
+            return  # nothing measured: nothing to learn
+        self._update(x, psi, rewards, mask)
 
     @abstractmethod
     def _select(self, psi: np.ndarray, budget: int) -> np.ndarray: ...
 
-    def _update(self, x: np.ndarray, psi: np.ndarray, rewards: np.ndarray) -> None:
+    def _update(self, x: np.ndarray, psi: np.ndarray, rewards: np.ndarray, mask: np.ndarray) -> None:
         """Static policies learn nothing."""
 
 

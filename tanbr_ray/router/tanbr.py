@@ -68,11 +68,11 @@ class Tanbr(Policy):
         self.pending[x.tobytes()] = int(self.tree.leaves[i])
         return x
 
-    def _update(self, x, psi, rewards):
+    def _update(self, x, psi, rewards, mask):
         leaf = self.pending.pop(x.tobytes(), None)
         if leaf is not None and self.tree.is_leaf(leaf):
             self.tree.visit(leaf)
-        self.bandit.observe(x, psi, rewards)
+        self.bandit.observe(x, psi, rewards, mask)
         self.updates += 1
 
     # --- persistence -----------------------------------------------------------------------

@@ -82,3 +82,18 @@ def test_bad_config_names_the_field():
         TreeConfig(max_nodes=0)
     with pytest.raises(ValueError, match="unknown_knob"):
         TanbrConfig(bandit={"unknown_knob": 1})
+
+
+def test_unobserved_tasks_are_masked_not_invented():
+    psi = np.array([0.5, 0.5, 0.0])
+    for policy in (Tanbr(4, 3), NucbPolicy(4, 3), HOOPolicy(4, 3)):
+        x = policy.select(psi, 4)
+        policy.update(x, psi, [0.8, np.nan, np.nan], observed=[True, False, False])
+        with pytest.raises(ValueError, match="rewards"):
+            policy.update(x, psi, [np.nan, 0.1, 0.1], observed=[True, True, False])
+        with pytest.raises(ValueError, match="observed"):
+            policy.update(x, psi, [0.1, 0.1, 0.1], observed=[True, False])
+    b = Tanbr(4, 3).bandit
+    for _ in range(50):
+        b.observe(np.full(4, 0.25), psi, np.array([0.9, 0.0, 0.0]), np.array([True, False, False]))
+    assert abs(b.predict(np.full((1, 4), 0.25))[0, 0] - 0.9) < 0.05
