@@ -1,0 +1,55 @@
+"""`tanbr simulate`: the main job — every policy on one simulated edge fleet, with a table and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from tanbr_ray.cli.app import app
+from tanbr_ray.cli.output import print_table
+
+
+@app.command("simulate", context_settings={"help_option_names": ["-h", "--help"]})
+def simulate(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="Dotted overrides of the config, e.g. slots=60 schedule=switching tanbr.tree.rho=0.8"),
+    config: Optional[Path] = typer.Option(None, "--config", help="Simulation YAML (default: the embedded one)."),
+    quick: bool = typer.Option(False, "--quick", help="Small MoE and a short run (about 2 minutes)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results directory (overrides `out`)."),
+    wandb: Optional[str] = typer.Option(None, "--wandb", help="online | offline | disabled (default: offline "
+                                                               "unless a W&B key is configured)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Simulate Tanbr and every baseline on an edge fleet; write results JSON/CSV, PNGs and a summary."""
+    from tanbr_ray.moe import default_config, load_or_build, quick_config
+    from tanbr_ray.sim.config import DEFAULT_CONFIG, QUICK_CONFIG, load_config
+    from tanbr_ray.sim.loop import run_simulation
+    from tanbr_ray.sim.report import format_table, write_results
+    from tanbr_ray.tracking import log_simulation
+
+    extra = list(overrides or [])
+    if out is not None:
+        extra.append(f"out={out}")
+    if wandb is not None:
+        extra.append(f"wandb={wandb}")
+    try:
+        cfg = load_config(config or (QUICK_CONFIG if quick else DEFAULT_CONFIG), extra)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    moe_cfg = quick_config() if cfg.model == "quick" else default_config()
+    typer.echo(f"model: {moe_cfg.name} (built on first use, then reused from the models cache)")
+    moe = load_or_build(moe_cfg, cfg.models_dir, progress=progress, data_dir=cfg.data_dir)
+    result = run_simulation(cfg, moe, progress=progress)
+    paths = write_results(result, cfg.out)
+    header, rows = format_table(result.summary)
+    s = result.summary
+    print_table(f"{cfg.name}: {cfg.slots} slots × {len(result.nodes)} nodes, {s['requests']} requests, "
+                f"schedule {cfg.schedule}", header, rows)
+    typer.echo(f"{s['requests_simulated']} requests simulated ({s['model_forwards']} model forwards) in "
+               f"{s['wall_seconds']:.1f} s: {s['requests_per_second']:.0f} requests/s")
+    runs = log_simulation(result, cfg.out, group=cfg.name, mode=cfg.wandb)
+    if runs:
+        typer.echo(f"W&B: {len(runs)} runs logged under {Path(cfg.out) / 'wandb'}")
+    typer.echo(f"results: {Path(cfg.out).resolve()} ({', '.join(sorted(p.name for p in paths.values()))})")

@@ -1,0 +1,97 @@
+"""Simulation config: one typed, validated YAML file plus dotted command-line overrides.
+
+`tanbr simulate slots=60 tanbr.tree.rho=0.8` overrides keys in the YAML (values parsed as YAML);
+unknown keys and out-of-range values fail with the offending field named.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tanbr_ray.router.tanbr import TanbrConfig
+from tanbr_ray.sim.workload import SCHEDULES
+
+DEFAULT_CONFIG = Path(__file__).parent / "data" / "simulate_default.yaml"
+QUICK_CONFIG = Path(__file__).parent / "data" / "simulate_quick.yaml"
+POLICIES = ("Tanbr", "Switch-top1", "Switch-top2", "Oracle", "Uniform", "psi-merge", "Nucb", "HOO",
+            "Fisher", "RegMean", "Random")
+
+
+class SimConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("simulate", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: Literal["default", "quick"] = "default"
+    models_dir: str | None = None
+    data_dir: str | None = None
+    fleet: str | None = Field(None, description="fleet YAML; None = the packaged default fleet")
+    slots: int = Field(40, ge=1, le=1_000_000)
+    slot_seconds: float = Field(20.0, gt=0.0)
+    schedule: str = "stationary"
+    switch_every: int | None = Field(None, ge=1)
+    pool_per_task: int = Field(150, ge=2, description="dev examples per task requests are drawn from")
+    label_fraction: float = Field(1.0, ge=0.0, le=1.0, description="share of requests labelled after the slot")
+    label_free: bool = Field(False, description="reward = agreement with the full MoE (top-2) instead of labels")
+    fixed_candidates: int = Field(8, ge=0, le=1000, description="random fixed x tried for the best-in-hindsight")
+    policies: list[str] = Field(default_factory=lambda: list(POLICIES))
+    tanbr: TanbrConfig = Field(default_factory=TanbrConfig)
+    threads: int | None = Field(None, ge=1, description="torch threads; None = torch's default")
+    seed: int = 0
+    wandb: Literal["online", "offline", "disabled"] | None = None
+    out: str = "results/simulate"
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        if v not in SCHEDULES:
+            raise ValueError(f"unknown schedule {v!r}; choose from {', '.join(SCHEDULES)}")
+        return v
+
+    @field_validator("policies")
+    @classmethod
+    def _policies(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("need at least one policy")
+        bad = [p for p in v if p not in POLICIES]
+        if bad:
+            raise ValueError(f"unknown policy {bad}; choose from {', '.join(POLICIES)}")
+        return v
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """Set dotted keys (`a.b.c=value`, value parsed as YAML) in a copy of `raw`."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value (e.g. slots=20 or tanbr.tree.rho=0.8)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p} is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SimConfig:
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"config {path}: cannot read ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {path}: expected a mapping")
+    try:
+        return SimConfig(**apply_overrides(raw, overrides))
+    except ValidationError as exc:
+        raise ValueError(f"config {path}: {exc}") from exc

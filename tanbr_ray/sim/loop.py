@@ -1,0 +1,279 @@
+"""The slot loop: one code path for every policy.
+
+Per slot and node, in order:
+  1. monitor   — the node's TaskMonitor estimates psi from the requests it saw in earlier slots;
+  2. select    — the policy picks merging weights x under the node's budget B (Tanbr: one shared
+                 bandit learns from every node's feedback);
+  3. push      — a new x means pushing the merged FFN weights to the node (bytes / bandwidth);
+  4. serve     — the slot's requests run through the node's model (scored exactly by the MoE);
+  5. reward    — per-task reward from the labelled share of the requests after the slot (or, label
+                 free, agreement with the full MoE), and the policy updates.
+Latency per request = this host's measured compute for the node's model × the node's slowdown + RTT
++ the time to swap experts in from storage when the model does not fit the node's memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tanbr_ray.moe.data import load_task
+from tanbr_ray.moe.infer import batch_latency
+from tanbr_ray.router import (HOOPolicy, NucbPolicy, Policy, PsiMergePolicy, RandomPolicy, Tanbr,
+                              TaskMonitor, UniformPolicy)
+from tanbr_ray.router.feasible import project_to_budget
+from tanbr_ray.sim.config import SimConfig
+from tanbr_ray.sim.evaluate import PoolEvaluator, Spec, merged_spec
+from tanbr_ray.sim.fleet import Fleet, NodeClass, load_fleet
+from tanbr_ray.sim.output import PolicySeries, SimOutput
+from tanbr_ray.sim.workload import Workload, generate
+
+STATIC_SPECS: dict[str, Spec] = {
+    "Switch-top1": ("top1",), "Switch-top2": ("top2",), "Oracle": ("oracle",),
+    "Fisher": ("static", "fisher"), "RegMean": ("static", "regmean"),
+}
+MODE_OF_SPEC = {"top1": "top1", "top2": "top2", "oracle": "oracle", "static": "merged", "merged": "merged"}
+
+
+@dataclass
+class Costs:
+    """Measured on this host: per-request compute (batch 1) and resident bytes per serving mode."""
+
+    compute_ms: dict[str, float]
+    resident: dict[str, int]
+    dense_bytes: int
+    ffn_bytes: int  # what a weight push carries: the merged FFNs of the MoE layers
+
+    def latency_ms(self, mode: str, node: NodeClass) -> float:
+        memory = node.memory_x_dense * self.dense_bytes
+        swap = max(0, self.resident[mode] - memory) / (node.storage_mbps * 1e6 / 8) * 1e3
+        return self.compute_ms[mode] * node.slowdown + node.rtt_ms + swap
+
+
+def measure_costs(moe, runs: int = 10, seq_len: int = 64) -> Costs:
+    modes = ("merged", "oracle", "top1", "top2")
+    compute = {m: batch_latency(moe, m, 1, seq_len, runs=runs, warmup=2)["p50"] for m in modes}
+    resident = {m: int(moe.resident_bytes(m)) for m in modes}
+    x = np.full(moe.num_experts, 1.0 / moe.num_experts)
+    ffn = int(sum(t.numel() * t.element_size() for t in moe.merged_state(x).values()))
+    return Costs(compute, resident, resident["merged"], ffn)
+
+
+def make_policy(name: str, cfg: SimConfig, K: int, V: int, task_experts: np.ndarray, tasks: list[str]) -> Policy | None:
+    """Learning/merging policies behind select/update; None for fixed serving modes."""
+    seed = cfg.seed
+    if name == "Tanbr":
+        return Tanbr(K, V, cfg.tanbr, tasks)
+    if name == "Nucb":
+        return NucbPolicy(K, V, cfg.tanbr.bandit, seed=seed)
+    if name == "HOO":
+        return HOOPolicy(K, V)
+    if name == "Random":
+        return RandomPolicy(K, V, seed=seed)
+    if name == "Uniform":
+        return UniformPolicy(K, V, task_experts)
+    if name == "psi-merge":
+        return PsiMergePolicy(K, V, task_experts)
+    return None
+
+
+def estimate_mixes(wl: Workload, tasks: list[str], cfg: SimConfig) -> np.ndarray:
+    """psi-hat per slot and node from each node's monitor, using only earlier slots' requests."""
+    slots, nodes = len(wl.requests), len(wl.requests[0])
+    monitors = [TaskMonitor(tasks, cfg.tanbr.monitor) for _ in range(nodes)]
+    out = np.zeros((slots, nodes, len(tasks)))
+    for t in range(slots):
+        for n, mon in enumerate(monitors):
+            out[t, n] = mon.psi()
+            mon.observe_many(wl.requests[t][n].heads)
+            mon.end_slot()
+    return out
+
+
+class Simulation:
+    """Holds what every policy shares: the pool cache, the workload, psi-hat, costs, labels."""
+
+    def __init__(self, cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bool = True):
+        self.cfg, self.moe, self.progress = cfg, moe, progress
+        self.fleet = fleet or load_fleet(cfg.fleet)
+        self.tasks = list(moe.tasks)
+        self.fleet.check_model(moe.num_experts, self.tasks)
+        self.nodes = self.fleet.nodes()
+        self.K, self.V = moe.num_experts, len(self.tasks)
+        self.task_experts = np.asarray([moe.expert_of[t] for t in self.tasks])
+        pool = {t: load_task(t, "dev", cfg.data_dir).head(cfg.pool_per_task, seed=cfg.seed) for t in self.tasks}
+        self.ev = PoolEvaluator(moe, pool, progress=progress)
+        self.wl = generate(self.tasks, {t: len(pool[t]) for t in self.tasks}, [c.rate for _, c in self.nodes],
+                           cfg.slot_seconds, cfg.slots, cfg.schedule, cfg.seed, cfg.switch_every,
+                           [None if c.mix is None else np.asarray([c.mix.get(t, 0.0) for t in self.tasks])
+                            for _, c in self.nodes])
+        self.psi_hat = estimate_mixes(self.wl, self.tasks, cfg)
+        rng = np.random.default_rng(cfg.seed + 1)
+        self.labelled = [[rng.random(len(r.tasks)) < cfg.label_fraction for r in slot] for slot in self.wl.requests]
+        self.costs = measure_costs(moe)
+
+    # --- serving ---------------------------------------------------------------------------
+    def serve(self, spec: Spec, t: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(predictions, credit) for node n's requests in slot t under a model spec."""
+        req = self.wl.requests[t][n]
+        preds, credit = np.zeros(len(req.tasks)), np.zeros(len(req.tasks))
+        for v, task in enumerate(self.tasks):
+            sel = req.tasks == v
+            if sel.any():
+                preds[sel] = self.ev.predict(spec, task, req.examples[sel])
+                credit[sel] = self.ev.credit(task, req.examples[sel], preds[sel])
+        return preds, credit
+
+    def rewards(self, t: int, n: int, preds: np.ndarray, credit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-task reward and the observed mask: labelled accuracy, or agreement with the full MoE."""
+        req = self.wl.requests[t][n]
+        if self.cfg.label_free:
+            reference, _ = self.serve(("top2",), t, n)
+            credit = (np.abs(preds - reference) < 1e-6).astype(np.float64)
+            lab = np.ones(len(req.tasks), dtype=bool)
+        else:
+            lab = self.labelled[t][n]
+        r, mask = np.zeros(self.V), np.zeros(self.V, dtype=bool)
+        for v in range(self.V):
+            sel = (req.tasks == v) & lab
+            if sel.any():
+                r[v], mask[v] = credit[sel].mean(), True
+        return r, mask
+
+    # --- one policy over the whole run ---------------------------------------------------------
+    def run_policy(self, name: str) -> dict:
+        cfg, T, N = self.cfg, self.cfg.slots, len(self.nodes)
+        policy = make_policy(name, cfg, self.K, self.V, self.task_experts, self.tasks)
+        fixed = STATIC_SPECS.get(name)
+        mode = "merged" if policy is not None else MODE_OF_SPEC[fixed[0]]
+        credit_sum, counts = np.zeros(T), np.zeros(T)
+        pushed = np.zeros(T)
+        choices = np.full((T, N, self.K), np.nan) if policy is not None else None
+        per_task = {task: ([], [], []) for task in self.tasks}  # slot, example, prediction
+        latency = []
+        current: list[Spec | None] = [None] * N
+        for t in range(T):
+            feedback = []
+            for n, (node, cls) in enumerate(self.nodes):
+                psi = self.psi_hat[t, n]
+                if policy is not None:
+                    x = policy.select(psi, cls.budget)
+                    choices[t, n] = x
+                    spec = merged_spec(x)
+                else:
+                    spec = fixed
+                if current[n] != spec:  # first deployment ships the whole model, later pushes the FFNs
+                    pushed[t] += self.costs.resident[mode] if current[n] is None else self.costs.ffn_bytes
+                    current[n] = spec
+                preds, credit = self.serve(spec, t, n)
+                req = self.wl.requests[t][n]
+                credit_sum[t] += credit.sum()
+                counts[t] += len(credit)
+                for v, task in enumerate(self.tasks):
+                    sel = req.tasks == v
+                    per_task[task][0].append(np.full(sel.sum(), t))
+                    per_task[task][1].append(req.examples[sel])
+                    per_task[task][2].append(preds[sel])
+                latency.append(np.full(len(credit), self.costs.latency_ms(mode, cls)))
+                if policy is not None:
+                    feedback.append((x, psi, *self.rewards(t, n, preds, credit)))
+            for x, psi, r, mask in feedback:  # rewards arrive after the slot
+                policy.update(x, psi, r, observed=mask)
+        return {"credit": credit_sum, "counts": counts, "pushed": pushed, "choices": choices,
+                "per_task": per_task, "latency": np.concatenate(latency) if latency else np.zeros(0),
+                "mode": mode}
+
+    def fixed_candidates(self) -> list[np.ndarray]:
+        """Fixed x tried for the best-in-hindsight: uniform, every single expert, random mixes."""
+        rng = np.random.default_rng(self.cfg.seed + 2)
+        xs = [np.full(self.K, 1.0 / self.K)] + list(np.eye(self.K))
+        xs += list(rng.dirichlet(np.ones(self.K), size=self.cfg.fixed_candidates))
+        return xs
+
+    def fixed_credit(self, x: np.ndarray) -> np.ndarray:
+        """Per-slot credit of serving every node with x (projected to the node's budget) all run."""
+        out = np.zeros(self.cfg.slots)
+        for t in range(self.cfg.slots):
+            for n, (_, cls) in enumerate(self.nodes):
+                out[t] += self.serve(merged_spec(project_to_budget(x, cls.budget)), t, n)[1].sum()
+        return out
+
+
+def loglog_slope(cum: np.ndarray) -> float:
+    """Slope of log cumulative regret vs log slot over the second half (1 = linear)."""
+    T = len(cum)
+    t = np.arange(max(1, T // 2), T + 1)
+    r = cum[t - 1]
+    if T < 4 or np.any(r <= 0):
+        return float("nan")
+    return float(np.polyfit(np.log(t), np.log(r), 1)[0])
+
+
+def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bool = True) -> SimOutput:
+    """Run every configured policy over the same workload; return traces and the results summary."""
+    t0 = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    sim = Simulation(cfg, moe, fleet, progress)
+    runs = {}
+    for name in tqdm(cfg.policies, desc="policies", disable=not progress):
+        runs[name] = sim.run_policy(name)
+    best_credit = max((sim.fixed_credit(x) for x in tqdm(sim.fixed_candidates(), desc="best fixed x",
+                                                              disable=not progress, leave=False)),
+                      key=lambda c: c.sum())
+    counts = next(iter(runs.values()))["counts"]
+    safe = np.maximum(counts, 1)
+    oracle_credit = runs["Oracle"]["credit"] if "Oracle" in runs else sim.run_policy("Oracle")["credit"]
+    half = cfg.slots // 2
+    summary = {"policies": {}}
+    series = {}
+    for name, r in runs.items():
+        scores, second = {}, {}
+        for task, (slot_l, ex_l, pred_l) in r["per_task"].items():
+            slot, ex, pred = (np.concatenate(a) if a else np.zeros(0) for a in (slot_l, ex_l, pred_l))
+            ex = ex.astype(np.int64)
+            if len(ex):
+                scores[task] = sim.ev.glue(task, ex, pred)
+            late = slot >= half
+            if late.any():
+                second[task] = sim.ev.glue(task, ex[late], pred[late])
+        reg_fixed = (best_credit - r["credit"]) / safe
+        reg_oracle = (oracle_credit - r["credit"]) / safe
+        resident = {node: int(sim.costs.resident[r["mode"]]) for node, _ in sim.nodes}
+        summary["policies"][name] = {
+            "score": float(np.mean(list(scores.values()))) if scores else float("nan"),
+            "score_second_half": float(np.mean(list(second.values()))) if second else float("nan"),
+            "scores": scores,
+            "latency_ms_p50": float(np.percentile(r["latency"], 50)) if len(r["latency"]) else float("nan"),
+            "latency_ms_p95": float(np.percentile(r["latency"], 95)) if len(r["latency"]) else float("nan"),
+            "resident_bytes": int(max(resident.values())),
+            "pushed_bytes": int(r["pushed"].sum()),
+            "pushed_bytes_per_slot": float(r["pushed"].mean()),
+            "regret_vs_best_fixed": float(reg_fixed.sum()),
+            "regret_vs_oracle": float(reg_oracle.sum()),
+            "regret_slope": loglog_slope(np.cumsum(reg_fixed)),
+        }
+        series[name] = PolicySeries(name, r["credit"] / safe, reg_fixed, reg_oracle, r["pushed"], r["choices"],
+                                    r["latency"], resident)
+    wall = time.perf_counter() - t0
+    total = sim.wl.total_requests
+    summary.update({
+        "requests": int(total),
+        "requests_simulated": int(total * len(runs)),
+        "model_forwards": int(sim.ev.forwards),
+        "wall_seconds": wall,
+        "requests_per_second": total * len(runs) / wall,
+        "slots": cfg.slots,
+        "nodes": {node: cls.name for node, cls in sim.nodes},
+        "tasks": sim.tasks,
+        "full_moe_bytes": int(sim.costs.resident["top2"]),
+        "dense_bytes": int(sim.costs.dense_bytes),
+        "compute_ms_batch1": sim.costs.compute_ms,
+    })
+    return SimOutput(summary, series, sim.tasks, [f"expert:{t}" for t in sim.tasks], [n for n, _ in sim.nodes],
+                     {n: c.name for n, c in sim.nodes}, sim.wl.mix_changes, cfg.slot_seconds,
+                     cfg.model_dump())

@@ -1,0 +1,84 @@
+"""Per-node request streams: task mixes over time, Poisson arrivals, requests drawn from GLUE dev.
+
+A request carries its text (a pool example) and the output head it asks for; its true task is kept
+only for scoring. Every node serves one or two applications most of the time, so its mixes are drawn
+from Dirichlet(0.3) (concentrated). Schedules: ``stationary`` (one mix per node), ``drifting``
+(linear interpolation between two mixes over the run), ``switching`` (a new mix every
+`switch_every` slots, abruptly) and ``diurnal`` (a day/night sinusoid between two mixes).
+Everything is drawn from one seeded generator, so every policy sees exactly the same requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SCHEDULES = ("stationary", "drifting", "switching", "diurnal")
+
+
+@dataclass
+class SlotRequests:
+    """One node's requests in one slot."""
+
+    tasks: np.ndarray     # (n,) task index per request (hidden from the router)
+    examples: np.ndarray  # (n,) pool example index within its task
+    heads: list[str]      # output head each request asks for (what the monitor sees)
+
+
+@dataclass
+class Workload:
+    psi: np.ndarray                 # (slots, nodes, V) true task mix
+    requests: list[list[SlotRequests]]  # [slot][node]
+    mix_changes: list[int]          # slots where a mix switches abruptly
+
+    @property
+    def total_requests(self) -> int:
+        return sum(len(r.tasks) for slot in self.requests for r in slot)
+
+
+def mixes(schedule: str, slots: int, nodes: int, num_tasks: int, rng: np.random.Generator,
+          switch_every: int, fixed: list[np.ndarray | None] | None = None) -> tuple[np.ndarray, list[int]]:
+    """(slots, nodes, V) true mixes; `fixed[n]`, when given, is node n's mix before any change."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: unknown {schedule!r}; choose from {', '.join(SCHEDULES)}")
+    anchors = rng.dirichlet(np.full(num_tasks, 0.3), size=(max(2, slots // max(switch_every, 1) + 2), nodes))
+    for n, mix in enumerate(fixed or []):
+        if mix is not None:
+            anchors[0, n] = mix
+    t = np.arange(slots)[:, None, None]
+    if schedule == "stationary":
+        psi, changes = np.repeat(anchors[:1], slots, axis=0), []
+    elif schedule == "switching":
+        psi = anchors[np.arange(slots) // switch_every]
+        changes = list(range(switch_every, slots, switch_every))
+    elif schedule == "drifting":
+        frac = t / max(slots - 1, 1)
+        psi, changes = (1 - frac) * anchors[0][None] + frac * anchors[1][None], []
+    else:  # diurnal: one "day" every switch_every slots
+        w = 0.5 * (1 + np.sin(2 * np.pi * t / switch_every))
+        psi, changes = (1 - w) * anchors[0][None] + w * anchors[1][None], []
+    return psi / psi.sum(-1, keepdims=True), changes
+
+
+def generate(tasks: list[str], pool_sizes: dict[str, int], rates: list[float], slot_seconds: float,
+             slots: int, schedule: str, seed: int, switch_every: int | None = None,
+             fixed: list[np.ndarray | None] | None = None) -> Workload:
+    """All requests of the run, per slot and node (seeded)."""
+    if slot_seconds <= 0:
+        raise ValueError(f"slot_seconds: must be > 0, got {slot_seconds}")
+    if slots < 1:
+        raise ValueError(f"slots: must be >= 1, got {slots}")
+    rng = np.random.default_rng(seed)
+    switch_every = switch_every or max(1, slots // 3)
+    psi, changes = mixes(schedule, slots, len(rates), len(tasks), rng, switch_every, fixed)
+    requests = []
+    for t in range(slots):
+        row = []
+        for n, rate in enumerate(rates):
+            count = int(rng.poisson(rate * slot_seconds))
+            task_ids = rng.choice(len(tasks), size=count, p=psi[t, n])
+            examples = np.asarray([rng.integers(pool_sizes[tasks[v]]) for v in task_ids], dtype=np.int64)
+            row.append(SlotRequests(task_ids, examples, [tasks[v] for v in task_ids]))
+        requests.append(row)
+    return Workload(psi, requests, changes)

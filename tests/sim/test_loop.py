@@ -1,0 +1,152 @@
+"""The slot loop end to end on a tiny MoE (2 tasks, 2 experts) and a 3-node fleet."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tanbr_ray.moe import MoEConfig, load_or_build
+from tanbr_ray.moe.config import TinyBase
+from tanbr_ray.moe.data import load_task
+from tanbr_ray.moe.infer import make_batches
+from tanbr_ray.sim.config import POLICIES, SimConfig, load_config
+from tanbr_ray.sim.evaluate import PoolEvaluator, merged_spec
+from tanbr_ray.sim.fleet import Fleet, load_fleet
+from tanbr_ray.sim.loop import run_simulation
+from tanbr_ray.sim.report import write_results
+
+TINY = dict(name="tiny-sim", tiny_base=TinyBase(), tasks=["SST-2", "MNLI"], train_examples=32, batch_size=16,
+            max_len_single=16, max_len_pair=24, head_hidden=16, heads_only_examples=32, heads_only_epochs=2,
+            router_examples=8, router_steps=10, fisher_examples=8, regmean_examples=8, adapt_steps=3)
+FLEET = dict(classes=[
+    dict(name="board", count=2, slowdown=4, memory_x_dense=1.001, bandwidth_mbps=50, rtt_ms=20, budget=1, rate=1.0),
+    dict(name="dc", count=1, slowdown=1, memory_x_dense=8, bandwidth_mbps=1000, rtt_ms=3, budget=2, rate=2.0,
+         mix={"SST-2": 0.8, "MNLI": 0.2}),
+])
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    assert os.environ.get("TANBR_DATA_DIR"), "set TANBR_DATA_DIR to the GLUE copy (e.g. ../shared/data/glue)"
+    return load_or_build(MoEConfig(**TINY), models_dir=tmp_path_factory.mktemp("models"), progress=False)
+
+
+def _cfg(**kw):
+    base = dict(slots=3, slot_seconds=4, pool_per_task=12, fixed_candidates=1, wandb="disabled", seed=0)
+    base.update(kw)
+    return SimConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def result(tiny_moe):
+    return run_simulation(_cfg(), tiny_moe, fleet=Fleet(**FLEET), progress=False)
+
+
+def test_every_policy_runs_and_reports(result):
+    s = result.summary
+    assert set(s["policies"]) == set(POLICIES)
+    for name, r in s["policies"].items():
+        assert 0.0 <= r["score"] <= 1.0, name
+        assert set(r["scores"]) <= {"SST-2", "MNLI"}
+        assert r["latency_ms_p50"] > 0 and r["latency_ms_p95"] >= r["latency_ms_p50"]
+        assert r["resident_bytes"] > 0 and r["pushed_bytes"] > 0
+    assert s["policies"]["Oracle"]["regret_vs_oracle"] == 0.0
+    assert s["requests"] > 0 and s["requests_simulated"] == s["requests"] * len(POLICIES)
+    # the full MoE is resident for routing policies; merged ones hold one FFN per layer
+    assert s["policies"]["Switch-top2"]["resident_bytes"] > s["policies"]["Tanbr"]["resident_bytes"]
+    # a board cannot hold the full MoE: swapping experts in makes routing slower there
+    assert s["policies"]["Switch-top2"]["latency_ms_p95"] > s["policies"]["Tanbr"]["latency_ms_p50"]
+
+
+def test_choices_respect_node_budgets(result):
+    budgets = {"board": 1, "dc": 2}
+    for name in ("Tanbr", "Nucb", "HOO", "Random", "Uniform", "psi-merge"):
+        ch = result.series[name].choices
+        assert ch.shape == (3, 3, 2)
+        for n, node in enumerate(result.nodes):
+            x = ch[:, n]
+            assert np.all(x >= 0) and np.allclose(x.sum(-1), 1.0)
+            assert np.all((x > 0).sum(-1) <= budgets[result.node_classes[node]])
+    assert result.series["Oracle"].choices is None
+
+
+def test_deterministic_under_seed(tiny_moe, result):
+    again = run_simulation(_cfg(), tiny_moe, fleet=Fleet(**FLEET), progress=False)
+    for name in ("Tanbr", "Random", "Fisher"):
+        a, b = result.series[name], again.series[name]
+        assert np.array_equal(a.score, b.score)
+        assert np.array_equal(a.regret_best_fixed, b.regret_best_fixed)
+        if a.choices is not None:
+            assert np.array_equal(a.choices, b.choices)
+        assert result.summary["policies"][name]["scores"] == again.summary["policies"][name]["scores"]
+
+
+@pytest.mark.parametrize("spec_of", [lambda: merged_spec(np.array([0.3, 0.7])), lambda: ("top2",),
+                                     lambda: ("static", "regmean")])
+def test_cached_subset_path_equals_full_forward(tiny_moe, spec_of):
+    pool = {t: load_task(t, "dev").head(10, seed=0) for t in tiny_moe.tasks}
+    ev = PoolEvaluator(tiny_moe, pool)
+    spec = spec_of()
+    mode = "merged" if spec[0] in ("merged", "static") else spec[0]
+    state = ev._state(spec)
+    subset = [7, 2, 5]
+    for task in tiny_moe.tasks:
+        cached = ev.logits(spec, task, subset)
+        with torch.no_grad():  # uncached: tokens through the whole model, full padded batch
+            (b,) = make_batches(tiny_moe, {task: pool[task]}, batch_size=32)
+            full = tiny_moe(b.input_ids, b.attention_mask, b.token_type_ids, task, mode=mode, state=state)
+        order = {int(i): k for k, i in enumerate(b.index)}
+        assert torch.allclose(cached, full[[order[i] for i in subset]], atol=1e-5)
+
+
+def test_predictions_are_memoised(tiny_moe):
+    pool = {t: load_task(t, "dev").head(10, seed=0) for t in tiny_moe.tasks}
+    ev = PoolEvaluator(tiny_moe, pool)
+    x = np.array([0.3, 0.7])
+    ev.predict(merged_spec(x), tiny_moe.tasks[0], np.array([7, 2, 5]))
+    before = ev.forwards
+    ev.predict(merged_spec(x), tiny_moe.tasks[0], np.array([7, 2]))
+    assert ev.forwards == before  # memoised
+
+
+def test_results_files_written_and_readable(result, tmp_path):
+    paths = write_results(result, tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert set(data["policies"]) == set(POLICIES)
+    assert {"requests", "wall_seconds"} <= set(data)
+    assert all(p.exists() for p in paths.values())
+
+
+def test_bad_inputs_give_clear_errors(tiny_moe, tmp_path):
+    with pytest.raises(ValueError, match="policy"):
+        _cfg(policies=["Tanbr", "Bogus"])
+    with pytest.raises(ValueError, match="slot_seconds"):
+        _cfg(slot_seconds=0)
+    with pytest.raises(ValueError, match="schedule"):
+        _cfg(schedule="weekly")
+    with pytest.raises(ValueError, match="classes"):
+        Fleet(classes=[])
+    bad = tmp_path / "fleet.yaml"
+    bad.write_text("classes: []\n")
+    with pytest.raises(ValueError, match="fleet.yaml"):
+        load_fleet(bad)
+    big_b = {"classes": [dict(FLEET["classes"][0], budget=5)]}
+    with pytest.raises(ValueError, match="budget 5"):
+        run_simulation(_cfg(), tiny_moe, fleet=Fleet(**big_b), progress=False)
+    with pytest.raises(ValueError, match="mix"):
+        Fleet(classes=[dict(FLEET["classes"][1], mix={"SST-2": 0.8, "MNLI": 0.4})])
+    with pytest.raises(ValueError, match="tanbr.tree.rho|rho"):
+        load_config(None, ["tanbr.tree.rho=1.5"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(None, ["slots"])
+
+
+def test_dotted_overrides_and_shipped_configs():
+    cfg = load_config(None, ["slots=7", "tanbr.tree.rho=0.8", "schedule=switching"])
+    assert cfg.slots == 7 and cfg.tanbr.tree.rho == 0.8 and cfg.schedule == "switching"
+    from tanbr_ray.sim.config import QUICK_CONFIG
+    assert load_config(QUICK_CONFIG).model == "quick"
+    assert len(load_fleet().nodes()) >= 8
+    assert len({c.name for c in load_fleet().classes}) >= 3
