@@ -1,0 +1,67 @@
+"""What the slot loop hands to the results writer and the W&B logger.
+
+Kept as plain dataclasses (numpy inside, no Ray, no matplotlib) so the loop, the report and the
+tracking code can evolve independently and tests can build a synthetic output in a few lines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Policy names as they appear in every output (results.json keys, CSV rows, W&B run names).
+POLICY_NAMES = (
+    "Tanbr",
+    "Switch-top1",
+    "Switch-top2",
+    "Oracle",
+    "Uniform",
+    "psi-merge",
+    "Nucb",
+    "HOO",
+    "Fisher",
+    "RegMean",
+    "Random",
+)
+
+
+@dataclass
+class PolicySeries:
+    """Per-slot traces of one policy over the run.
+
+    `choices` is None for policies that never merge (Switch, Oracle, Fisher, RegMean): they have no
+    per-slot merging weight to plot.
+    """
+
+    name: str
+    score: np.ndarray  # (slots,) fleet-wide score of the slot, fraction in [0, 1]
+    regret_best_fixed: np.ndarray  # (slots,) per-slot regret vs the best fixed x in hindsight
+    regret_oracle: np.ndarray  # (slots,) per-slot regret vs task-oracle routing
+    pushed_bytes: np.ndarray  # (slots,) bytes pushed to the fleet in that slot
+    choices: np.ndarray | None  # (slots, nodes, K) merging weights per node, or None
+    latency_ms: np.ndarray  # (requests,) every request's latency
+    resident_bytes: dict[str, int] = field(default_factory=dict)  # node -> resident model bytes
+
+    @property
+    def slots(self) -> int:
+        return int(np.asarray(self.score).shape[0])
+
+    @property
+    def merges(self) -> bool:
+        return self.choices is not None
+
+
+@dataclass
+class SimOutput:
+    """Everything one `tanbr simulate` run produced; `summary` is the results.json content."""
+
+    summary: dict
+    series: dict[str, PolicySeries]
+    tasks: list[str]
+    experts: list[str]  # K expert labels
+    nodes: list[str]  # node names, in the order of the choices' node axis
+    node_classes: dict[str, str]  # node name -> class name
+    mix_changes: list[int]  # slots where the task mix switches abruptly
+    slot_seconds: float
+    config: dict  # the simulation config as a JSON-able dict
