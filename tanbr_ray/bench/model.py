@@ -53,17 +53,34 @@ def _psi(tasks, v) -> dict[str, float]:
     return {t: float(p) for t, p in zip(tasks, v)}
 
 
-def evaluate_xs(moe, cache, xs, sel, val, adapted=None, progress=True):
-    """Per-task scores of every x on the selection half (A) and the scoring half (B): each x is
-    evaluated once and reused for every mix."""
+def evaluate_xs(moe, cache, xs, sel=None, val=None, adapted=None, progress=True, bf16=False, desc="merge landscape"):
+    """Per-task scores of every x on the selection half (A) and the scoring half (B) — or on the
+    whole cache when no halves are given; each x is evaluated once and reused for every mix."""
     from tqdm.auto import tqdm
 
     A, B = [], []
-    for x in tqdm(xs, desc="merge landscape" + (" (no adaptation)" if adapted is False else ""), disable=not progress):
-        p = predict(moe, cache, "merged", x=x, adapted=adapted)
+    for x in tqdm(xs, desc=desc, disable=not progress):
+        p = predict(moe, cache, "merged", x=x, adapted=adapted, bf16=bf16)
         A.append(score(cache, p, sel))
-        B.append(score(cache, p, val))
+        if val is not None:
+            B.append(score(cache, p, val))
     return A, B
+
+
+def finalists_for(xs, mixes, tasks, screen_scores, per_mix: int, K: int) -> list[int]:
+    """Indices to evaluate fully: the baselines (one-hots, uniform, each ψ), then each mix's best
+    screened x in rank order, interleaved across mixes."""
+    base = [i for i, x in enumerate(xs) if np.count_nonzero(x) == 1 or np.allclose(x, 1.0 / K)]
+    base += [i for i, x in enumerate(xs) for _, v in mixes if np.allclose(x, v)]
+    ranked = []
+    for _, v in mixes:
+        psi = _psi(tasks, v)
+        ranked.append(list(np.argsort([-weighted_score(s, psi) for s in screen_scores], kind="stable")[:per_mix]))
+    out: list[int] = []
+    for i in base + [int(r[j]) for j in range(per_mix) for r in ranked if j < len(r)]:
+        if i not in out:
+            out.append(i)
+    return out
 
 
 def summarise_landscape(tasks, xs, mixes, A, B, oracle_b) -> list[dict]:
@@ -104,6 +121,9 @@ def run_bench(
     landscape_size: int = 200,
     landscape_examples: int = 240,
     no_adapt_size: int = 24,
+    screen_examples: int | None = None,
+    finalists: int = 6,
+    bf16: bool = False,
     runs: int = 20,
     warmup: int = 3,
     seq_len: int = 64,
@@ -122,13 +142,14 @@ def run_bench(
     cache = prepare(moe, {t: s.head(eval_examples, seed) for t, s in dev.items()}, progress=progress)
     modes: dict = {}
     for mode in tqdm(BENCH_MODES, desc="scores per mode", disable=not progress):
-        p = predict(moe, cache, mode, x=uniform if mode == "merged" else None)
+        p = predict(moe, cache, mode, x=uniform if mode == "merged" else None, bf16=bf16)
         modes[mode] = {"scores": score(cache, p)}
     statics = {}
     for name in ["uniform", *sorted(moe.static_merges)]:
-        statics[name] = {"scores": score(cache, predict(moe, cache, "merged", state=moe.static_state(name)))}
+        statics[name] = {"scores": score(cache, predict(moe, cache, "merged", state=moe.static_state(name), bf16=bf16))}
     if bool(moe.adapted.item()):
-        statics["uniform_no_adaptation"] = {"scores": score(cache, predict(moe, cache, "merged", x=uniform, adapted=False))}
+        p = predict(moe, cache, "merged", x=uniform, adapted=False, bf16=bf16)
+        statics["uniform_no_adaptation"] = {"scores": score(cache, p)}
     # latency and bytes
     for mode in tqdm(BENCH_MODES, desc="latency", disable=not progress):
         lat = {str(b): batch_latency(moe, mode, b, seq_len, runs, warmup) for b in batch_sizes}
@@ -137,18 +158,29 @@ def run_bench(
         modes[mode]["bytes"] = moe.resident_bytes(mode)
     del cache
     # merge landscape on a fresh subset, split into selection and scoring halves
-    lc = prepare(moe, {t: s.head(landscape_examples, seed + 1) for t, s in dev.items()}, progress=progress)
+    lsplits = {t: s.head(landscape_examples, seed + 1) for t, s in dev.items()}
+    lc = prepare(moe, lsplits, progress=progress)
     sel, val = halves(lc, seed)
-    oracle_p = predict(moe, lc, "oracle")
-    uni_a = score(lc, predict(moe, lc, "merged", x=uniform), sel)
+    oracle_p = predict(moe, lc, "oracle", bf16=bf16)
+    uni_a = score(lc, predict(moe, lc, "merged", x=uniform, bf16=bf16), sel)
     ora_a = score(lc, oracle_p, sel)
     drop = {t: ora_a[t] - uni_a[t] for t in tasks}
     mixes = reference_mixes(tasks, drop)
     xs = candidate_xs(K, moe.budget, landscape_size, [v for _, v in mixes], seed)
-    A, B = evaluate_xs(moe, lc, xs, sel, val, progress=progress)
+    if screen_examples and screen_examples < min(len(v) for v in sel.values()):
+        # two-stage search: screen every x on part of the selection half, then evaluate the
+        # finalists (and all baselines) on both halves; the best is still chosen on the selection half
+        screen = prepare(moe, {t: lsplits[t].subset(sel[t][:screen_examples]) for t in tasks}, progress=progress)
+        S, _ = evaluate_xs(moe, screen, xs, progress=progress, bf16=bf16, desc="merge landscape (screen)")
+        del screen
+        keep = finalists_for(xs, mixes, tasks, S, finalists, K)
+    else:
+        keep = list(range(len(xs)))
+    fx = [xs[i] for i in keep]
+    A, B = evaluate_xs(moe, lc, fx, sel, val, progress=progress, bf16=bf16, desc="merge landscape (finalists)")
     oracle_b = score(lc, oracle_p, val)
-    entries = summarise_landscape(tasks, xs, mixes, A, B, oracle_b)
-    stat_val = {n: score(lc, predict(moe, lc, "merged", state=moe.static_state(n)), val) for n in moe.static_merges}
+    entries = summarise_landscape(tasks, fx, mixes, A, B, oracle_b)
+    stat_val = {n: score(lc, predict(moe, lc, "merged", state=moe.static_state(n), bf16=bf16), val) for n in moe.static_merges}
     for e in entries:
         # no single fixed x is best for all mixes: score each mix's best x under the other mixes
         e["best_x_of_other_mixes"] = {o["name"]: weighted_score(B[o["best_index"]], e["psi"]) for o in entries if o is not e}
@@ -157,10 +189,10 @@ def run_bench(
     distinct_best = len({tuple(e["best_x"]) for e in entries})
     adaptation = None
     if bool(moe.adapted.item()) and no_adapt_size > 0:
-        n = min(no_adapt_size, len(xs))
-        A0, B0 = evaluate_xs(moe, lc, xs[:n], sel, val, adapted=False, progress=progress)
-        without = summarise_landscape(tasks, xs[:n], mixes, A0, B0, oracle_b)
-        with_sub = summarise_landscape(tasks, xs[:n], mixes, A[:n], B[:n], oracle_b)
+        n = min(no_adapt_size, len(fx))
+        A0, B0 = evaluate_xs(moe, lc, fx[:n], sel, val, adapted=False, progress=progress, bf16=bf16, desc="no adaptation")
+        without = summarise_landscape(tasks, fx[:n], mixes, A0, B0, oracle_b)
+        with_sub = summarise_landscape(tasks, fx[:n], mixes, A[:n], B[:n], oracle_b)
         adaptation = {
             "num_x": n,
             "per_mix": [
@@ -197,6 +229,9 @@ def run_bench(
         "landscape": entries,
         "landscape_meta": {
             "num_x": len(xs),
+            "num_finalists": len(fx),
+            "screen_examples_per_task": screen_examples if len(fx) < len(xs) else None,
+            "precision": "bf16-autocast" if bf16 else "fp32",
             "examples_per_task": {t: len(y) for t, y in lc.labels.items()},
             "distinct_best_x": distinct_best,
             "uniform_drop_on_selection_half": drop,
@@ -253,7 +288,11 @@ def format_table(res: dict) -> str:
     ))
     lines.append("")
     lm = res["landscape_meta"]
-    lines.append(f"merge landscape: {lm['num_x']} x, {lm['examples_per_task']} dev examples/task (select on one half, score on the other)")
+    lines.append(
+        f"merge landscape: {lm['num_x']} x ({lm['num_finalists']} finalists after screening on "
+        f"{lm['screen_examples_per_task']}/task), {lm['examples_per_task']} dev examples/task "
+        f"(select on one half, score on the other), {lm['precision']}"
+    )
     h2 = f"{'mix':24} {'best':>6} {'uniform':>7} {'psi':>6} {'fisher':>6} {'regmean':>7} {'oracle':>6}  best_x"
     lines += [h2, "-" * len(h2)]
     for e in res["landscape"]:

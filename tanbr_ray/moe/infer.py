@@ -75,9 +75,15 @@ def _to_pred(task: str, logits: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict(moe, cache: EvalCache, mode: str = "oracle", x=None, state=None, adapted=None) -> dict[str, np.ndarray]:
-    """Predictions per task (in split order) for one mode / x / merged state, from the cache."""
+def predict(
+    moe, cache: EvalCache, mode: str = "oracle", x=None, state=None, adapted=None, bf16: bool = False
+) -> dict[str, np.ndarray]:
+    """Predictions per task (in split order) for one mode / x / merged state, from the cache.
+    bf16=True runs under bfloat16 autocast (≈2× faster on CPUs with AVX512-BF16; logits move by ~1e-3)."""
     moe.eval()
+    if bf16:
+        with torch.autocast(moe.device.type, dtype=torch.bfloat16):
+            return predict(moe, cache, mode, x, state, adapted, bf16=False)
     if mode == "merged" and state is None:
         state = moe.merged_state(x)  # validate and merge once, not per batch
         x = None

@@ -42,15 +42,16 @@ def ffn(h: torch.Tensor, p: Mapping[str, torch.Tensor], eps: float, dropout: flo
     """BERT's FFN block with its post-LayerNorm: LN(h + W2·gelu(W1·h + b1) + b2)."""
     y = F.linear(F.gelu(F.linear(h, p["w1"], p["b1"])), p["w2"], p["b2"])
     y = F.dropout(y, dropout, training)
-    return F.layer_norm(y + h, (h.shape[-1],), p["ln_w"], p["ln_b"], eps)
+    z = (y + h).to(p["ln_w"].dtype)  # LayerNorm in the parameters' precision (bf16 autocast on CPU)
+    return F.layer_norm(z, (h.shape[-1],), p["ln_w"], p["ln_b"], eps)
 
 
 def attention(att: BertAttention, h, mask, eps: float, ln: tuple | None = None):
     """BertAttention with an optional LayerNorm override (merge-aware adaptation trains those)."""
     y = att.output.dropout(att.output.dense(att.self(h, mask)[0]))
     if ln is None:
-        return att.output.LayerNorm(y + h)
-    return F.layer_norm(y + h, (h.shape[-1],), ln[0], ln[1], eps)
+        ln = (att.output.LayerNorm.weight, att.output.LayerNorm.bias)
+    return F.layer_norm((y + h).to(ln[0].dtype), (h.shape[-1],), ln[0], ln[1], eps)
 
 
 def extended_mask(attention_mask: torch.Tensor, dtype) -> torch.Tensor:
@@ -250,7 +251,8 @@ class TaskMoE(nn.Module):
                 continue
             w = (topv * sel).sum(-1)[rows]
             p_e = {kk: self.experts[kk][m, e] for kk in FFN_KEYS}
-            out.index_add_(0, rows, w[:, None] * ffn(hf[rows], p_e, self.eps, self.dropout, self.training))
+            y = w[:, None] * ffn(hf[rows], p_e, self.eps, self.dropout, self.training)
+            out.index_add_(0, rows, y.to(out.dtype))
         return out.reshape(shape)
 
     def _resolve(self, mode: str, x=None, state=None, adapted: bool | None = None):
@@ -321,18 +323,18 @@ class TaskMoE(nn.Module):
 
         return prepare(self, splits, batch_size, progress)
 
-    def predict(self, cache, mode: str = "oracle", x=None, state=None, adapted=None) -> dict[str, np.ndarray]:
+    def predict(self, cache, mode: str = "oracle", x=None, state=None, adapted=None, bf16: bool = False) -> dict[str, np.ndarray]:
         from tanbr_ray.moe.infer import predict
 
-        return predict(self, cache, mode, x=x, state=state, adapted=adapted)
+        return predict(self, cache, mode, x=x, state=state, adapted=adapted, bf16=bf16)
 
-    def predict_merged(self, x, cache, adapted=None) -> dict[str, np.ndarray]:
+    def predict_merged(self, x, cache, adapted=None, bf16: bool = False) -> dict[str, np.ndarray]:
         """Predictions of the dense model merged with weight vector x (validated)."""
-        return self.predict(cache, "merged", x=x, adapted=adapted)
+        return self.predict(cache, "merged", x=x, adapted=adapted, bf16=bf16)
 
-    def predict_static(self, name: str, cache, adapted=None) -> dict[str, np.ndarray]:
+    def predict_static(self, name: str, cache, adapted=None, bf16: bool = False) -> dict[str, np.ndarray]:
         """Predictions of a static merge ('uniform', 'fisher', 'regmean')."""
-        return self.predict(cache, "merged", state=self.static_state(name), adapted=adapted)
+        return self.predict(cache, "merged", state=self.static_state(name), adapted=adapted, bf16=bf16)
 
     def scores(self, cache, preds, subset=None) -> dict[str, float]:
         from tanbr_ray.moe.infer import score

@@ -47,7 +47,7 @@ def test_build_stages_and_cache_reuse(built):
 
 def test_bench_model_schema(built, data_dir, tmp_path):
     _, _, moe = built
-    res = run_bench(moe, data_dir, eval_examples=16, landscape_size=12, landscape_examples=16, no_adapt_size=4, runs=2, warmup=1, seq_len=16, progress=False)
+    res = run_bench(moe, data_dir, eval_examples=16, landscape_size=12, landscape_examples=16, no_adapt_size=4, screen_examples=4, finalists=2, runs=2, warmup=1, seq_len=16, progress=False)
     json.loads(json.dumps(res, default=float))
     assert set(res["modes"]) == set(BENCH_MODES)
     for m in BENCH_MODES:
@@ -59,5 +59,6 @@ def test_bench_model_schema(built, data_dir, tmp_path):
     for e in res["landscape"]:
         assert len(e["best_x"]) == 2 and abs(sum(e["psi"].values()) - 1) < 1e-9
         assert {"best", "uniform", "psi_merge", "oracle"} <= set(e)
-    assert res["landscape_meta"]["num_x"] >= 12 and res["build_seconds"] > 0
+    lm = res["landscape_meta"]
+    assert lm["num_x"] >= 12 and lm["num_finalists"] < lm["num_x"] and res["build_seconds"] > 0
     assert "merge landscape" in format_table(res)

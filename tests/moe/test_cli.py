@@ -22,7 +22,7 @@ def test_build_then_bench_model(tmp_path, data_dir):
     r = runner.invoke(
         app,
         ["bench", "model", *common, "--json", str(out), "--eval-examples", "8", "--landscape-size", "8",
-         "--landscape-examples", "8", "--no-adapt-size", "3", "--runs", "2"],
+         "--landscape-examples", "8", "--no-adapt-size", "3", "--runs", "2", "--bf16"],
     )
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
