@@ -26,10 +26,14 @@ def candidate_xs(K: int, budget: int, n: int, mixes: list[np.ndarray], seed: int
                 v = np.zeros(K)
                 v[[i, j]] = 0.5
                 xs.append(v)
+    uniq: dict[tuple, np.ndarray] = {}
+    for x in xs:
+        uniq.setdefault(tuple(np.round(x, 6)), x)
     rng = np.random.default_rng(seed)
-    while len(xs) < n:
-        xs.append(sample_x(rng, K, budget))
-    return xs[: max(n, len(xs))]
+    while len(uniq) < n:  # distinct x only: random supports of size 1 would repeat the one-hots
+        x = sample_x(rng, K, budget)
+        uniq.setdefault(tuple(np.round(x, 6)), x)
+    return list(uniq.values())
 
 
 def reference_mixes(tasks: list[str], drop: dict[str, float]) -> list[tuple[str, np.ndarray]]:

@@ -42,6 +42,9 @@ def _atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a cache is ordinary readable data
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -11,7 +11,7 @@ TASKS = ["SST-2", "QNLI", "QQP", "MNLI"]
 def test_candidates_are_feasible_and_cover_corners():
     mixes = [v for _, v in reference_mixes(TASKS, {"SST-2": 0.0, "QNLI": 0.1, "QQP": 0.05, "MNLI": 0.2})]
     xs = candidate_xs(4, 4, 200, mixes)
-    assert len(xs) >= 200
+    assert len(xs) >= 200 and len({tuple(np.round(x, 6)) for x in xs}) == len(xs)  # distinct
     for x in xs:
         validate_x(x, 4, 4)
     assert any(np.allclose(x, [1, 0, 0, 0]) for x in xs) and any(np.allclose(x, 0.25) for x in xs)
