@@ -15,11 +15,35 @@ agree. After each observation J Adam steps fit f to the replayed history (bounde
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.func import functional_call, grad, vmap
+
+
+@contextmanager
+def _one_thread():
+    """Run a block with one intra-op thread. The bandit's matmuls are tiny: with several threads
+    they spend their time synchronising, and far worse when the cores are shared with model
+    inference (measured: the simulator's first policy took minutes instead of seconds)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def single_threaded(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _one_thread():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 class BanditConfig(BaseModel):
@@ -73,10 +97,12 @@ class NeuralUCB:
         self.n_seen = 0
 
     # --- prediction ------------------------------------------------------------------------
+    @single_threaded
     @torch.no_grad()
     def predict(self, xs: np.ndarray) -> np.ndarray:
         return self.net(torch.as_tensor(xs, dtype=torch.float64)).numpy()
 
+    @single_threaded
     @torch.no_grad()
     def ucb(self, xs: np.ndarray, psi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(psi . f(x), sqrt(g^T A^-1 g)) for every row of xs."""
@@ -123,6 +149,7 @@ class NeuralUCB:
         return torch.cat([grads[k].reshape(X.shape[0], -1) for k in self.params], dim=1)
 
     # --- learning --------------------------------------------------------------------------
+    @single_threaded
     def observe(self, x: np.ndarray, psi: np.ndarray, rewards: np.ndarray, mask: np.ndarray | None = None) -> None:
         """Add (x, rewards) to the history, A += g g^T for the played x, then J gradient steps."""
         xt = torch.tensor(x, dtype=torch.float64)[None]
