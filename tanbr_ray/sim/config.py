@@ -31,13 +31,13 @@ class SimConfig(BaseModel):
     data_dir: str | None = None
     fleet: str | None = Field(None, description="fleet YAML; None = the packaged default fleet")
     slots: int = Field(40, ge=1, le=1_000_000)
-    slot_seconds: float = Field(20.0, gt=0.0)
+    slot_seconds: float = Field(10.0, gt=0.0)
     schedule: str = "stationary"
     switch_every: int | None = Field(None, ge=1)
     pool_per_task: int = Field(150, ge=2, description="dev examples per task requests are drawn from")
     label_fraction: float = Field(1.0, ge=0.0, le=1.0, description="share of requests labelled after the slot")
     label_free: bool = Field(False, description="reward = agreement with the full MoE (top-2) instead of labels")
-    fixed_candidates: int = Field(8, ge=0, le=1000, description="random fixed x tried for the best-in-hindsight")
+    fixed_candidates: int = Field(2, ge=0, le=1000, description="random fixed x tried for the best-in-hindsight")
     policies: list[str] = Field(default_factory=lambda: list(POLICIES))
     tanbr: TanbrConfig = Field(default_factory=TanbrConfig)
     threads: int | None = Field(None, ge=1, description="torch threads; None = torch's default")

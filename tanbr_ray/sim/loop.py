@@ -156,7 +156,7 @@ class Simulation:
         per_task = {task: ([], [], []) for task in self.tasks}  # slot, example, prediction
         latency = []
         current: list[Spec | None] = [None] * N
-        for t in range(T):
+        for t in tqdm(range(T), desc=name, disable=not self.progress, leave=False):
             feedback = []
             for n, (node, cls) in enumerate(self.nodes):
                 psi = self.psi_hat[t, n]
@@ -188,9 +188,11 @@ class Simulation:
                 "mode": mode}
 
     def fixed_candidates(self) -> list[np.ndarray]:
-        """Fixed x tried for the best-in-hindsight: uniform, every single expert, random mixes."""
+        """Fixed x tried for the best-in-hindsight: uniform, every single expert, the fleet's average
+        task mix mapped to experts, and `fixed_candidates` random mixes (each costs a pool's forwards)."""
         rng = np.random.default_rng(self.cfg.seed + 2)
-        xs = [np.full(self.K, 1.0 / self.K)] + list(np.eye(self.K))
+        mean_mix = np.bincount(self.task_experts, weights=self.wl.psi.mean((0, 1)), minlength=self.K)
+        xs = [np.full(self.K, 1.0 / self.K)] + list(np.eye(self.K)) + [mean_mix / mean_mix.sum()]
         xs += list(rng.dirichlet(np.ones(self.K), size=self.cfg.fixed_candidates))
         return xs
 
