@@ -14,34 +14,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tanbr_ray.router import (BanditConfig, HOOPolicy, NucbPolicy, OraclePolicy, Policy, PsiMergePolicy,
-                              RandomPolicy, Tanbr, TanbrConfig, UniformPolicy)
+from tanbr_ray.router import Policy, Tanbr, TanbrConfig, registry
+from tanbr_ray.router.registry import ROUTER_POLICIES as POLICIES
 from tanbr_ray.router.synthetic import SyntheticConfig, SyntheticEnv
-
-POLICIES = ("Tanbr", "Nucb", "HOO", "Random", "Uniform", "psi-merge", "Oracle")
+from tanbr_ray.stats import loglog_slope
 ENVS = ("stationary", "drifting", "switching")
 
 
 def make_policy(name: str, env: SyntheticEnv, seed: int, tanbr: TanbrConfig | None = None) -> Policy:
-    K, V = env.config.num_experts, env.config.num_tasks
-    if name == "Tanbr":
-        cfg = tanbr or TanbrConfig()
-        cfg = cfg.model_copy(update={"bandit": cfg.bandit.model_copy(update={"seed": seed})})
-        return Tanbr(K, V, cfg)
-    if name == "Nucb":
-        base = (tanbr or TanbrConfig()).bandit
-        return NucbPolicy(K, V, base.model_copy(update={"seed": seed}), seed=seed)
-    if name == "HOO":
-        return HOOPolicy(K, V)
-    if name == "Random":
-        return RandomPolicy(K, V, seed=seed)
-    if name == "Uniform":
-        return UniformPolicy(K, V, env.expert_of_task)
-    if name == "psi-merge":
-        return PsiMergePolicy(K, V, env.expert_of_task)
-    if name == "Oracle":
-        return OraclePolicy(K, V, lambda psi, budget: env.optimum(psi, budget)[0])
-    raise ValueError(f"policies: unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+    c = env.config
+    return registry.make_policy(name, c.num_experts, c.num_tasks, seed, tanbr, env.expert_of_task,
+                                optimum=lambda psi, budget: env.optimum(psi, budget)[0])
 
 
 def run_one(name: str, env_cfg: SyntheticConfig, tanbr: TanbrConfig | None = None) -> dict:
@@ -59,14 +42,6 @@ def run_one(name: str, env_cfg: SyntheticConfig, tanbr: TanbrConfig | None = Non
         regret[t] = env.optimum(psi, budget)[1] - env.objective(x, psi)
         policy.update(x, psi, env.sample_rewards(x))
     return {"cumulative": np.cumsum(regret), "select_s": select_s}
-
-
-def loglog_slope(cumulative: np.ndarray, start_frac: float = 0.25) -> float:
-    """Least-squares slope of log R(t) against log t over t in [start_frac*T, T]."""
-    T = len(cumulative)
-    t = np.arange(max(1, int(start_frac * T)), T + 1)
-    r = np.maximum(cumulative[t - 1], 1e-12)
-    return float(np.polyfit(np.log(t), np.log(r), 1)[0])
 
 
 def run(rounds: int = 2000, seeds: int = 5, schedule: str = "stationary",
@@ -98,11 +73,16 @@ def run(rounds: int = 2000, seeds: int = 5, schedule: str = "stationary",
         out["policies"][name] = {
             "regret_mean": float(final.mean()),
             "regret_sd": float(final.std(ddof=1)) if seeds > 1 else 0.0,
-            "slope": loglog_slope(cum.mean(0)),
+            "slope": _finite_or_none(loglog_slope(cum.mean(0))),
             "select_ms_p50": float(np.percentile(sel, 50)),
             "select_ms_p99": float(np.percentile(sel, 99)),
         }
     return out, curves
+
+
+def _finite_or_none(v: float) -> float | None:
+    """JSON has no NaN: an undefined slope (zero regret) is written as null."""
+    return v if np.isfinite(v) else None
 
 
 def plot(out: dict, curves: dict[str, np.ndarray], path: str) -> None:
@@ -131,7 +111,8 @@ def plot(out: dict, curves: dict[str, np.ndarray], path: str) -> None:
 def table(out: dict) -> list[list[str]]:
     rows = []
     for name, r in out["policies"].items():
-        rows.append([name, f"{r['regret_mean']:.2f} ± {r['regret_sd']:.2f}", f"{r['slope']:.3f}",
+        slope = "–" if r["slope"] is None else f"{r['slope']:.3f}"
+        rows.append([name, f"{r['regret_mean']:.2f} ± {r['regret_sd']:.2f}", slope,
                      f"{r['select_ms_p50']:.3f}", f"{r['select_ms_p99']:.3f}"])
     return rows
 

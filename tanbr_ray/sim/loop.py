@@ -23,14 +23,14 @@ from tqdm.auto import tqdm
 
 from tanbr_ray.moe.data import load_task
 from tanbr_ray.moe.infer import batch_latency
-from tanbr_ray.router import (HOOPolicy, NucbPolicy, Policy, PsiMergePolicy, RandomPolicy, Tanbr,
-                              TaskMonitor, UniformPolicy)
+from tanbr_ray.router import Policy, TaskMonitor, registry
 from tanbr_ray.router.feasible import project_to_budget
 from tanbr_ray.sim.config import SimConfig
 from tanbr_ray.sim.evaluate import PoolEvaluator, Spec, merged_spec
 from tanbr_ray.sim.fleet import Fleet, NodeClass, load_fleet
 from tanbr_ray.sim.output import PolicySeries, SimOutput
 from tanbr_ray.sim.workload import Workload, generate
+from tanbr_ray.stats import loglog_slope
 
 STATIC_SPECS: dict[str, Spec] = {
     "Switch-top1": ("top1",), "Switch-top2": ("top2",), "Oracle": ("oracle",),
@@ -64,21 +64,10 @@ def measure_costs(moe, runs: int = 10, seq_len: int = 64) -> Costs:
 
 
 def make_policy(name: str, cfg: SimConfig, K: int, V: int, task_experts: np.ndarray, tasks: list[str]) -> Policy | None:
-    """Learning/merging policies behind select/update; None for fixed serving modes."""
-    seed = cfg.seed
-    if name == "Tanbr":
-        return Tanbr(K, V, cfg.tanbr, tasks)
-    if name == "Nucb":
-        return NucbPolicy(K, V, cfg.tanbr.bandit, seed=seed)
-    if name == "HOO":
-        return HOOPolicy(K, V)
-    if name == "Random":
-        return RandomPolicy(K, V, seed=seed)
-    if name == "Uniform":
-        return UniformPolicy(K, V, task_experts)
-    if name == "psi-merge":
-        return PsiMergePolicy(K, V, task_experts)
-    return None
+    """Router policies behind select/update; None for the fixed serving modes (Switch, Oracle, static merges)."""
+    if name in STATIC_SPECS:
+        return None
+    return registry.make_policy(name, K, V, cfg.seed, cfg.tanbr, task_experts, tasks=tasks)
 
 
 def estimate_mixes(wl: Workload, tasks: list[str], cfg: SimConfig) -> np.ndarray:
@@ -205,16 +194,6 @@ class Simulation:
         return out
 
 
-def loglog_slope(cum: np.ndarray) -> float:
-    """Slope of log cumulative regret vs log slot over the second half (1 = linear)."""
-    T = len(cum)
-    t = np.arange(max(1, T // 2), T + 1)
-    r = cum[t - 1]
-    if T < 4 or np.any(r <= 0):
-        return float("nan")
-    return float(np.polyfit(np.log(t), np.log(r), 1)[0])
-
-
 def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bool = True) -> SimOutput:
     """Run every configured policy over the same workload; return traces and the results summary."""
     t0 = time.perf_counter()
@@ -257,7 +236,7 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
             "pushed_bytes_per_slot": float(r["pushed"].mean()),
             "regret_vs_best_fixed": float(reg_fixed.sum()),
             "regret_vs_oracle": float(reg_oracle.sum()),
-            "regret_slope": loglog_slope(np.cumsum(reg_fixed)),
+            "regret_slope": loglog_slope(np.cumsum(reg_fixed), start_frac=0.5),
         }
         series[name] = PolicySeries(name, r["credit"] / safe, reg_fixed, reg_oracle, r["pushed"], r["choices"],
                                     r["latency"], resident)
