@@ -9,6 +9,7 @@ Only the requested rows of a cached bucket are run, so a slot costs what it serv
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Mapping
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from tanbr_ray.moe.infer import _to_pred
 from tanbr_ray.moe.metrics import glue_score
 
+STATE_CACHE = 8
 # A model spec: ("merged", x bytes) | ("static", name) | ("oracle",) | ("top1",) | ("top2",)
 Spec = tuple
 
@@ -37,18 +39,24 @@ class PoolEvaluator:
             for row, idx in enumerate(b.index):
                 self.where[b.task][int(idx)] = (b_no, row)
         self._memo: dict[Spec, dict[str, dict[int, float]]] = {}
-        self._states: dict[Spec, dict] = {}
+        self._states: OrderedDict[Spec, dict] = OrderedDict()
         self.forwards = 0  # examples actually run through the model
 
     def _state(self, spec: Spec):
-        if spec not in self._states:
+        """Merged FFN weights for a spec; a small LRU, since each one is as big as the dense FFNs
+        (28 MB for MiniLM) and predictions, not weights, are what gets reused."""
+        if spec[0] not in ("merged", "static"):
+            return None
+        if spec in self._states:
+            self._states.move_to_end(spec)
+        else:
             if spec[0] == "merged":
                 self._states[spec] = self.moe.merged_state(np.frombuffer(spec[1], dtype=np.float64).copy())
-            elif spec[0] == "static":
+            else:
                 self._states[spec] = self.moe.static_state(spec[1])
-            if len(self._states) > 512:  # bounded: merged states are the size of the dense FFNs
-                self._states.pop(next(iter(self._states)))
-        return self._states.get(spec)
+            while len(self._states) > STATE_CACHE:
+                self._states.popitem(last=False)
+        return self._states[spec]
 
     @torch.no_grad()
     def predict(self, spec: Spec, task: str, indices: np.ndarray) -> np.ndarray:
