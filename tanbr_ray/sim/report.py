@@ -237,7 +237,7 @@ def _plot_regret(out: SimOutput, path: Path) -> None:
 def _plot_score(out: SimOutput, path: Path) -> None:
     plt = _pyplot()
     slots = max((s.slots for s in out.series.values()), default=0)
-    window = max(1, slots // 25)
+    window = max(1, min(10, slots // 8))  # per-slot scores are noisy (tens of requests a slot)
     fig, ax = plt.subplots(figsize=(10, 4.2))
     style = _style(list(out.series))
     for name, s in out.series.items():
