@@ -141,6 +141,7 @@ class Simulation:
         mode = "merged" if policy is not None else MODE_OF_SPEC[fixed[0]]
         credit_sum, counts = np.zeros(T), np.zeros(T)
         pushed = np.zeros(T)
+        push_s = 0.0  # link time spent on weight pushes, summed over nodes
         choices = np.full((T, N, self.K), np.nan) if policy is not None else None
         per_task = {task: ([], [], []) for task in self.tasks}  # slot, example, prediction
         latency = []
@@ -156,7 +157,9 @@ class Simulation:
                 else:
                     spec = fixed
                 if current[n] != spec:  # first deployment ships the whole model, later pushes the FFNs
-                    pushed[t] += self.costs.resident[mode] if current[n] is None else self.costs.ffn_bytes
+                    nbytes = self.costs.resident[mode] if current[n] is None else self.costs.ffn_bytes
+                    pushed[t] += nbytes
+                    push_s += nbytes / (cls.bandwidth_mbps * 1e6 / 8)
                     current[n] = spec
                 preds, credit = self.serve(spec, t, n)
                 req = self.wl.requests[t][n]
@@ -174,7 +177,7 @@ class Simulation:
                 policy.update(x, psi, r, observed=mask)
         return {"credit": credit_sum, "counts": counts, "pushed": pushed, "choices": choices,
                 "per_task": per_task, "latency": np.concatenate(latency) if latency else np.zeros(0),
-                "mode": mode}
+                "mode": mode, "push_seconds": push_s}
 
     def fixed_candidates(self) -> list[np.ndarray]:
         """Fixed x tried for the best-in-hindsight: uniform, every single expert, the fleet's average
@@ -234,6 +237,7 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
             "resident_bytes": int(max(resident.values())),
             "pushed_bytes": int(r["pushed"].sum()),
             "pushed_bytes_per_slot": float(r["pushed"].mean()),
+            "push_seconds": float(r["push_seconds"]),
             "regret_vs_best_fixed": float(reg_fixed.sum()),
             "regret_vs_oracle": float(reg_oracle.sum()),
             "regret_slope": loglog_slope(np.cumsum(reg_fixed), start_frac=0.5),

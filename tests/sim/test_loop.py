@@ -51,7 +51,7 @@ def test_every_policy_runs_and_reports(result):
         assert 0.0 <= r["score"] <= 1.0, name
         assert set(r["scores"]) <= {"SST-2", "MNLI"}
         assert r["latency_ms_p50"] > 0 and r["latency_ms_p95"] >= r["latency_ms_p50"]
-        assert r["resident_bytes"] > 0 and r["pushed_bytes"] > 0
+        assert r["resident_bytes"] > 0 and r["pushed_bytes"] > 0 and r["push_seconds"] > 0
     assert s["policies"]["Oracle"]["regret_vs_oracle"] == 0.0
     assert s["requests"] > 0 and s["requests_simulated"] == s["requests"] * len(POLICIES)
     # the full MoE is resident for routing policies; merged ones hold one FFN per layer
