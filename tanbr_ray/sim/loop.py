@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ STATIC_SPECS: dict[str, Spec] = {
     "Switch-top1": ("top1",), "Switch-top2": ("top2",), "Oracle": ("oracle",),
     "Fisher": ("static", "fisher"), "RegMean": ("static", "regmean"),
 }
+SlotCallback = Callable[[str, int, float, float], None]
 MODE_OF_SPEC = {"top1": "top1", "top2": "top2", "oracle": "oracle", "static": "merged", "merged": "merged"}
 
 
@@ -134,7 +136,8 @@ class Simulation:
         return r, mask
 
     # --- one policy over the whole run ---------------------------------------------------------
-    def run_policy(self, name: str) -> dict:
+    def run_policy(self, name: str, on_slot: SlotCallback | None = None) -> dict:
+        """Every slot of the run for one policy; `on_slot(name, t, slot_score, running_score)` after each."""
         cfg, T, N = self.cfg, self.cfg.slots, len(self.nodes)
         policy = make_policy(name, cfg, self.K, self.V, self.task_experts, self.tasks)
         fixed = STATIC_SPECS.get(name)
@@ -175,6 +178,9 @@ class Simulation:
                     feedback.append((x, psi, *self.rewards(t, n, preds, credit)))
             for x, psi, r, mask in feedback:  # rewards arrive after the slot
                 policy.update(x, psi, r, observed=mask)
+            if on_slot is not None:
+                on_slot(name, t, float(credit_sum[t] / max(counts[t], 1)),
+                        float(credit_sum[:t + 1].sum() / max(counts[:t + 1].sum(), 1)))
         return {"credit": credit_sum, "counts": counts, "pushed": pushed, "choices": choices,
                 "per_task": per_task, "latency": np.concatenate(latency) if latency else np.zeros(0),
                 "mode": mode, "push_seconds": push_s}
@@ -197,15 +203,19 @@ class Simulation:
         return out
 
 
-def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bool = True) -> SimOutput:
-    """Run every configured policy over the same workload; return traces and the results summary."""
+def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bool = True,
+                   on_slot: SlotCallback | None = None) -> SimOutput:
+    """Run every configured policy over the same workload; return traces and the results summary.
+
+    `on_slot(policy, slot, slot_score, running_score)` is called after every slot (Tune reports
+    through it, so schedulers can stop bad trials early)."""
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     sim = Simulation(cfg, moe, fleet, progress)
     runs = {}
     for name in tqdm(cfg.policies, desc="policies", disable=not progress):
-        runs[name] = sim.run_policy(name)
+        runs[name] = sim.run_policy(name, on_slot)
     best_credit = max((sim.fixed_credit(x) for x in tqdm(sim.fixed_candidates(), desc="best fixed x",
                                                               disable=not progress, leave=False)),
                       key=lambda c: c.sum())

@@ -150,3 +150,11 @@ def test_dotted_overrides_and_shipped_configs():
     assert load_config(QUICK_CONFIG).model == "quick"
     assert len(load_fleet().nodes()) >= 8
     assert len({c.name for c in load_fleet().classes}) >= 3
+
+
+def test_on_slot_reports_every_slot(tiny_moe):
+    seen = []
+    run_simulation(_cfg(policies=["Tanbr", "Uniform"]), tiny_moe, fleet=Fleet(**FLEET), progress=False,
+                   on_slot=lambda name, t, score, running: seen.append((name, t, score, running)))
+    assert [(n, t) for n, t, _, _ in seen] == [(p, t) for p in ("Tanbr", "Uniform") for t in range(3)]
+    assert all(0.0 <= s <= 1.0 and 0.0 <= r <= 1.0 for _, _, s, r in seen)
