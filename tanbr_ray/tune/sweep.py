@@ -1,0 +1,286 @@
+"""Run a sweep with `ray.tune.Tuner` and write its results: trials.csv, best_config.yaml, PNGs, W&B.
+
+Results directory layout:
+  trials.csv        one row per trial: parameters, seed, last metric, slots run, final Tanbr summary
+  best_config.yaml  the best completed trial as a simulation YAML for `tanbr simulate --config`
+  metric_vs_<param>.png, learning_curves.png
+  wandb/            offline W&B runs (one per trial, plus a summary run with the trial table)
+  <name>/           Ray's own experiment directory (when `storage` is not set)
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tanbr_ray.sim.config import SimConfig, apply_overrides
+from tanbr_ray.tune.config import TuneSpec, override
+from tanbr_ray.tune.trainable import FINAL_FIELDS, run_trial
+
+PLOT_NAMES = {"tanbr.tree.rho": "rho", "slot_seconds": "slot_length"}
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict]
+    best: dict | None
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    wandb_runs: int = 0
+
+
+def _moe_raw(spec: TuneSpec) -> dict | None:
+    if spec.moe_config is None:
+        return None
+    from tanbr_ray.moe.config import load_config as load_moe_config
+
+    return load_moe_config(spec.moe_config).model_dump(mode="json")
+
+
+def _absolute_paths(raw: dict, config_dir: Path) -> dict:
+    """Workers (and the best config) must not depend on the driver's working directory."""
+    out = dict(raw)
+    for key in ("models_dir", "data_dir", "fleet"):
+        if out.get(key):
+            p = Path(out[key]).expanduser()
+            out[key] = str(p if p.is_absolute() else (config_dir / p).resolve())
+    return out
+
+
+def _init_ray(spec: TuneSpec) -> bool:
+    """Start (local) or join (address) Ray unless the caller already did; True if we must shut it down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if spec.address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token needed
+    ray.init(address=spec.address, num_cpus=spec.num_cpus if spec.address is None else None,
+             include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _callbacks(spec: TuneSpec, mode: str, out_dir: Path) -> list:
+    if mode == "disabled":
+        return []
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    (out_dir / "wandb").mkdir(parents=True, exist_ok=True)
+    return [WandbLoggerCallback(project=spec.wandb.project, group=spec.name, mode=mode, dir=str(out_dir),
+                                job_type="tune-trial")]
+
+
+def run_sweep(spec: TuneSpec, sim_raw: dict, config_dir: Path = Path("."), out: str | Path | None = None,
+              wandb: str | None = None, verbose: int = 1) -> SweepResult:
+    """Run every trial, then write the results files; Ray is shut down again if this call started it."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from tanbr_ray.tracking import wandb_mode
+
+    mode = wandb_mode(wandb or spec.wandb.mode)  # exported before Ray starts: workers inherit WANDB_MODE
+    out_dir = Path(out or spec.results_dir()).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sim_raw = _absolute_paths(sim_raw, config_dir)
+    slots = SimConfig(**sim_raw).slots
+    space = {k: d.to_tune() for k, d in spec.search_space.items()}
+    if spec.seeds:
+        space["seed"] = tune.grid_search(list(spec.seeds))
+    if spec.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=slots + 1,
+                                  grace_period=min(spec.asha.grace_period, slots),
+                                  reduction_factor=spec.asha.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    threads = max(1, int(spec.resources.cpu))
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=sim_raw, moe_raw=_moe_raw(spec), threads=threads),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    storage = spec.storage or str(out_dir)
+    started = _init_ray(spec)
+    t0 = time.perf_counter()
+    try:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=spec.metric, mode=spec.mode, scheduler=scheduler, num_samples=spec.num_samples,
+                max_concurrent_trials=spec.max_concurrent,
+                search_alg=BasicVariantGenerator(random_state=spec.search_seed)),
+            run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=verbose,
+                                      callbacks=_callbacks(spec, mode, out_dir)),
+        )
+        grid = tuner.fit()
+        wall = time.perf_counter() - t0
+        rows, curves = _collect(grid, spec)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    best = _best(rows, spec)
+    result = SweepResult(rows, best, out_dir, wall_seconds=wall)
+    result.files["trials"] = _write_csv(rows, spec, out_dir / "trials.csv")
+    if best is not None:
+        result.files["best_config"] = _write_best(best, spec, sim_raw, out_dir / "best_config.yaml")
+    result.files.update(_plots(rows, curves, spec, out_dir))
+    if mode != "disabled":
+        result.wandb_runs = len(rows) + _log_summary(result, spec, mode)
+    return result
+
+
+def _collect(grid, spec: TuneSpec) -> tuple[list[dict], dict[str, list[tuple[int, float]]]]:
+    """Per trial: parameters, status and last metrics; plus (slot, metric) learning curves."""
+    rows, curves = [], {}
+    for i, r in enumerate(grid):
+        m = r.metrics or {}
+        trial_id = m.get("trial_id", f"trial_{i}")
+        params = {k: r.config.get(k) for k in spec.search_space}
+        row = {"trial_id": trial_id, **params, "seed": m.get("seed", r.config.get("seed")),
+               "slots_run": m.get("slot", 0), spec.metric: m.get(spec.metric),
+               "completed": bool(m.get("completed")), "error": str(r.error).splitlines()[0] if r.error else ""}
+        row.update({f"final/{k}": m.get(f"final/{k}") for k in FINAL_FIELDS})
+        rows.append(row)
+        df = r.metrics_dataframe
+        if df is not None and "slot" in df and spec.metric in df:
+            pts = df[["slot", spec.metric]].dropna().drop_duplicates("slot")
+            curves[trial_id] = [(int(s), float(v)) for s, v in pts.itertuples(index=False)]
+    return rows, curves
+
+
+def _value(row: dict, spec: TuneSpec) -> float:
+    v = row.get(spec.metric)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return -math.inf
+    return float(v) if spec.mode == "max" else -float(v)
+
+
+def _best(rows: list[dict], spec: TuneSpec) -> dict | None:
+    """Best completed trial (a trial stopped early has seen fewer slots: not comparable); else best of all."""
+    pool = [r for r in rows if r["completed"]] or [r for r in rows if r.get(spec.metric) is not None]
+    return max(pool, key=lambda r: _value(r, spec)) if pool else None
+
+
+def ranked(rows: list[dict], spec: TuneSpec) -> list[dict]:
+    """Completed trials first, each group best first."""
+    return sorted(rows, key=lambda r: (not r["completed"], -_value(r, spec)))
+
+
+def _write_csv(rows: list[dict], spec: TuneSpec, path: Path) -> Path:
+    header = list(rows[0]) if rows else ["trial_id", *spec.search_space, spec.metric]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        for r in ranked(rows, spec):
+            w.writerow(r)
+    return path
+
+
+def _write_best(best: dict, spec: TuneSpec, sim_raw: dict, path: Path) -> Path:
+    """The base simulation config + the best parameters; every policy, so `tanbr simulate` compares."""
+    params = {k: best[k] for k in spec.search_space}
+    if best.get("seed") is not None:
+        params["seed"] = best["seed"]
+    raw = apply_overrides(sim_raw, [override(k, v) for k, v in params.items()])
+    raw["name"] = f"{spec.name}-best"
+    raw["out"] = f"results/simulate-{spec.name}-best"
+    SimConfig(**raw)  # the file must load back: fail here rather than hand out a broken config
+    head = (f"# Best trial of tune sweep '{spec.name}' ({spec.metric}={best[spec.metric]:.4f}, {spec.mode}).\n"
+            f"# Parameters: {', '.join(f'{k}={v}' for k, v in params.items())}\n")
+    if spec.moe_config:
+        head += f"# The sweep used the MoE built from {spec.moe_config} (not a `model` preset).\n"
+    path.write_text(head + yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _plots(rows: list[dict], curves: dict, spec: TuneSpec, out_dir: Path) -> dict[str, Path]:
+    """metric vs each numeric swept parameter (rho, slot length, ...) and the top trials' curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    for key in spec.search_space:
+        pts = [(r[key], r[spec.metric], r["completed"]) for r in rows
+               if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+               and r.get(spec.metric) is not None]
+        if not pts:
+            continue
+        name = PLOT_NAMES.get(key, key.replace(".", "_"))
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for done, label, marker in ((True, "completed", "o"), (False, "stopped early by ASHA (fewer slots)", "x")):
+            xs = [p[0] for p in pts if p[2] == done]
+            ys = [p[1] for p in pts if p[2] == done]
+            if xs:
+                ax.scatter(xs, ys, marker=marker, label=label)
+        if spec.search_space[key].kind == "loguniform":
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(spec.metric)
+        ax.set_title(f"{spec.name}: {spec.metric} vs {key}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        files[f"metric_vs_{name}"] = out_dir / f"metric_vs_{name}.png"
+        fig.savefig(files[f"metric_vs_{name}"], dpi=110)
+        plt.close(fig)
+    top = [r for r in ranked(rows, spec) if r["trial_id"] in curves][:5]
+    if top:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in top:
+            s, v = zip(*curves[r["trial_id"]])
+            label = ", ".join(f"{k.split('.')[-1]}={_fmt(r[k])}" for k in spec.search_space)
+            ax.plot(s, v, marker=".", label=label)
+        ax.set_xlabel("slot")
+        ax.set_ylabel(spec.metric)
+        ax.set_title(f"{spec.name}: learning curves, top {len(top)} trials")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        files["learning_curves"] = out_dir / "learning_curves.png"
+        fig.savefig(files["learning_curves"], dpi=110)
+        plt.close(fig)
+    return files
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _log_summary(result: SweepResult, spec: TuneSpec, mode: str) -> int:
+    """One extra W&B run holding the trial table, the best parameters and the plots (dashboards)."""
+    import wandb
+
+    rows = ranked(result.rows, spec)
+    if not rows:
+        return 0
+    cols = list(rows[0])
+    table = wandb.Table(columns=cols, data=[[_cell(r[c]) for c in cols] for r in rows])
+    settings = wandb.Settings(silent=True, console="off", disable_git=True, save_code=False,
+                              x_save_requirements=False, x_disable_stats=True, x_disable_machine_info=True)
+    with wandb.init(project=spec.wandb.project, group=spec.name, name=f"{spec.name}-summary",
+                    job_type="tune-summary", dir=str(result.out_dir), mode=mode, reinit="create_new",
+                    settings=settings, config={"search_space": {k: d.model_dump(exclude_none=True)
+                                                                for k, d in spec.search_space.items()},
+                                               "metric": spec.metric, "mode": spec.mode}) as run:
+        log = {"trials": table}
+        log.update({f"plots/{k}": wandb.Image(str(p)) for k, p in result.files.items() if p.suffix == ".png"})
+        run.log(log)
+        if result.best is not None:
+            run.summary.update({f"best/{k}": _cell(v) for k, v in result.best.items()})
+        run.summary["wall_seconds"] = result.wall_seconds
+    wandb.teardown()
+    return 1
+
+
+def _cell(v):
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)

@@ -1,0 +1,74 @@
+"""One Tune trial = one simulation of the Tanbr policy with the trial's settings.
+
+Runs in a Ray worker, so everything it needs travels in its arguments (the resolved base simulation
+config, the MoE config as a dict) — nothing is read from the driver's memory. The MoE is loaded from
+the on-disk cache that `load_or_build` keeps; only the first trial on a fresh machine builds it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from tanbr_ray.sim.config import SimConfig, apply_overrides
+
+POLICY = "Tanbr"
+# Fields of the final Tanbr summary reported (prefixed `final/`) with the trial's last result.
+FINAL_FIELDS = ("score", "score_second_half", "regret_vs_best_fixed", "regret_vs_oracle", "regret_slope",
+                "latency_ms_p50", "latency_ms_p95", "pushed_bytes", "push_seconds")
+
+_MOE_CACHE: dict[str, Any] = {}  # per worker process: trials that reuse a worker skip even the load
+
+
+def trial_sim_config(base: dict, params: dict, threads: int | None) -> SimConfig:
+    """The simulation a trial runs: base config + the trial's parameters, Tanbr only, no nested W&B."""
+    overrides = [f"{k}={json.dumps(v)}" for k, v in params.items()]
+    overrides += [f"policies={json.dumps([POLICY])}", "wandb=disabled"]
+    raw = apply_overrides(base, overrides)
+    if raw.get("threads") is None and threads:
+        raw["threads"] = threads  # one trial per CPU slot: don't let torch oversubscribe the node
+    return SimConfig(**raw)
+
+
+def _load_moe(cfg: SimConfig, moe_raw: dict | None):
+    from tanbr_ray.moe import MoEConfig, default_config, load_or_build, quick_config
+
+    moe_cfg = MoEConfig(**moe_raw) if moe_raw else (quick_config() if cfg.model == "quick" else default_config())
+    key = f"{cfg.models_dir}|{moe_cfg.cache_dirname()}"
+    if key not in _MOE_CACHE:
+        _MOE_CACHE.clear()
+        _MOE_CACHE[key] = load_or_build(moe_cfg, cfg.models_dir, progress=False, data_dir=cfg.data_dir)
+    return _MOE_CACHE[key]
+
+
+def _number(v) -> float | None:
+    if isinstance(v, (bool, np.bool_)):
+        return None
+    if isinstance(v, (int, float, np.number)):
+        return float(v)
+    return None
+
+
+def run_trial(config: dict, base: dict, moe_raw: dict | None = None, threads: int | None = None) -> None:
+    """Tune function trainable: report after every slot, then once more with the final summary."""
+    from ray import tune
+
+    cfg = trial_sim_config(base, config, threads)
+    moe = _load_moe(cfg, moe_raw)
+    last: dict = {}
+
+    def on_slot(policy: str, t: int, slot_score: float, running_score: float) -> None:
+        if policy != POLICY:
+            return
+        last.clear()
+        last.update(slot=t + 1, slot_score=slot_score, running_score=running_score, seed=cfg.seed)
+        tune.report(dict(last))
+
+    from tanbr_ray.sim.loop import run_simulation
+
+    out = run_simulation(cfg, moe, progress=False, on_slot=on_slot)
+    summary = out.summary["policies"][POLICY]
+    final = {f"final/{k}": _number(summary.get(k)) for k in FINAL_FIELDS}
+    tune.report({**last, **{k: v for k, v in final.items() if v is not None}, "completed": 1})

@@ -1,0 +1,159 @@
+"""`tanbr tune` end to end on a tiny MoE: 4 trials x 3 slots on a local 2-CPU Ray, W&B offline in tmp."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tanbr_ray.cli import app
+from tanbr_ray.moe import MoEConfig, load_or_build
+from tanbr_ray.moe.config import TinyBase
+from tanbr_ray.sim.config import load_config
+from tanbr_ray.tune.config import load_tune_config
+
+TINY = dict(name="tiny-tune", tiny_base=TinyBase(), tasks=["SST-2", "MNLI"], train_examples=32, batch_size=16,
+            max_len_single=16, max_len_pair=24, head_hidden=16, heads_only_examples=32, heads_only_epochs=2,
+            router_examples=8, router_steps=10, fisher_examples=8, regmean_examples=8, adapt_steps=3)
+FLEET = {"classes": [
+    {"name": "board", "count": 2, "slowdown": 4, "memory_x_dense": 1.001, "bandwidth_mbps": 50, "rtt_ms": 20,
+     "budget": 1, "rate": 1.0},
+    {"name": "dc", "count": 1, "slowdown": 1, "memory_x_dense": 8, "bandwidth_mbps": 1000, "rtt_ms": 3,
+     "budget": 2, "rate": 2.0, "mix": {"SST-2": 0.8, "MNLI": 0.2}},
+]}
+RHOS = [0.3, 0.5, 0.7, 0.9]
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    """Tiny MoE cached in tmp, base simulation + fleet + MoE YAMLs, and the sweep YAML pointing at them."""
+    data_dir = os.environ.get("TANBR_DATA_DIR")
+    assert data_dir, "set TANBR_DATA_DIR to the GLUE copy (e.g. ../shared/data/glue)"
+    d = tmp_path_factory.mktemp("tune")
+    moe_cfg = MoEConfig(**TINY)
+    load_or_build(moe_cfg, models_dir=d / "models", progress=False, data_dir=data_dir)  # trials only load it
+    (d / "moe.yaml").write_text(yaml.safe_dump(moe_cfg.model_dump(mode="json")))
+    (d / "fleet.yaml").write_text(yaml.safe_dump(FLEET))
+    (d / "sim.yaml").write_text(yaml.safe_dump(dict(
+        name="tiny", slots=3, slot_seconds=4, pool_per_task=12, fixed_candidates=1, seed=0,
+        models_dir=str(d / "models"), data_dir=data_dir, fleet="fleet.yaml")))
+    (d / "sweep.yaml").write_text(yaml.safe_dump(dict(
+        name="tiny-sweep", base="sim.yaml", moe_config="moe.yaml",
+        search_space={"tanbr.tree.rho": {"grid": RHOS}}, metric="running_score", mode="max",
+        scheduler="asha", asha={"grace_period": 2, "reduction_factor": 2}, resources={"cpu": 1},
+        wandb={"project": "tanbr-test"})))
+    return d
+
+
+@pytest.fixture(scope="module")
+def ray_local(sweep_dir):
+    """A private 2-CPU Ray with W&B offline and all its files in tmp; shut down after the module."""
+    import ray
+
+    env = {"RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env.update({f"WANDB_{k}_DIR": str(sweep_dir / "wandb-home" / k.lower()) for k in ("CACHE", "CONFIG", "DATA")})
+    env["WANDB_DIR"] = str(sweep_dir / "wandb-home")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # before ray.init: workers inherit the environment
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def swept(sweep_dir, ray_local):
+    out = sweep_dir / "results"
+    res = CliRunner().invoke(app, ["tune", str(sweep_dir / "sweep.yaml"), "--out", str(out), "--wandb", "offline"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return out, res.output
+
+
+def test_sweep_writes_trial_table(swept):
+    out, output = swept
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert sorted(float(r["tanbr.tree.rho"]) for r in rows) == RHOS
+    assert all(r["error"] == "" for r in rows)
+    done = [r for r in rows if r["completed"] == "True"]
+    assert done, "ASHA must let at least one trial finish"
+    for r in done:
+        assert int(r["slots_run"]) == 3
+        assert 0.0 <= float(r["running_score"]) <= 1.0
+        assert 0.0 <= float(r["final/score"]) <= 1.0
+    assert "tiny-sweep: 4 trials" in output and "best: tanbr.tree.rho=" in output
+    assert (out / "metric_vs_rho.png").stat().st_size > 0
+    assert (out / "learning_curves.png").stat().st_size > 0
+
+
+def test_best_config_loads_back_for_simulate(swept, sweep_dir):
+    out, _ = swept
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    best_row = max((r for r in rows if r["completed"] == "True"), key=lambda r: float(r["running_score"]))
+    cfg = load_config(out / "best_config.yaml")  # what `tanbr simulate --config` does
+    assert cfg.tanbr.tree.rho == pytest.approx(float(best_row["tanbr.tree.rho"]))
+    assert cfg.slots == 3 and cfg.seed == 0 and cfg.name == "tiny-sweep-best"
+    assert cfg.fleet == str(sweep_dir / "fleet.yaml") and cfg.models_dir == str(sweep_dir / "models")
+    assert "Tanbr" in cfg.policies and len(cfg.policies) > 1  # the tuned Tanbr against every baseline
+
+
+def test_wandb_offline_runs_written(swept):
+    out, output = swept
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 5, runs  # one per trial + the summary run
+    assert all(list(r.glob("*.wandb")) for r in runs)
+    assert "W&B: 5 runs" in output
+    wandb_cli = Path(sys.executable).parent / "wandb"
+    listed = subprocess.run([str(wandb_cli), "sync", "--dry-run", str(out / "wandb")], capture_output=True,
+                            text=True, timeout=60)
+    assert "Would sync 5 run(s)" in listed.stdout + listed.stderr
+
+
+def _write(tmp_path, **changes):
+    spec = dict(name="bad", base="quick", search_space={"tanbr.tree.rho": {"grid": [0.5, 0.9]}})
+    spec.update(changes)
+    p = tmp_path / "sweep.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(search_space={"tanbr.tree.rhoo": {"grid": [0.5]}}), r"search_space.tanbr.tree.rhoo: unknown parameter"),
+    (dict(search_space={"slots.extra": {"choice": [1]}}), r"search_space.slots.extra"),
+    (dict(search_space={"tanbr.tree.rho": {"uniform": [0.7, 0.7]}}), r"empty range \[0.7, 0.7\]"),
+    (dict(search_space={"tanbr.tree.rho": {"choice": []}}), r"choice: empty list"),
+    (dict(search_space={"tanbr.tree.rho": {"normal": [0.5, 0.1]}}), r"normal"),
+    (dict(search_space={"tanbr.tree.rho": {"grid": [0.5], "choice": [0.5]}}), r"exactly one distribution"),
+    (dict(search_space={"tanbr.bandit.lr": {"loguniform": [0.0, 0.1]}}), r"loguniform: low must be > 0"),
+    (dict(search_space={"tanbr.tree.rho": {"grid": [0.5, 1.5]}}), r"search_space.tanbr.tree.rho: value 1.5 invalid"),
+    (dict(search_space={}), r"search_space"),
+    (dict(search_space={"policies": {"choice": [["Tanbr"]]}}), r"cannot sweep"),
+    (dict(mode="maximise"), r"mode"),
+    (dict(metric="accuracy"), r"unknown metric 'accuracy'"),
+    (dict(scheduler="pbt"), r"scheduler"),
+    (dict(overrides=["slots=0"]), r"slots"),
+    (dict(base="missing.yaml"), r"cannot read simulation config"),
+])
+def test_bad_sweep_configs_fail_with_clear_errors(tmp_path, changes, message):
+    path = _write(tmp_path, **changes)
+    with pytest.raises(ValueError, match=message) as err:
+        load_tune_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_shipped_sweeps_validate():
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "tune_configs")
+    names = sorted(f for f in os.listdir(root) if f.endswith(".yaml"))
+    assert {"rho.yaml", "slot_threshold.yaml", "joint.yaml"} <= set(names)
+    for name in names:
+        spec, raw = load_tune_config(os.path.join(root, name))
+        assert spec.scheduler == "asha" and raw["model"] == "quick"
+    rho, _ = load_tune_config(os.path.join(root, "rho.yaml"))
+    assert len(rho.search_space["tanbr.tree.rho"].values) >= 8 and 0.9 in rho.search_space["tanbr.tree.rho"].values
