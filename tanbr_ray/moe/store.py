@@ -7,16 +7,15 @@ never unpickles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig
 
+from tanbr_ray.fileio import atomic_write, sha256_file
 from tanbr_ray.moe.config import MoEConfig
 from tanbr_ray.moe.merge import FFN_KEYS
 from tanbr_ray.moe.model import TaskMoE
@@ -24,31 +23,6 @@ from tanbr_ray.moe.model import TaskMoE
 FORMAT = "tanbr-task-moe/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a cache is ordinary readable data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _tensors(moe: TaskMoE) -> dict[str, torch.Tensor]:
@@ -64,7 +38,7 @@ def save_moe(moe: TaskMoE, cfg: MoEConfig, directory: str | os.PathLike, build: 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = _tensors(moe)
-    _atomic_write(d / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
+    atomic_write(d / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
     meta = {
         "format": FORMAT,
         "moe_config": cfg.model_dump(),
@@ -73,7 +47,7 @@ def save_moe(moe: TaskMoE, cfg: MoEConfig, directory: str | os.PathLike, build: 
         "files": {WEIGHTS: {"sha256": sha256_file(d / WEIGHTS), "bytes": (d / WEIGHTS).stat().st_size}},
         "build": build or {},
     }
-    _atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=float)))
+    atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=float)))
     return d
 
 
