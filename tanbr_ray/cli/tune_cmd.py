@@ -40,8 +40,9 @@ def tune_cmd(
     print_table(f"tune {spec.name}: {len(res.rows)} trials in {res.wall_seconds:.0f} s "
                 f"({spec.scheduler}, {spec.metric} {spec.mode})", header, rows)
     if res.best is not None:
-        best = ", ".join(f"{k}={_fmt(res.best[k])}" for k in keys)
-        typer.echo(f"best: {best} ({spec.metric}={res.best[spec.metric]:.4f})")
+        best = ", ".join(f"{k}={_fmt(res.best[k])}" for k in spec.search_space)
+        over = f", mean of {res.best['replicates']} seeds" if res.best.get("replicates") else ""
+        typer.echo(f"best: {best} ({spec.metric}={res.best[spec.metric]:.4f}{over})")
     if res.wandb_runs:
         wdir = res.out_dir / "wandb"
         typer.echo(f"W&B: {res.wandb_runs} runs under {wdir} (upload: wandb sync {wdir})")

@@ -164,9 +164,23 @@ def _value(row: dict, spec: TuneSpec) -> float:
 
 
 def _best(rows: list[dict], spec: TuneSpec) -> dict | None:
-    """Best completed trial (a trial stopped early has seen fewer slots: not comparable); else best of all."""
+    """Best completed trial (a trial stopped early has seen fewer slots: not comparable); else best of all.
+
+    With `seeds`, points are ranked by their mean over seeds: the best single (point, seed) pair would
+    mostly reward a lucky workload. The returned row then carries the mean and no seed."""
     pool = [r for r in rows if r["completed"]] or [r for r in rows if r.get(spec.metric) is not None]
-    return max(pool, key=lambda r: _value(r, spec)) if pool else None
+    if not pool:
+        return None
+    if not spec.seeds:
+        return max(pool, key=lambda r: _value(r, spec))
+    groups: dict[tuple, list[dict]] = {}
+    for r in pool:
+        groups.setdefault(tuple(repr(r[k]) for k in spec.search_space), []).append(r)
+    members = max(groups.values(), key=lambda g: sum(_value(r, spec) for r in g) / len(g))
+    best = dict(members[0])
+    best[spec.metric] = sum(float(r[spec.metric]) for r in members) / len(members)
+    best["seed"], best["replicates"] = None, len(members)
+    return best
 
 
 def ranked(rows: list[dict], spec: TuneSpec) -> list[dict]:
@@ -193,7 +207,8 @@ def _write_best(best: dict, spec: TuneSpec, sim_raw: dict, path: Path) -> Path:
     raw["name"] = f"{spec.name}-best"
     raw["out"] = f"results/simulate-{spec.name}-best"
     SimConfig(**raw)  # the file must load back: fail here rather than hand out a broken config
-    head = (f"# Best trial of tune sweep '{spec.name}' ({spec.metric}={best[spec.metric]:.4f}, {spec.mode}).\n"
+    over = f", mean of {best['replicates']} seeds" if best.get("replicates") else ""
+    head = (f"# Best trial of tune sweep '{spec.name}' ({spec.metric}={best[spec.metric]:.4f}{over}, {spec.mode}).\n"
             f"# Parameters: {', '.join(f'{k}={v}' for k, v in params.items())}\n")
     if spec.moe_config:
         head += f"# The sweep used the MoE built from {spec.moe_config} (not a `model` preset).\n"

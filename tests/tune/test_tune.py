@@ -157,3 +157,15 @@ def test_shipped_sweeps_validate():
         assert spec.scheduler == "asha" and raw["model"] == "quick"
     rho, _ = load_tune_config(os.path.join(root, "rho.yaml"))
     assert len(rho.search_space["tanbr.tree.rho"].values) >= 8 and 0.9 in rho.search_space["tanbr.tree.rho"].values
+
+
+def test_best_point_with_seeds_is_the_mean_over_seeds():
+    from tanbr_ray.tune.config import TuneSpec
+    from tanbr_ray.tune.sweep import _best
+
+    spec = TuneSpec(search_space={"tanbr.tree.rho": {"grid": [0.5, 0.9]}}, seeds=[0, 1])
+    rows = [dict(trial_id=str(i), completed=True, seed=s, running_score=v, **{"tanbr.tree.rho": rho})
+            for i, (rho, s, v) in enumerate([(0.5, 0, 0.70), (0.5, 1, 0.40), (0.9, 0, 0.60), (0.9, 1, 0.58)])]
+    best = _best(rows, spec)  # 0.5 has the single best trial, 0.9 the better mean
+    assert best["tanbr.tree.rho"] == 0.9 and best["running_score"] == pytest.approx(0.59)
+    assert best["seed"] is None and best["replicates"] == 2
