@@ -152,19 +152,19 @@ class Simulation:
         for t in tqdm(range(T), desc=name, disable=not self.progress, leave=False):
             feedback = []
             for n, (node, cls) in enumerate(self.nodes):
-                psi = self.psi_hat[t, n]
-                if policy is not None:
+                psi = self.psi_hat[t, n]  # 1. monitor (from earlier slots only)
+                if policy is not None:  # 2. select
                     x = policy.select(psi, cls.budget)
                     choices[t, n] = x
                     spec = merged_spec(x)
                 else:
                     spec = fixed
-                if current[n] != spec:  # first deployment ships the whole model, later pushes the FFNs
+                if current[n] != spec:  # 3. push: the first deployment ships the model, later the FFNs
                     nbytes = self.costs.resident[mode] if current[n] is None else self.costs.ffn_bytes
                     pushed[t] += nbytes
                     push_s += nbytes / (cls.bandwidth_mbps * 1e6 / 8)
                     current[n] = spec
-                preds, credit = self.serve(spec, t, n)
+                preds, credit = self.serve(spec, t, n)  # 4. serve
                 req = self.wl.requests[t][n]
                 credit_sum[t] += credit.sum()
                 counts[t] += len(credit)
@@ -176,7 +176,7 @@ class Simulation:
                 latency.append(np.full(len(credit), self.costs.latency_ms(mode, cls)))
                 if policy is not None:
                     feedback.append((x, psi, *self.rewards(t, n, preds, credit)))
-            for x, psi, r, mask in feedback:  # rewards arrive after the slot
+            for x, psi, r, mask in feedback:  # 5. rewards arrive after the slot: update
                 policy.update(x, psi, r, observed=mask)
             if on_slot is not None:
                 on_slot(name, t, float(credit_sum[t] / max(counts[t], 1)),
