@@ -142,9 +142,10 @@ def _collect(grid, spec: TuneSpec) -> tuple[list[dict], dict[str, list[tuple[int
     rows, curves = [], {}
     for i, r in enumerate(grid):
         m = r.metrics or {}
+        config = r.config or {}  # None for a trial that never started (sweep interrupted)
         trial_id = m.get("trial_id", f"trial_{i}")
-        params = {k: r.config.get(k) for k in spec.search_space}
-        row = {"trial_id": trial_id, **params, "seed": m.get("seed", r.config.get("seed")),
+        params = {k: config.get(k) for k in spec.search_space}
+        row = {"trial_id": trial_id, **params, "seed": m.get("seed", config.get("seed")),
                "slots_run": m.get("slot", 0), spec.metric: m.get(spec.metric),
                "completed": bool(m.get("completed")), "error": str(r.error).splitlines()[0] if r.error else ""}
         row.update({f"final/{k}": m.get(f"final/{k}") for k in FINAL_FIELDS})

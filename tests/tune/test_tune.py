@@ -169,3 +169,16 @@ def test_best_point_with_seeds_is_the_mean_over_seeds():
     best = _best(rows, spec)  # 0.5 has the single best trial, 0.9 the better mean
     assert best["tanbr.tree.rho"] == 0.9 and best["running_score"] == pytest.approx(0.59)
     assert best["seed"] is None and best["replicates"] == 2
+
+
+def test_interrupted_sweep_rows_for_trials_never_started():
+    from types import SimpleNamespace
+
+    from tanbr_ray.tune.config import TuneSpec
+    from tanbr_ray.tune.sweep import _best, _collect
+
+    spec = TuneSpec(search_space={"tanbr.tree.rho": {"grid": [0.5]}})
+    never = SimpleNamespace(metrics=None, config=None, error=None, metrics_dataframe=None)
+    rows, curves = _collect([never], spec)
+    assert rows[0]["tanbr.tree.rho"] is None and rows[0]["slots_run"] == 0 and not rows[0]["completed"]
+    assert curves == {} and _best(rows, spec) is None
