@@ -41,6 +41,7 @@ class SimConfig(BaseModel):
     policies: list[str] = Field(default_factory=lambda: list(POLICIES))
     tanbr: TanbrConfig = Field(default_factory=TanbrConfig)
     threads: int | None = Field(None, ge=1, description="torch threads; None = torch's default")
+    bf16: bool = Field(False, description="score under bfloat16 autocast: faster, not bit-exact")
     seed: int = 0
     wandb: Literal["online", "offline", "disabled"] | None = None
     out: str = "results/simulate"

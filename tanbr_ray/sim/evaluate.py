@@ -30,8 +30,10 @@ def merged_spec(x: np.ndarray) -> Spec:
 class PoolEvaluator:
     """Predictions for (spec, task, example index) over a fixed pool of dev examples."""
 
-    def __init__(self, moe, pool: Mapping[str, object], batch_size: int = 32, progress: bool = False):
+    def __init__(self, moe, pool: Mapping[str, object], batch_size: int = 32, progress: bool = False,
+                 bf16: bool = False):
         self.moe = moe
+        self.bf16 = bf16  # bfloat16 autocast: ~2x faster on CPUs with bf16 units, logits move ~1e-3
         self.cache = moe.prepare(pool, batch_size=batch_size, progress=progress)
         self.labels = self.cache.labels
         self.where: dict[str, dict[int, tuple[int, int]]] = {t: {} for t in self.labels}
@@ -83,7 +85,9 @@ class PoolEvaluator:
             r = torch.as_tensor([row for row, _ in rows])
             mask = b.attention_mask[r]
             width = int(mask.sum(1).max())  # trim padding the subset does not need
-            logits = self.moe.forward_from_first_moe(b.h[r][:, :width], mask[:, :width], task, mode, state=state)
+            with torch.autocast(b.h.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.moe.forward_from_first_moe(b.h[r][:, :width], mask[:, :width], task, mode,
+                                                         state=state).float()
             if out is None:
                 out = logits.new_zeros((len(indices), logits.shape[1]))
             out[[k for _, k in rows]] = logits

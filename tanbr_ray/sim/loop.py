@@ -97,7 +97,7 @@ class Simulation:
         self.K, self.V = moe.num_experts, len(self.tasks)
         self.task_experts = np.asarray([moe.expert_of[t] for t in self.tasks])
         pool = {t: load_task(t, "dev", cfg.data_dir).head(cfg.pool_per_task, seed=cfg.seed) for t in self.tasks}
-        self.ev = PoolEvaluator(moe, pool, progress=progress)
+        self.ev = PoolEvaluator(moe, pool, progress=progress, bf16=cfg.bf16)
         self.wl = generate(self.tasks, {t: len(pool[t]) for t in self.tasks}, [c.rate for _, c in self.nodes],
                            cfg.slot_seconds, cfg.slots, cfg.schedule, cfg.seed, cfg.switch_every,
                            [None if c.mix is None else np.asarray([c.mix.get(t, 0.0) for t in self.tasks])

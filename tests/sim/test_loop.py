@@ -158,3 +158,13 @@ def test_on_slot_reports_every_slot(tiny_moe):
                    on_slot=lambda name, t, score, running: seen.append((name, t, score, running)))
     assert [(n, t) for n, t, _, _ in seen] == [(p, t) for p in ("Tanbr", "Uniform") for t in range(3)]
     assert all(0.0 <= s <= 1.0 and 0.0 <= r <= 1.0 for _, _, s, r in seen)
+
+
+def test_bf16_scoring_stays_close(tiny_moe):
+    pool = {t: load_task(t, "dev").head(10, seed=0) for t in tiny_moe.tasks}
+    exact, fast = PoolEvaluator(tiny_moe, pool), PoolEvaluator(tiny_moe, pool, bf16=True)
+    spec = merged_spec(np.array([0.5, 0.5]))
+    for task in tiny_moe.tasks:
+        a, b = exact.logits(spec, task, list(range(10))), fast.logits(spec, task, list(range(10)))
+        assert a.dtype == b.dtype == torch.float32
+        assert torch.allclose(a, b, atol=0.1) and not torch.equal(a, b)
