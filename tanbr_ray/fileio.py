@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """`write(tmp_path)` fills a temp file beside `path`; it is fsynced and renamed over `path`."""
@@ -51,6 +53,18 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config") -> dict:
+    """Parse a YAML (or JSON) file that must hold a mapping (empty = {}), or raise a ValueError naming it."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+        raw = {} if raw is None else raw
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{what} {path}: cannot read ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} {path}: expected a mapping of settings")
+    return raw
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> dict:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from tanbr_ray.sim.output import SimOutput
+from tanbr_ray.sim.report import SCALAR_FIELDS
 
 MODES = ("disabled", "offline", "online")
 _ALIASES = {"dryrun": "offline", "run": "online"}  # legacy spellings wandb still accepts
@@ -69,17 +70,7 @@ def _key(label: str) -> str:
 
 
 def _policy_table(wandb, summary: dict):
-    fields = (
-        "score",
-        "score_second_half",
-        "latency_ms_p50",
-        "latency_ms_p95",
-        "resident_bytes",
-        "pushed_bytes",
-        "regret_vs_best_fixed",
-        "regret_vs_oracle",
-        "regret_slope",
-    )
+    fields = SCALAR_FIELDS
     rows = []
     for name, p in summary.get("policies", {}).items():
         row = [name]

@@ -7,8 +7,9 @@ import json
 import os
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tanbr_ray.fileio import read_yaml_mapping
 
 GLUE_TASKS = ["CoLA", "SST-2", "MRPC", "QQP", "STS-B", "MNLI", "QNLI", "RTE"]
 
@@ -120,12 +121,7 @@ def quick_config(**overrides) -> MoEConfig:
 def load_config(path: str | os.PathLike) -> MoEConfig:
     """Read a YAML/JSON build config; the error names the file and the offending field."""
     p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{p}: cannot read config: {e}") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{p}: expected a mapping of settings")
+    raw = read_yaml_mapping(p, "MoE config")
     try:
         return MoEConfig(**raw)
     except ValueError as e:

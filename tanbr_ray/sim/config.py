@@ -13,6 +13,7 @@ from typing import Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tanbr_ray.fileio import read_yaml_mapping
 from tanbr_ray.router.tanbr import TanbrConfig
 from tanbr_ray.sim.workload import SCHEDULES
 
@@ -86,12 +87,7 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SimConfig:
     path = Path(path) if path else DEFAULT_CONFIG
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"config {path}: cannot read ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"config {path}: expected a mapping")
+    raw = read_yaml_mapping(path, "config")
     try:
         return SimConfig(**apply_overrides(raw, overrides))
     except ValidationError as exc:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tanbr_ray.fileio import read_yaml_mapping
 
 DEFAULT_FLEET = Path(__file__).parent / "data" / "fleet_default.yaml"
 
@@ -69,12 +70,7 @@ class Fleet(BaseModel):
 def load_fleet(path: str | Path | None = None) -> Fleet:
     """Read and validate a fleet YAML; errors name the file and the field."""
     path = Path(path) if path else DEFAULT_FLEET
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"fleet {path}: cannot read ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"fleet {path}: expected a mapping with 'classes'")
+    raw = read_yaml_mapping(path, "fleet")
     try:
         return Fleet(**raw)
     except ValidationError as exc:

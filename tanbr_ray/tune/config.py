@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tanbr_ray.fileio import read_yaml_mapping
 from tanbr_ray.sim.config import DEFAULT_CONFIG, QUICK_CONFIG, SimConfig, apply_overrides
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
@@ -160,11 +160,9 @@ def base_raw(spec: TuneSpec, config_dir: Path, source: str = "tune config") -> d
     """The base simulation config as a plain dict with the spec's overrides applied, validated."""
     path = spec.base_path(config_dir)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{source}: base: cannot read simulation config {path} ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"{source}: base: {path} is not a mapping")
+        raw = read_yaml_mapping(path, "simulation config")
+    except ValueError as exc:
+        raise ValueError(f"{source}: base: {exc}") from exc
     raw = apply_overrides(raw, spec.overrides)
     try:
         SimConfig(**raw)
@@ -192,12 +190,7 @@ def check_space(spec: TuneSpec, raw: dict, source: str = "tune config") -> None:
 def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tuple[TuneSpec, dict]:
     """Read and validate a sweep YAML; returns the spec and the resolved base simulation config."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read tune config ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of settings")
+    raw = read_yaml_mapping(path, "tune config")
     raw = apply_overrides(raw, overrides or [])
     try:
         spec = TuneSpec(**raw)

@@ -139,7 +139,7 @@ def _write(tmp_path, **changes):
     (dict(metric="accuracy"), r"unknown metric 'accuracy'"),
     (dict(scheduler="pbt"), r"scheduler"),
     (dict(overrides=["slots=0"]), r"slots"),
-    (dict(base="missing.yaml"), r"cannot read simulation config"),
+    (dict(base="missing.yaml"), r"base: simulation config \S*missing.yaml: cannot read"),
 ])
 def test_bad_sweep_configs_fail_with_clear_errors(tmp_path, changes, message):
     path = _write(tmp_path, **changes)
