@@ -6,34 +6,19 @@ averaging (Matena & Raffel), RegMean (Jin et al.) — the simulator evaluates th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from tanbr_ray.simplex import check_x
+
 FFN_KEYS = ("w1", "b1", "w2", "b2", "ln_w", "ln_b")
 
 
 def validate_x(x, num_experts: int, budget: int | None = None, tol: float = 1e-6) -> np.ndarray:
-    """Check a merging weight vector: right length, finite, ≥ 0, Σ = 1 (±tol), ≤ budget non-zeros."""
-    try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"x: not a numeric vector ({e})") from e
-    if arr.ndim != 1 or arr.shape[0] != num_experts:
-        raise ValueError(f"x: expected a vector of length {num_experts} (one weight per expert), got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"x: contains NaN or infinity: {arr.tolist()}")
-    if np.any(arr < 0):
-        raise ValueError(f"x: weights must be ≥ 0, got {arr.tolist()}")
-    s = float(arr.sum())
-    if not math.isclose(s, 1.0, abs_tol=tol):
-        raise ValueError(f"x: weights must sum to 1 (±{tol}), got sum {s!r}")
-    nnz = int(np.count_nonzero(arr))
-    if budget is not None and nnz > budget:
-        raise ValueError(f"x: {nnz} non-zero weights exceed the budget B={budget}")
-    return arr
+    """Check a merging weight vector (the shared feasibility check of `tanbr_ray.simplex`)."""
+    return check_x(x, num_experts, budget, tol)
 
 
 def merge_experts(experts: Mapping[str, torch.Tensor], x: Sequence[float]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from tanbr_ray.router.bandit import BanditConfig, NeuralUCB
-from tanbr_ray.router.feasible import project_rows_to_budget
+from tanbr_ray.simplex import project_rows_to_budget
 from tanbr_ray.router.policy import Policy
 
 

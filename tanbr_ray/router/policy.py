@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from tanbr_ray.router.feasible import check_budget, check_psi, check_rewards, check_x
+from tanbr_ray.simplex import check_budget, check_psi, check_rewards, check_x
 
 
 class Policy(ABC):

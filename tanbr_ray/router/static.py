@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tanbr_ray.router.feasible import project_to_budget
+from tanbr_ray.simplex import project_to_budget
 from tanbr_ray.router.policy import Policy, default_task_experts
 
 

@@ -10,7 +10,7 @@ parametrisation) keeps precision even: a dominant expert at 0.73 is as easy to r
 A node's *representative* is the point of its region nearest the box centre (Euclidean projection of
 the centre onto {sum = 1} within the box); the root's is the uniform merge 1/K. Representatives are
 mapped into X for a budget B by keeping the B largest weights and renormalising
-(`feasible.project_rows_to_budget`).
+(`tanbr_ray.simplex.project_rows_to_budget`).
 
 Split rule. Every time a leaf's candidate is played its visit count grows; a leaf at depth h splits
 when visits >= tau_h = ceil(tau0 * rho^(-h)), rho in (0, 1). Small rho makes tau_h grow fast with
@@ -26,7 +26,7 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from tanbr_ray.router.feasible import project_rows_to_budget
+from tanbr_ray.simplex import project_rows_to_budget
 
 
 class TreeConfig(BaseModel):

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from tanbr_ray.moe.data import load_task
 from tanbr_ray.moe.infer import batch_latency
 from tanbr_ray.router import Policy, TaskMonitor, registry
-from tanbr_ray.router.feasible import project_to_budget
+from tanbr_ray.simplex import project_to_budget
 from tanbr_ray.sim.config import SimConfig
 from tanbr_ray.sim.evaluate import PoolEvaluator, Spec, merged_spec
 from tanbr_ray.sim.fleet import Fleet, NodeClass, load_fleet

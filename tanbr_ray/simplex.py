@@ -1,7 +1,8 @@
 """The feasible set X = {x in R^K : x >= 0, sum(x) = 1, ||x||_0 <= B} and input checks.
 
-Every public entry point of the router validates its inputs here, so a bad psi, budget, x or reward
-vector fails fast with a ValueError naming the field instead of silently corrupting learned state.
+Shared by the router and the MoE (neither imports the other): every public entry point validates its
+inputs here, so a bad psi, budget, x or reward vector fails fast with a ValueError naming the field
+instead of silently corrupting learned state or merging garbage.
 """
 
 from __future__ import annotations
@@ -43,15 +44,15 @@ def check_budget(budget, num_experts: int) -> int:
     return int(budget)
 
 
-def check_x(x, num_experts: int, budget: int | None = None) -> np.ndarray:
-    """x must lie in X: non-negative, summing to 1, with at most `budget` non-zeros."""
+def check_x(x, num_experts: int, budget: int | None = None, tol: float = SUM_TOL) -> np.ndarray:
+    """x must lie in X: one finite weight per expert, each ≥ 0, summing to 1 (±tol), ≤ budget non-zeros."""
     arr = as_vector(x, num_experts, "x")
     if np.any(arr < 0):
-        raise ValueError("x: merging weights must be non-negative")
-    if abs(arr.sum() - 1.0) > SUM_TOL:
-        raise ValueError(f"x: merging weights must sum to 1, got {arr.sum():.6g}")
+        raise ValueError(f"x: merging weights must be ≥ 0, got {arr.tolist()}")
+    if abs(arr.sum() - 1.0) > tol:
+        raise ValueError(f"x: merging weights must sum to 1 (±{tol}), got sum {arr.sum()!r}")
     if budget is not None and np.count_nonzero(arr) > budget:
-        raise ValueError(f"x: {np.count_nonzero(arr)} non-zero weights exceed the budget {budget}")
+        raise ValueError(f"x: {np.count_nonzero(arr)} non-zero weights exceed the budget B={budget}")
     return arr
 
 
