@@ -8,7 +8,7 @@ cumulative regret over t in [T/4, T] (1 = linear; sublinear below), and select()
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -120,12 +120,11 @@ def table(out: dict) -> list[list[str]]:
 TABLE_HEADER = ["policy", "cum. regret (mean ± sd)", "log-log slope", "select p50 ms", "select p99 ms"]
 
 
-def select_timing(num_experts: int, budget: int, calls: int = 200, seed: int = 0,
-                  make: Callable[[int, int], Policy] | None = None) -> dict:
+def select_timing(num_experts: int, budget: int, calls: int = 200, seed: int = 0) -> dict:
     """select() latency of a warmed-up Tanbr at a given K (tree grown to its node cap)."""
     torch.set_num_threads(1)
     env = SyntheticEnv(SyntheticConfig(num_experts=num_experts, num_tasks=8, budget=budget, seed=seed))
-    policy = make(num_experts, 8) if make else Tanbr(num_experts, 8)
+    policy = Tanbr(num_experts, 8)
     times = []
     for t in range(calls):
         psi = env.psi(t)

@@ -26,37 +26,40 @@ class RandomPolicy(Policy):
         return x
 
 
-class UniformPolicy(Policy):
-    """x = 1/K (simple averaging). With B < K: 1/B over the experts of the B most requested tasks."""
-
-    name = "Uniform"
+class _ExpertMassPolicy(Policy):
+    """Policies that read psi through the task -> expert map (expert k serves the tasks tied to it)."""
 
     def __init__(self, num_experts: int, num_tasks: int, task_experts: Sequence[int] | None = None):
         super().__init__(num_experts, num_tasks)
         self.task_experts = np.asarray(task_experts if task_experts is not None
                                        else default_task_experts(num_tasks, num_experts))
 
+    def expert_mass(self, psi: np.ndarray) -> np.ndarray:
+        """Request share per expert: the psi mass of the tasks each expert serves."""
+        return np.bincount(self.task_experts, weights=psi, minlength=self.num_experts)
+
+
+class UniformPolicy(_ExpertMassPolicy):
+    """x = 1/K (simple averaging). With B < K: 1/B over the experts of the B most requested tasks."""
+
+    name = "Uniform"
+
     def _select(self, psi, budget):
         if budget >= self.num_experts:
             return np.full(self.num_experts, 1.0 / self.num_experts)
-        mass = np.bincount(self.task_experts, weights=psi, minlength=self.num_experts)
+        mass = self.expert_mass(psi)
         x = np.zeros(self.num_experts)
         x[np.argsort(-mass, kind="stable")[:budget]] = 1.0 / budget
         return x
 
 
-class PsiMergePolicy(Policy):
+class PsiMergePolicy(_ExpertMassPolicy):
     """x from psi: each expert weighted by the mass of the tasks it serves, top-B renormalised."""
 
     name = "psi-merge"
 
-    def __init__(self, num_experts: int, num_tasks: int, task_experts: Sequence[int] | None = None):
-        super().__init__(num_experts, num_tasks)
-        self.task_experts = np.asarray(task_experts if task_experts is not None
-                                       else default_task_experts(num_tasks, num_experts))
-
     def _select(self, psi, budget):
-        mass = np.bincount(self.task_experts, weights=psi, minlength=self.num_experts)
+        mass = self.expert_mass(psi)
         if mass.sum() <= 0:
             mass = np.ones(self.num_experts)
         return project_to_budget(mass / mass.sum(), budget)
