@@ -347,10 +347,10 @@ class TaskMoE(nn.Module):
         """A standalone dense model: merged FFNs (x or state) in MoE layers, or the pretrained FFNs
         (heads-only baseline) when neither is given. Holds only one FFN per layer."""
         if x is None and state is None:
-            return DenseModel(self, self.base_state(), self.dense_heads, None)
+            return DenseModel.from_moe(self, self.base_state(), self.dense_heads, None)
         _, st, _, use = self._resolve("merged", x, state, adapted)
         ln = (self.merge_attn_ln_w, self.merge_attn_ln_b) if use else None
-        return DenseModel(self, st, self.merge_heads if use else self.heads, ln)
+        return DenseModel.from_moe(self, st, self.merge_heads if use else self.heads, ln)
 
     def resident_bytes(self, mode: str) -> int:
         """Parameter bytes a node must hold to serve the mode."""
@@ -370,37 +370,71 @@ class TaskMoE(nn.Module):
 
 
 class DenseModel(nn.Module):
-    """One FFN per layer: what a merged MoE ships to an edge node."""
+    """One FFN per layer: what a merged MoE ships to an edge node.
 
-    def __init__(self, moe: TaskMoE, state: Mapping[str, torch.Tensor], heads: nn.ModuleDict, attn_ln):
+    Built from a TaskMoE (`TaskMoE.dense_model`) or, on a node that never holds the experts, from its
+    structure plus a state dict (`DenseModel.skeleton` + `load_state_dict`). `with_ffn` returns a model
+    with new merged FFNs that shares every other module, so a node swaps versions without a copy and
+    a forward already running keeps the model it started with."""
+
+    def __init__(self, bert_config: BertConfig, tasks: list[str], moe_layers: list[int], head_hidden: int):
         super().__init__()
-        cfg = moe.bert_config
-        L = cfg.num_hidden_layers
-        self.eps = moe.eps
-        self.tasks = list(moe.tasks)
-        self.embeddings = copy.deepcopy(moe.embeddings)
-        self.attn = copy.deepcopy(moe.attn)
-        moe_idx = {l: m for m, l in enumerate(moe.moe_layers)}
-        self.ffn = nn.ModuleList()
-        for l in range(L):
-            src = {k: (state[k][moe_idx[l]] if l in moe_idx else moe.base[k][l]) for k in FFN_KEYS}
-            self.ffn.append(nn.ParameterDict({k: nn.Parameter(v.detach().clone()) for k, v in src.items()}))
-        if attn_ln is not None:
-            with torch.no_grad():
-                for l in range(moe.first_moe + 1, L):
-                    self.attn[l].output.LayerNorm.weight.copy_(attn_ln[0][l])
-                    self.attn[l].output.LayerNorm.bias.copy_(attn_ln[1][l])
-        self.heads = copy.deepcopy(heads)
+        cfg = copy.deepcopy(bert_config)
+        cfg._attn_implementation = "sdpa"
+        L, H, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+        self.eps = cfg.layer_norm_eps
+        self.tasks = list(tasks)
+        self.moe_layers = list(moe_layers)
+        self.embeddings = BertEmbeddings(cfg)
+        self.attn = nn.ModuleList([BertAttention(cfg, layer_idx=i) for i in range(L)])
+        shapes = {"w1": (I, H), "b1": (I,), "w2": (H, I), "b2": (H,), "ln_w": (H,), "ln_b": (H,)}
+        self.ffn = nn.ModuleList(
+            nn.ParameterDict({k: nn.Parameter(torch.zeros(shapes[k]), requires_grad=False) for k in FFN_KEYS})
+            for _ in range(L))
+        self.heads = nn.ModuleDict({TaskMoE._hk(t): Head(H, head_hidden, NUM_LABELS[t], 0.0) for t in tasks})
         self.eval()
 
+    @classmethod
+    @torch.no_grad()
+    def from_moe(cls, moe: TaskMoE, state: Mapping[str, torch.Tensor], heads: nn.ModuleDict, attn_ln) -> "DenseModel":
+        dm = cls(moe.bert_config, moe.tasks, moe.moe_layers, heads[TaskMoE._hk(moe.tasks[0])].fc.out_features)
+        dm.embeddings.load_state_dict(moe.embeddings.state_dict())
+        dm.attn.load_state_dict(moe.attn.state_dict())
+        dm.heads.load_state_dict(heads.state_dict())
+        moe_idx = {l: m for m, l in enumerate(moe.moe_layers)}
+        for l in range(len(dm.ffn)):
+            for k in FFN_KEYS:
+                dm.ffn[l][k].copy_(state[k][moe_idx[l]] if l in moe_idx else moe.base[k][l])
+        if attn_ln is not None:
+            for l in range(moe.first_moe + 1, len(dm.attn)):
+                dm.attn[l].output.LayerNorm.weight.copy_(attn_ln[0][l])
+                dm.attn[l].output.LayerNorm.bias.copy_(attn_ln[1][l])
+        return dm.to(moe.device).eval()
+
+    def with_ffn(self, state: Mapping[str, torch.Tensor]) -> "DenseModel":
+        """A model whose MoE layers use these merged FFNs ([moe layers, ...] tensors, as
+        `TaskMoE.merged_state` gives them); everything else is shared with this one."""
+        for k in FFN_KEYS:
+            want = (len(self.moe_layers), *self.ffn[self.moe_layers[0]][k].shape)
+            if k not in state or tuple(state[k].shape) != want:
+                raise ValueError(f"merged FFN: {k} missing or shaped {getattr(state.get(k), 'shape', None)}, want {want}")
+        new = copy.copy(self)
+        new._modules = dict(self._modules)
+        ffn = nn.ModuleList(list(self.ffn))
+        for m, l in enumerate(self.moe_layers):
+            ffn[l] = nn.ParameterDict(
+                {k: nn.Parameter(state[k][m].detach().to(self.ffn[l][k]), requires_grad=False) for k in FFN_KEYS})
+        new._modules["ffn"] = ffn
+        return new
+
     def forward(self, input_ids, attention_mask, token_type_ids, task: str) -> torch.Tensor:
+        key = task.replace("-", "_")
+        if key not in self.heads:
+            raise ValueError(f"unknown task {task!r}; tasks: {self.tasks}")
         mask = extended_mask(attention_mask, self.embeddings.word_embeddings.weight.dtype)
         h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         for l, att in enumerate(self.attn):
             h = ffn(attention(att, h, mask, self.eps), self.ffn[l], self.eps)
-        key = task.replace("-", "_")
-        if key not in self.heads:
-            raise ValueError(f"unknown task {task!r}; tasks: {self.tasks}")
         return self.heads[key](mean_pool(h, attention_mask))
 
     def resident_bytes(self) -> int:

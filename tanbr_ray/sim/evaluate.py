@@ -33,6 +33,7 @@ class PoolEvaluator:
     def __init__(self, moe, pool: Mapping[str, object], batch_size: int = 32, progress: bool = False,
                  bf16: bool = False):
         self.moe = moe
+        self.pool = dict(pool)
         self.bf16 = bf16  # bfloat16 autocast: ~2x faster on CPUs with bf16 units, logits move ~1e-3
         self.cache = moe.prepare(pool, batch_size=batch_size, progress=progress)
         self.labels = self.cache.labels
@@ -93,6 +94,11 @@ class PoolEvaluator:
             out[[k for _, k in rows]] = logits
         self.forwards += len(indices)
         return out
+
+    def text(self, task: str, i: int) -> tuple[str, str | None]:
+        """The request text of pool example i: (text_a, text_b or None)."""
+        sp = self.pool[task]
+        return sp.text_a[i], None if sp.text_b is None else sp.text_b[i]
 
     def credit(self, task: str, indices: np.ndarray, preds: np.ndarray) -> np.ndarray:
         """Per-request credit in [0, 1]: correct (classification) or 1 - |error|/5 (STS-B)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +65,54 @@ def measure_costs(moe, runs: int = 10, seq_len: int = 64) -> Costs:
     return Costs(compute, resident, resident["merged"], ffn)
 
 
+Feedback = tuple  # (x, psi, per-task reward, observed mask) for one node and slot
+
+
+class SlotRouter(Protocol):
+    """Steps 2 and 5 of a slot: x per node under its budget; learning from the slot's rewards."""
+
+    def select_slot(self, psis: np.ndarray, budgets: Sequence[int]) -> np.ndarray: ...
+
+    def update_slot(self, feedback: list[Feedback]) -> None: ...
+
+
+class EdgeServing(Protocol):
+    """Steps 3 and 4: get every node onto its model; serve a node's requests, with latency per request."""
+
+    def push(self, t: int, specs: list[Spec]) -> None: ...
+
+    def serve(self, t: int, n: int, spec: Spec, mode: str) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class PolicyRouter:
+    """A router policy in this process (the local backend)."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+
+    def select_slot(self, psis: np.ndarray, budgets: Sequence[int]) -> np.ndarray:
+        return np.stack([self.policy.select(psi, b) for psi, b in zip(psis, budgets)])
+
+    def update_slot(self, feedback: list[Feedback]) -> None:
+        for x, psi, r, mask in feedback:
+            self.policy.update(x, psi, r, observed=mask)
+
+
+class LocalEdge:
+    """Serving simulated in this process: exact predictions from the cached evaluator, latency from
+    this host's measured compute scaled to the node (pushes are only accounted, by the loop)."""
+
+    def __init__(self, sim: "Simulation"):
+        self.sim = sim
+
+    def push(self, t: int, specs: list[Spec]) -> None:
+        pass
+
+    def serve(self, t: int, n: int, spec: Spec, mode: str) -> tuple[np.ndarray, np.ndarray]:
+        preds = self.sim.predict(spec, t, n)
+        return preds, np.full(len(preds), self.sim.costs.latency_ms(mode, self.sim.nodes[n][1]))
+
+
 def make_policy(name: str, cfg: SimConfig, K: int, V: int, task_experts: np.ndarray, tasks: list[str]) -> Policy | None:
     """Router policies behind select/update; None for the fixed serving modes (Switch, Oracle, static merges)."""
     if name in STATIC_SPECS:
@@ -108,22 +156,40 @@ class Simulation:
         self.costs = measure_costs(moe)
 
     # --- serving ---------------------------------------------------------------------------
-    def serve(self, spec: Spec, t: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(predictions, credit) for node n's requests in slot t under a model spec."""
+    def predict(self, spec: Spec, t: int, n: int) -> np.ndarray:
+        """Predictions for node n's requests in slot t under a model spec (exact, memoised)."""
         req = self.wl.requests[t][n]
-        preds, credit = np.zeros(len(req.tasks)), np.zeros(len(req.tasks))
+        preds = np.zeros(len(req.tasks))
         for v, task in enumerate(self.tasks):
             sel = req.tasks == v
             if sel.any():
                 preds[sel] = self.ev.predict(spec, task, req.examples[sel])
+        return preds
+
+    def credit(self, t: int, n: int, preds: np.ndarray) -> np.ndarray:
+        """Per-request credit in [0, 1] of these predictions for node n's requests in slot t."""
+        req = self.wl.requests[t][n]
+        credit = np.zeros(len(req.tasks))
+        for v, task in enumerate(self.tasks):
+            sel = req.tasks == v
+            if sel.any():
                 credit[sel] = self.ev.credit(task, req.examples[sel], preds[sel])
-        return preds, credit
+        return credit
+
+    def serve(self, spec: Spec, t: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        preds = self.predict(spec, t, n)
+        return preds, self.credit(t, n, preds)
+
+    def requests(self, t: int, n: int) -> list[tuple[str, str, str | None]]:
+        """Node n's slot-t requests as they travel: (head, text_a, text_b), in arrival order."""
+        req = self.wl.requests[t][n]
+        return [(self.tasks[v], *self.ev.text(self.tasks[v], int(i))) for v, i in zip(req.tasks, req.examples)]
 
     def rewards(self, t: int, n: int, preds: np.ndarray, credit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-task reward and the observed mask: labelled accuracy, or agreement with the full MoE."""
         req = self.wl.requests[t][n]
         if self.cfg.label_free:
-            reference, _ = self.serve(("top2",), t, n)
+            reference = self.predict(("top2",), t, n)
             credit = (np.abs(preds - reference) < 1e-6).astype(np.float64)
             lab = np.ones(len(req.tasks), dtype=bool)
         else:
@@ -136,35 +202,47 @@ class Simulation:
         return r, mask
 
     # --- one policy over the whole run ---------------------------------------------------------
-    def run_policy(self, name: str, on_slot: SlotCallback | None = None) -> dict:
-        """Every slot of the run for one policy; `on_slot(name, t, slot_score, running_score)` after each."""
+    def run_policy(self, name: str, on_slot: SlotCallback | None = None, router: SlotRouter | None = None,
+                   edge: EdgeServing | None = None) -> dict:
+        """Every slot of the run for one policy; `on_slot(name, t, slot_score, running_score)` after each.
+
+        `router` (steps 2 and 5) and `edge` (steps 3 and 4) default to this process: the policy object
+        and the cached evaluator with the latency model. The Ray backend passes the router actor and
+        the Serve replicas instead; the loop, the workload and the scoring stay the same."""
         cfg, T, N = self.cfg, self.cfg.slots, len(self.nodes)
-        policy = make_policy(name, cfg, self.K, self.V, self.task_experts, self.tasks)
         fixed = STATIC_SPECS.get(name)
-        mode = "merged" if policy is not None else MODE_OF_SPEC[fixed[0]]
+        if router is None and fixed is None:
+            router = PolicyRouter(make_policy(name, cfg, self.K, self.V, self.task_experts, self.tasks))
+        if fixed is not None:
+            router, edge = None, None  # full-MoE and static baselines: no router, served locally
+        edge = edge or LocalEdge(self)
+        mode = "merged" if router is not None else MODE_OF_SPEC[fixed[0]]
+        budgets = [cls.budget for _, cls in self.nodes]
         credit_sum, counts = np.zeros(T), np.zeros(T)
         pushed = np.zeros(T)
         push_s = 0.0  # link time spent on weight pushes, summed over nodes
-        choices = np.full((T, N, self.K), np.nan) if policy is not None else None
+        choices = np.full((T, N, self.K), np.nan) if router is not None else None
         per_task = {task: ([], [], []) for task in self.tasks}  # slot, example, prediction
         latency = []
         current: list[Spec | None] = [None] * N
         for t in tqdm(range(T), desc=name, disable=not self.progress, leave=False):
-            feedback = []
-            for n, (node, cls) in enumerate(self.nodes):
-                psi = self.psi_hat[t, n]  # 1. monitor (from earlier slots only)
-                if policy is not None:  # 2. select
-                    x = policy.select(psi, cls.budget)
-                    choices[t, n] = x
-                    spec = merged_spec(x)
-                else:
-                    spec = fixed
-                if current[n] != spec:  # 3. push: the first deployment ships the model, later the FFNs
+            psis = self.psi_hat[t]  # 1. monitor: each node's estimate from earlier slots only
+            if router is not None:  # 2. select: x per node under its budget
+                choices[t] = router.select_slot(psis, budgets)
+                specs = [merged_spec(x) for x in choices[t]]
+            else:
+                specs = [fixed] * N
+            for n, (_, cls) in enumerate(self.nodes):  # 3. push: first the model, later merged FFNs
+                if current[n] != specs[n]:
                     nbytes = self.costs.resident[mode] if current[n] is None else self.costs.ffn_bytes
                     pushed[t] += nbytes
                     push_s += nbytes / (cls.bandwidth_mbps * 1e6 / 8)
-                    current[n] = spec
-                preds, credit = self.serve(spec, t, n)  # 4. serve
+                    current[n] = specs[n]
+            edge.push(t, specs)
+            feedback = []
+            for n, (_, cls) in enumerate(self.nodes):
+                preds, lat = edge.serve(t, n, specs[n], mode)  # 4. serve
+                credit = self.credit(t, n, preds)
                 req = self.wl.requests[t][n]
                 credit_sum[t] += credit.sum()
                 counts[t] += len(credit)
@@ -173,11 +251,11 @@ class Simulation:
                     per_task[task][0].append(np.full(sel.sum(), t))
                     per_task[task][1].append(req.examples[sel])
                     per_task[task][2].append(preds[sel])
-                latency.append(np.full(len(credit), self.costs.latency_ms(mode, cls)))
-                if policy is not None:
-                    feedback.append((x, psi, *self.rewards(t, n, preds, credit)))
-            for x, psi, r, mask in feedback:  # 5. rewards arrive after the slot: update
-                policy.update(x, psi, r, observed=mask)
+                latency.append(lat)
+                if router is not None:
+                    feedback.append((choices[t, n], psis[n], *self.rewards(t, n, preds, credit)))
+            if router is not None:  # 5. rewards arrive after the slot: update
+                router.update_slot(feedback)
             if on_slot is not None:
                 on_slot(name, t, float(credit_sum[t] / max(counts[t], 1)),
                         float(credit_sum[:t + 1].sum() / max(counts[:t + 1].sum(), 1)))

@@ -1,0 +1,53 @@
+"""The edge node's model: built from a package (no experts), it matches the MoE's merged mode."""
+
+import numpy as np
+import pytest
+import torch
+
+from tanbr_ray.moe.edge import EdgeModel, edge_package
+from tanbr_ray.moe.infer import prepare, predict
+from tanbr_ray.moe.merge import FFN_KEYS
+
+from .test_merge import _splits
+
+
+def test_edge_model_predicts_like_merged_mode(tiny_moe):
+    with torch.no_grad():  # adapted merging: heads and attention norms of the package must follow
+        tiny_moe.adapted.fill_(1)
+        tiny_moe.merge_attn_ln_w.mul_(1.2)
+    pkg = edge_package(tiny_moe)
+    assert not any(k.startswith(f"ffn.{l}.") for l in tiny_moe.moe_layers for k in pkg.tensors)
+    edge = EdgeModel(pkg)
+    splits = _splits()
+    for x in ([0.3, 0.7], [1.0, 0.0]):
+        edge.load_ffn(tiny_moe.merged_state(x))
+        want = predict(tiny_moe, prepare(tiny_moe, splits), "merged", x=x)
+        for task, sp in splits.items():
+            got = edge.predict(task, sp.text_a, sp.text_b)
+            assert np.array_equal(got, want[task]), (task, x)
+    assert edge.resident_bytes() == tiny_moe.resident_bytes("merged")
+
+
+def test_swap_shares_the_shell_and_keeps_running_models(tiny_moe):
+    edge = EdgeModel(edge_package(tiny_moe))
+    edge.load_ffn(tiny_moe.merged_state([0.5, 0.5]))
+    old = edge.model
+    edge.load_ffn(tiny_moe.merged_state([0.0, 1.0]))
+    assert edge.model is not old and edge.model.embeddings is old.embeddings
+    l = tiny_moe.moe_layers[0]
+    assert not torch.equal(edge.model.ffn[l]["w1"], old.ffn[l]["w1"])
+    assert torch.equal(old.ffn[l]["w1"], tiny_moe.merged_state([0.5, 0.5])["w1"][0])
+
+
+def test_edge_model_refuses_bad_input(tiny_moe):
+    edge = EdgeModel(edge_package(tiny_moe))
+    with pytest.raises(RuntimeError, match="no merged model"):
+        edge.predict("SST-2", ["fine"])
+    with pytest.raises(ValueError, match="shaped"):
+        edge.load_ffn({k: v[:1] for k, v in tiny_moe.merged_state([0.5, 0.5]).items()})
+    edge.load_ffn(tiny_moe.merged_state([0.5, 0.5]))
+    with pytest.raises(ValueError, match="unknown head"):
+        edge.predict("QQP", ["a"], ["b"])
+    with pytest.raises(ValueError, match="needs text_b"):
+        edge.predict("MNLI", ["a premise"])
+    assert set(FFN_KEYS) <= set(tiny_moe.merged_state([0.5, 0.5]))
