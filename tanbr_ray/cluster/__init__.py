@@ -1,0 +1,1 @@
+"""Ray layer: router actor, Serve edge deployments, ingress, driver and cluster-config checks."""

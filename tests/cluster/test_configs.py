@@ -1,0 +1,272 @@
+"""The files users hand to the Ray CLI (`ray up`, `serve deploy`) pass Ray's own checks, offline.
+
+No Ray is started: these run Ray's config code and the project's strict key walk only.
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tanbr_ray.cluster.validate import (
+    HEAD_RESOURCE,
+    check_cluster_config,
+    check_cluster_resources,
+    check_serve_config,
+    declared_resources,
+    edge_resource,
+)
+from tanbr_ray.sim.fleet import load_fleet
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER_FILES = ["cluster.yaml", "cluster-aws.yaml"]
+
+# A serve config of the platform's shape, written here so the validator is tested on its own.
+VALID_SERVE = {
+    "proxy_location": "HeadOnly",
+    "http_options": {"host": "0.0.0.0", "port": 8000},
+    "applications": [
+        {
+            "name": "tanbr",
+            "route_prefix": "/",
+            "import_path": "tanbr_ray.cluster.app:build",
+            "args": {"fleet": "default", "anything": {"nested": [1, 2]}},  # free-form: the app's own
+            "runtime_env": {"env_vars": {"RAY_AUTH_MODE": "disabled"}},
+            "deployments": [
+                {"name": "Ingress", "num_replicas": 1,
+                 "ray_actor_options": {"resources": {HEAD_RESOURCE: 0.01}}},
+                {
+                    "name": "EdgeBoard",
+                    "num_replicas": 4,
+                    "max_ongoing_requests": 8,
+                    "user_config": {"version": 0, "free_form_key": True},  # free-form: reconfigure()'s
+                    "ray_actor_options": {"num_cpus": 0.5, "resources": {"edge_board": 1}},
+                    "autoscaling_config": None,
+                },
+            ],
+        }
+    ],
+}
+
+
+def _write(tmp_path: Path, obj, name: str = "serve.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(obj, sort_keys=False))
+    return path
+
+
+def _fleet_classes() -> dict[str, int]:
+    return {c.name: c.count for c in load_fleet().classes}
+
+
+# --- the repository's own files --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_cluster_files_pass_ray_and_carry_every_edge_class(name):
+    cfg = check_cluster_config(ROOT / name)
+    assert cfg["provider"]["type"] in {"local", "aws"}
+    check_cluster_resources(cfg, list(_fleet_classes()))
+    # Each class's node carries as many edge slots as the default fleet has nodes of that class.
+    declared = declared_resources(cfg)
+    for cls, count in _fleet_classes().items():
+        assert set(declared[edge_resource(cls)].values()) == {count}, (name, cls, declared)
+    # Every start command runs with the same auth mode (a mismatch cannot connect).
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cfg[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=disabled" in c for c in starts), (name, key)
+    # The project is installed the way scripts/install.sh does it (torch pinned first).
+    assert any("scripts/install.sh" in c for c in cfg["setup_commands"])
+
+
+def test_aws_head_has_no_edge_resources():
+    cfg = check_cluster_config(ROOT / "cluster-aws.yaml")
+    head = cfg["available_node_types"][cfg["head_node_type"]]["resources"]
+    assert head[HEAD_RESOURCE] == 1 and not [r for r in head if r.startswith("edge_")]
+    assert cfg["provider"]["region"] == "us-west-2"
+
+
+def test_onprem_worker_ips_all_have_an_edge_class():
+    """The local provider has one node type: the start command's IP table must cover every worker."""
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    table = " ".join(raw["worker_start_ray_commands"])
+    for ip in raw["provider"]["worker_ips"]:
+        assert f'" {ip} "' in table, ip
+    assert f"'{{\"{HEAD_RESOURCE}\": 1}}'" in " ".join(raw["head_start_ray_commands"])
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_file_mounts_exist(name):
+    """`ray up` run from the repository root syncs these paths; a missing one aborts it."""
+    raw = yaml.safe_load((ROOT / name).read_text())
+    missing = [local for local in raw["file_mounts"].values() if not (ROOT / local).exists()]
+    assert not missing, f"{name}: file_mounts point at missing paths {missing}"
+
+
+def test_cluster_checks_stay_offline(monkeypatch):
+    """Validation must not reach any cloud or host: every socket connect and DNS lookup fails here."""
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network used: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    for name in CLUSTER_FILES:
+        check_cluster_config(ROOT / name)
+
+
+def test_deployment_files_pass_strict_serve_check():
+    files = sorted((ROOT / "deployments").glob("*.yaml"))
+    assert files, "no deployments/*.yaml yet: `serve deploy deployments/<file>.yaml` needs at least one"
+    for path in files:
+        schema = check_serve_config(path)
+        assert schema.applications, path
+
+
+# --- the serve validator ----------------------------------------------------------------------------
+
+
+def test_valid_serve_config_passes_and_free_form_fields_stay_free(tmp_path):
+    schema = check_serve_config(_write(tmp_path, VALID_SERVE))
+    app = schema.applications[0]
+    assert app.args["anything"] == {"nested": [1, 2]}
+    assert [d.name for d in app.deployments] == ["Ingress", "EdgeBoard"]
+    assert app.deployments[1].num_replicas == 4
+    assert app.deployments[1].user_config == {"version": 0, "free_form_key": True}
+    assert app.deployments[1].ray_actor_options.resources == {"edge_board": 1}
+
+
+@pytest.mark.parametrize(
+    "edit, key_path",
+    [
+        (lambda c: c.update(aplications=[]), "aplications: unknown key (did you mean applications?)"),
+        (lambda c: c["applications"][0].update(import_pth="x:y"), "applications[0].import_pth: unknown key"),
+        (
+            lambda c: c["applications"][0]["deployments"][1].update(num_replica=3),
+            "applications[0].deployments[1].num_replica: unknown key (did you mean num_replicas?)",
+        ),
+        (
+            lambda c: c["applications"][0]["deployments"][1]["ray_actor_options"].update(num_cpu=1),
+            "applications[0].deployments[1].ray_actor_options.num_cpu: unknown key "
+            "(did you mean num_cpus?)",
+        ),
+        (
+            lambda c: c["applications"][0]["deployments"][0].update(
+                num_replicas="auto", autoscaling_config={"max_replica": 3}
+            ),
+            "applications[0].deployments[0].autoscaling_config.max_replica: unknown key",
+        ),
+        (lambda c: c["http_options"].update(prot=8000), "http_options.prot: unknown key (did you mean port?)"),
+    ],
+)
+def test_unknown_serve_keys_are_named_with_file_and_path(tmp_path, edit, key_path):
+    raw = copy.deepcopy(VALID_SERVE)
+    edit(raw)
+    path = _write(tmp_path, raw)
+    # Ray alone takes the file and drops the key: the strict walk is what catches it.
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(raw)
+    with pytest.raises(ValueError) as err:
+        check_serve_config(path)
+    assert str(path) in str(err.value) and key_path in str(err.value)
+
+
+def test_serve_type_error_names_the_file(tmp_path):
+    raw = copy.deepcopy(VALID_SERVE)
+    raw["applications"][0]["deployments"][1]["num_replicas"] = -2
+    path = _write(tmp_path, raw)
+    with pytest.raises(ValueError, match="num_replicas") as err:
+        check_serve_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_malformed_serve_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("applications: [\n  - name: x\n")
+    with pytest.raises(ValueError, match="cannot read") as err:
+        check_serve_config(path)
+    assert str(path) in str(err.value)
+
+
+# --- the cluster validators ------------------------------------------------------------------------
+
+
+def _cluster(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+@pytest.mark.parametrize("name", CLUSTER_FILES)
+def test_cluster_without_provider_is_rejected(tmp_path, name):
+    raw = _cluster(name)
+    del raw["provider"]
+    path = _write(tmp_path, raw, "cluster.yaml")
+    with pytest.raises(ValueError, match="provider") as err:
+        check_cluster_config(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name, edit, needle",
+    [
+        ("cluster-aws.yaml", lambda c: c.update(max_worker=3), "max_worker"),
+        ("cluster.yaml", lambda c: c.update(setup_comands=[]), "setup_comands"),
+        (
+            "cluster-aws.yaml",
+            lambda c: c["available_node_types"]["edge_board"].update(min_workers="one"),
+            "available_node_types.edge_board.min_workers: 'one' is not of type 'integer'",
+        ),
+        ("cluster-aws.yaml", lambda c: c.update(head_node_type="nope"), "head_node_type"),
+        # Ray refuses node types on the local provider: why cluster.yaml declares resources in start commands.
+        (
+            "cluster.yaml",
+            lambda c: c.update(available_node_types={"head": {"node_config": {}, "resources": {}}}),
+            "available_node_types",
+        ),
+    ],
+)
+def test_bad_cluster_field_is_rejected(tmp_path, name, edit, needle):
+    raw = _cluster(name)
+    edit(raw)
+    path = _write(tmp_path, raw, "cluster.yaml")
+    with pytest.raises(ValueError) as err:
+        check_cluster_config(path)
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_malformed_cluster_yaml_names_the_file(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("provider: {type: local\n")
+    with pytest.raises(ValueError, match="cannot read") as err:
+        check_cluster_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_aws_cluster_missing_an_edge_class_is_rejected(tmp_path):
+    raw = _cluster("cluster-aws.yaml")
+    del raw["available_node_types"]["edge_microdc"]["resources"]["edge_microdc"]
+    cfg = check_cluster_config(_write(tmp_path, raw, "cluster.yaml"))  # Ray itself is content
+    with pytest.raises(ValueError, match="edge_microdc"):
+        check_cluster_resources(cfg, list(_fleet_classes()))
+
+
+def test_onprem_cluster_missing_an_edge_class_is_rejected(tmp_path):
+    raw = _cluster("cluster.yaml")
+    raw["worker_start_ray_commands"] = [
+        "\n".join(line for line in cmd.splitlines() if "edge_gateway" not in line)
+        for cmd in raw["worker_start_ray_commands"]
+    ]
+    cfg = check_cluster_config(_write(tmp_path, raw, "cluster.yaml"))
+    with pytest.raises(ValueError, match="edge_gateway"):
+        check_cluster_resources(cfg, list(_fleet_classes()))
+
+
+def test_edge_resource_name():
+    assert edge_resource("board") == "edge_board"
+    with pytest.raises(ValueError, match="edge_tpu"):
+        check_cluster_resources(check_cluster_config(ROOT / "cluster-aws.yaml"), ["board", "tpu"])
