@@ -20,6 +20,10 @@ def simulate(
     out: Optional[Path] = typer.Option(None, "--out", help="Results directory (overrides `out`)."),
     wandb: Optional[str] = typer.Option(None, "--wandb", help="online | offline | disabled (default: offline "
                                                                "unless a W&B key is configured)."),
+    backend: str = typer.Option("local", "--backend", help="local | ray: drive router policies through a local "
+                                                           "multi-node Ray cluster (router actor + Serve replicas)."),
+    address: Optional[str] = typer.Option(None, "--address", help="with --backend ray: join this Ray cluster "
+                                                                   "instead of starting a local one."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Simulate Tanbr and every baseline on an edge fleet; write results JSON/CSV, PNGs and a summary."""
@@ -29,6 +33,8 @@ def simulate(
     from tanbr_ray.sim.report import format_table, write_results
     from tanbr_ray.tracking import log_simulation
 
+    if backend not in ("local", "ray"):
+        raise typer.BadParameter(f"--backend: {backend!r}; choose local or ray")
     extra = list(overrides or [])
     if out is not None:
         extra.append(f"out={out}")
@@ -41,7 +47,12 @@ def simulate(
     moe_cfg = quick_config() if cfg.model == "quick" else default_config()
     typer.echo(f"model: {moe_cfg.name} (built on first use, then reused from the models cache)")
     moe = load_or_build(moe_cfg, cfg.models_dir, progress=progress, data_dir=cfg.data_dir)
-    result = run_simulation(cfg, moe, progress=progress)
+    if backend == "ray":
+        from tanbr_ray.cluster.driver import run_ray_simulation
+
+        result = run_ray_simulation(cfg, moe_cfg, moe, progress=progress, address=address)
+    else:
+        result = run_simulation(cfg, moe, progress=progress)
     paths = write_results(result, cfg.out)
     header, rows = format_table(result.summary)
     s = result.summary
@@ -49,6 +60,12 @@ def simulate(
                 f"schedule {cfg.schedule}", header, rows)
     typer.echo(f"{s['requests_simulated']} requests simulated ({s['model_forwards']} model forwards) in "
                f"{s['wall_seconds']:.1f} s: {s['requests_per_second']:.0f} requests/s")
+    if "ray" in s:
+        r = s["ray"]
+        typer.echo(f"ray backend: {len(r['policies_on_cluster'])} policies on the cluster, {r['pushes']} pushes to "
+                   f"{r['replicas']} replicas: p50 {r['push_seconds_p50']:.3f} s, p95 {r['push_seconds_p95']:.3f} s, "
+                   f"{r['stale_replicas']} stale, {r['push_retries']} retries; cluster setup "
+                   f"{r['cluster_setup_seconds']:.1f} s")
     runs = log_simulation(result, cfg.out, group=cfg.name, mode=cfg.wandb)
     if runs:
         typer.echo(f"W&B: {len(runs)} runs logged under {Path(cfg.out) / 'wandb'}")

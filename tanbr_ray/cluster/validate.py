@@ -19,15 +19,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from ray.serve.schema import ServeDeploySchema
 
+from tanbr_ray.cluster.names import HEAD_RESOURCE, edge_resource  # noqa: F401 - re-exported
 from tanbr_ray.fileio import read_yaml_mapping
-
-# Custom resource of the head node: the router actor and the HTTP ingress are placed by it.
-HEAD_RESOURCE = "tanbr_head"
-
-
-def edge_resource(class_name: str) -> str:
-    """The custom resource a Ray node carries when it hosts replicas of edge class `class_name`."""
-    return f"edge_{class_name}"
 
 
 # --- Serve configs --------------------------------------------------------------------------------

@@ -9,20 +9,19 @@ Public entry points (the simulator builds on these):
 - :mod:`tanbr_ray.moe.metrics` — GLUE scores; :mod:`tanbr_ray.moe.adapters` — Hugging Face MoEs.
 """
 
-from tanbr_ray.moe.config import MoEConfig, default_config, quick_config
-from tanbr_ray.moe.merge import validate_x
-from tanbr_ray.moe.model import TaskMoE
-from tanbr_ray.moe.build import build_moe, load_or_build
-from tanbr_ray.moe.infer import EvalCache, measure_latency
+from importlib import import_module
 
-__all__ = [
-    "MoEConfig",
-    "default_config",
-    "quick_config",
-    "validate_x",
-    "TaskMoE",
-    "build_moe",
-    "load_or_build",
-    "EvalCache",
-    "measure_latency",
-]
+# Resolved on first use (PEP 562): an edge replica imports only the modules it serves with, not the
+# build stack (datasets, training), which keeps replica start-up short.
+_EXPORTS = {
+    "MoEConfig": "config", "default_config": "config", "quick_config": "config", "validate_x": "merge",
+    "TaskMoE": "model", "build_moe": "build", "load_or_build": "build", "EvalCache": "infer",
+    "measure_latency": "infer",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tanbr_ray.moe' has no attribute {name!r}")
+    return getattr(import_module(f"tanbr_ray.moe.{_EXPORTS[name]}"), name)

@@ -80,9 +80,11 @@ class EdgeModel:
         return 0 if self.model is None else self.model.resident_bytes()
 
     @torch.no_grad()
-    def predict(self, task: str, text_a: list[str], text_b: list[str] | None = None) -> np.ndarray:
-        """Labels (class index) or scores (STS-B) for single-task requests, in request order."""
-        model = self.model  # one version for the whole call, even if a push lands meanwhile
+    def predict(self, task: str, text_a: list[str], text_b: list[str] | None = None,
+                model: DenseModel | None = None) -> np.ndarray:
+        """Labels (class index) or scores (STS-B) for single-task requests, in request order; with
+        this node's current model, or `model` (another FFN version on the same shell)."""
+        model = model or self.model  # one version for the whole call, even if a push lands meanwhile
         if model is None:
             raise RuntimeError("no merged model loaded yet")
         if task not in self.max_len:

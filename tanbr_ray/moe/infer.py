@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from tanbr_ray.moe.data import Batch, TaskSplit, bucket_batches
-from tanbr_ray.moe.metrics import glue_score
 
 
 @dataclass
@@ -96,6 +95,8 @@ def predict(
 
 def score(cache: EvalCache, preds: Mapping[str, np.ndarray], subset: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
     """GLUE score per task; `subset` restricts each task to some example indices (e.g. a dev half)."""
+    from tanbr_ray.moe.metrics import glue_score  # scipy: only when scoring, not on edge nodes
+
     res = {}
     for t, y in cache.labels.items():
         idx = slice(None) if subset is None else subset[t]

@@ -22,11 +22,20 @@ def validate_x(x, num_experts: int, budget: int | None = None, tol: float = 1e-6
 
 
 def merge_experts(experts: Mapping[str, torch.Tensor], x: Sequence[float]) -> dict[str, torch.Tensor]:
-    """Σ_k x_k · expert_k for stacked tensors shaped [layers, K, ...] → [layers, ...]."""
+    """Σ_k x_k · expert_k for stacked tensors shaped [layers, K, ...] → [layers, ...].
+
+    Only the experts with non-zero weight are read (at most B of K): a merge is memory-bound, and
+    the router merges once per distinct x every slot."""
+    x = np.asarray(x, dtype=np.float64)
+    nz = np.flatnonzero(x)
+    if len(nz) == 0:
+        raise ValueError("merge: x has no non-zero weight")
     out = {}
     for k, t in experts.items():
-        w = torch.as_tensor(np.asarray(x), dtype=t.dtype, device=t.device)
-        out[k] = torch.einsum("k,mk...->m...", w, t)
+        acc = t[:, nz[0]] * float(x[nz[0]])
+        for e in nz[1:]:
+            acc.add_(t[:, e], alpha=float(x[e]))
+        out[k] = acc
     return out
 
 

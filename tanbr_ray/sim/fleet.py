@@ -30,6 +30,8 @@ class NodeClass(BaseModel):
     budget: int = Field(ge=1, description="B: experts with non-zero merging weight")
     rate: float = Field(gt=0.0, le=1e6, description="mean requests per second (Poisson)")
     mix: dict[str, float] | None = Field(None, description="the class's task mix (else drawn per node)")
+    replica_cpus: float = Field(0.25, gt=0.0, le=256.0, description="Ray CPUs per Serve replica of this class")
+    replica_memory_mb: int | None = Field(None, ge=64, description="Ray memory reservation per replica")
 
     @field_validator("mix")
     @classmethod

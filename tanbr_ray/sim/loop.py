@@ -281,19 +281,24 @@ class Simulation:
         return out
 
 
+Backend = Callable[["Simulation", str], "tuple[SlotRouter | None, EdgeServing | None]"]
+
+
 def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bool = True,
-                   on_slot: SlotCallback | None = None) -> SimOutput:
+                   on_slot: SlotCallback | None = None, backend: Backend | None = None) -> SimOutput:
     """Run every configured policy over the same workload; return traces and the results summary.
 
     `on_slot(policy, slot, slot_score, running_score)` is called after every slot (Tune reports
-    through it, so schedulers can stop bad trials early)."""
+    through it, so schedulers can stop bad trials early). `backend(sim, policy)` gives the router and
+    edge a policy runs on (None, None = this process); the Ray backend passes the cluster's."""
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     sim = Simulation(cfg, moe, fleet, progress)
     runs = {}
     for name in tqdm(cfg.policies, desc="policies", disable=not progress):
-        runs[name] = sim.run_policy(name, on_slot)
+        router, edge = backend(sim, name) if backend is not None else (None, None)
+        runs[name] = sim.run_policy(name, on_slot, router, edge)
     best_credit = max((sim.fixed_credit(x) for x in tqdm(sim.fixed_candidates(), desc="best fixed x",
                                                               disable=not progress, leave=False)),
                       key=lambda c: c.sum())

@@ -1,0 +1,76 @@
+"""The Serve application: the router actor, one edge deployment per node class, the HTTP ingress.
+
+`build_app(args)` is the import path `serve deploy deployments/*.yaml` uses (args validated by
+AppArgs), and `tanbr serve` / `tanbr simulate --backend ray` build the same app. Each class's
+deployment is pinned to the Ray nodes that carry its custom resource `edge_<class>` (cluster.yaml
+declares it per node type; the local demo cluster sets it per node).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tanbr_ray.cluster.api import ApiSettings
+from tanbr_ray.cluster.router_service import RouterSpec
+from tanbr_ray.cluster.names import ROUTER_NAME, edge_deployment, edge_resource
+from tanbr_ray.moe import MoEConfig, default_config, quick_config
+from tanbr_ray.moe.config import load_config as load_moe_config
+from tanbr_ray.sim.fleet import Fleet, load_fleet
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Literal["default", "quick"] = "default"
+    moe_config: str | None = Field(None, description="a MoE YAML instead of the named model")
+    models_dir: str | None = None
+    data_dir: str | None = None
+    fleet: str | None = Field(None, description="fleet YAML; None = the packaged default fleet")
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    router_name: str = Field(ROUTER_NAME, min_length=1)
+    slot_seconds: float = Field(30.0, ge=0.0, description="live slot length; 0 = slots driven externally")
+    threads: int = Field(1, ge=1, le=64, description="torch threads per edge replica")
+    api: ApiSettings = Field(default_factory=ApiSettings)
+
+    def moe(self) -> MoEConfig:
+        if self.moe_config:
+            return load_moe_config(self.moe_config)
+        return quick_config() if self.model == "quick" else default_config()
+
+    def load_fleet(self) -> Fleet:
+        return load_fleet(self.fleet)
+
+
+def parse_args(args: dict | AppArgs) -> AppArgs:
+    if isinstance(args, AppArgs):
+        return args
+    try:
+        return AppArgs(**(args or {}))
+    except ValidationError as exc:
+        raise ValueError(f"app args: {exc}") from exc
+
+
+def build_app(args: dict | AppArgs, fleet: Fleet | None = None, moe_cfg: MoEConfig | None = None):
+    """Start (or reuse) the router actor, then bind the edge deployments and the ingress. `fleet` and
+    `moe_cfg` override the args' files (the simulation passes the objects it already holds)."""
+    from tanbr_ray.cluster.edge import EdgeNode
+    from tanbr_ray.cluster.ingress import Ingress
+    from tanbr_ray.cluster.router_actor import start_router
+
+    a = parse_args(args)
+    fleet = fleet or a.load_fleet()
+    moe_cfg = moe_cfg or a.moe()
+    start_router(a.router.model_dump(mode="json"), moe_cfg.model_dump(mode="json"), fleet.model_dump(mode="json"),
+                 a.models_dir, a.data_dir, name=a.router_name, detached=True)
+    edges = {}
+    for c in fleet.classes:
+        opts = {"num_cpus": c.replica_cpus, "resources": {edge_resource(c.name): 1}}
+        if c.replica_memory_mb:
+            opts["memory"] = c.replica_memory_mb * 2**20
+        edges[c.name] = EdgeNode.options(name=edge_deployment(c.name), num_replicas=c.count, ray_actor_options=opts).bind(
+            c.name, a.router_name, a.threads, a.router.sample_per_slot)
+    nodes = {node: cls.name for node, cls in fleet.nodes()}
+    return Ingress.bind(edges, nodes, a.router_name, a.api.model_dump(), a.slot_seconds)
+

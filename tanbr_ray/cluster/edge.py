@@ -1,0 +1,108 @@
+"""Edge deployments: one Serve deployment per node class, one replica per node of that class.
+
+A replica holds only merged models, never the experts: the shell (EdgePackage) it fetched from the
+router once, plus the merged FFNs of the node it serves. Which node a replica serves is Serve's
+model multiplexing: a request carries its node as the multiplexed model id, Serve routes it to the
+replica already holding that node's model, and the loader pulls the node's current version from the
+router when a replica takes a node on (a new or restarted replica included). Pushes arrive by
+`broadcast("sync", assignments)`; every replica answers with the versions it now holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+
+import numpy as np
+import ray
+from ray import serve
+
+from tanbr_ray.cluster.names import NAMESPACE, ROUTER_NAME
+from tanbr_ray.moe.edge import EdgeModel
+
+
+class NodeModel:
+    """The model a replica serves for one node: (version, dense model); swapped whole, never edited."""
+
+    def __init__(self, node: str):
+        self.node, self.version, self.model = node, -1, None
+
+
+@serve.deployment(max_ongoing_requests=16)
+class EdgeNode:
+    def __init__(self, node_class: str, router_name: str = ROUTER_NAME, threads: int = 1, sample_per_slot: int = 32):
+        self.node_class, self.sample_per_slot = node_class, sample_per_slot
+        self.router = ray.get_actor(router_name, namespace=NAMESPACE)
+        pkg_ref = ray.get(self.router.package.remote())[0]
+        self.edge = EdgeModel(ray.get(pkg_ref), threads=threads)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.loaded: weakref.WeakValueDictionary[str, NodeModel] = weakref.WeakValueDictionary()
+        self.heads: dict[str, list[str]] = {}
+        self.sample: dict[str, list] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    @serve.multiplexed(max_num_models_per_replica=1)
+    async def node_model(self, node: str) -> NodeModel:
+        nm = NodeModel(node)
+        await self._refresh(nm)
+        self.loaded[node] = nm
+        return nm
+
+    async def _refresh(self, nm: NodeModel, version: int | None = None, ref=None) -> None:
+        """Fetch and build the node's model, then swap it in whole (a request already running keeps
+        the model it started with; none ever sees a half-written one)."""
+        async with self.locks.setdefault(nm.node, asyncio.Lock()):
+            if ref is None:
+                version, refs = await self.router.pull.remote(nm.node)
+                ref = refs[0]
+            if version == nm.version:
+                return
+            state = await ref
+            model = await asyncio.to_thread(self.edge.shell.with_ffn, state)
+            nm.version, nm.model = version, model
+
+    async def infer(self, items: list[tuple[str, str, str | None]], min_version: int = 0) -> dict:
+        """Serve (head, text_a, text_b) requests for the node named by the multiplexed model id."""
+        node = serve.get_multiplexed_model_id()
+        if not node:
+            raise ValueError("infer: no node given (pass it as the multiplexed model id)")
+        nm = await self.node_model(node)
+        if nm.version < min_version:  # a push this replica missed: pull before serving
+            await self._refresh(nm)
+        model, version = nm.model, nm.version
+        preds = await asyncio.to_thread(self._predict, model, items)
+        seen = self.heads.setdefault(node, [])
+        rows = self.sample.setdefault(node, [])
+        for (head, a, b), p in zip(items, preds):
+            seen.append(head)
+            if len(rows) < self.sample_per_slot:
+                rows.append((head, a, b, float(p)))
+        return {"preds": preds, "node": node, "model_version": version, "replica": self.replica}
+
+    def _predict(self, model, items) -> list[float]:
+        out = np.zeros(len(items))
+        for head in sorted({h for h, _, _ in items}):
+            idx = [i for i, (h, _, _) in enumerate(items) if h == head]
+            a = [items[i][1] for i in idx]
+            b = [items[i][2] for i in idx] if items[idx[0]][2] is not None else None
+            out[idx] = self.edge.predict(head, a, b, model=model)
+        return out.tolist()
+
+    async def sync(self, assignments: dict[str, tuple[int, list]]) -> dict:
+        """A push: bring every node this replica holds to its assigned version; ack what it holds."""
+        for node, nm in list(self.loaded.items()):
+            if node in assignments and assignments[node][0] != nm.version:
+                version, refs = assignments[node]
+                await self._refresh(nm, version, refs[0])
+        return self.status()
+
+    def report(self) -> dict:
+        """What this replica served since the last report (heads per node, a sample for rewards)."""
+        out = {"replica": self.replica, "heads": self.heads, "sample": self.sample}
+        self.heads, self.sample = {}, {}
+        return out
+
+    def status(self) -> dict:
+        return {"replica": self.replica, "class": self.node_class,
+                "nodes": {node: nm.version for node, nm in self.loaded.items()},
+                "resident_bytes": sum(nm.model.resident_bytes() for nm in self.loaded.values() if nm.model)}

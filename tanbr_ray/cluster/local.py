@@ -1,0 +1,43 @@
+"""A multi-node Ray cluster on one machine for the demo and the tests: a head (router actor, ingress)
+and one Ray node per edge class carrying that class's custom resource — the same resources that
+cluster.yaml declares on real machines, so the deployments are pinned the same way."""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+
+from tanbr_ray.cluster.names import HEAD_RESOURCE, NAMESPACE, edge_resource
+from tanbr_ray.sim.fleet import Fleet
+
+OBJECT_STORE_MB = 512  # per node; the head holds every published version, replicas map theirs zero-copy
+
+
+@contextmanager
+def local_cluster(fleet: Fleet, head_cpus: int = 2, object_store_mb: int = OBJECT_STORE_MB):
+    """Start head + one node per class, connect this process, yield the Cluster; tear it all down."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    store = object_store_mb * 2**20
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": head_cpus, "resources": {HEAD_RESOURCE: 1}, "object_store_memory": 2 * store,
+        "include_dashboard": False})
+    try:
+        for c in fleet.classes:
+            cluster.add_node(num_cpus=max(1, math.ceil(c.count * c.replica_cpus)),
+                             resources={edge_resource(c.name): c.count}, object_store_memory=store)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+        yield cluster
+    finally:
+        from ray import serve
+
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            cluster.shutdown()

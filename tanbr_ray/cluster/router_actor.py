@@ -1,0 +1,98 @@
+"""The RouterActor: the central router as a named Ray actor that publishes merged weights.
+
+It hosts a RouterService (policy, full MoE, node monitors). After each `decide` it puts every distinct
+merged FFN set into the object store once, tagged with the version at which its nodes got it; edge
+replicas `pull(node)` a (version, [ref]) and fetch the tensors straight from the object store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from tanbr_ray.cluster.names import NAMESPACE, ROUTER_NAME
+from tanbr_ray.cluster.router_service import RouterService, RouterSpec, x_key
+from tanbr_ray.moe import MoEConfig, load_or_build
+from tanbr_ray.sim.fleet import Fleet
+
+
+
+class RouterActor:
+    def __init__(self, spec: dict, moe_config: dict, fleet: dict, models_dir: str | None = None,
+                 data_dir: str | None = None):
+        moe = load_or_build(MoEConfig(**moe_config), models_dir, progress=False, data_dir=data_dir)
+        self.svc = RouterService(RouterSpec(**spec), moe, Fleet(**fleet))
+        self.refs: dict[bytes, ray.ObjectRef] = {}
+        self.pkg_ref: ray.ObjectRef | None = None
+
+    def ready(self) -> bool:
+        return True
+
+    def package(self) -> list:
+        """[ref] to the EdgePackage (wrapped in a list so callers get the ref, not the value)."""
+        if self.pkg_ref is None:
+            self.pkg_ref = ray.put(self.svc.package())
+        return [self.pkg_ref]
+
+    def reset(self, policy: str) -> None:
+        self.svc.reset(policy)
+        self.refs.clear()
+
+    def decide(self, psis: list | None = None) -> np.ndarray:
+        xs = self.svc.decide(None if psis is None else np.asarray(psis))
+        self.refs = {k: self.refs[k] if k in self.refs else ray.put(w) for k, w in self.svc.weights.items()}
+        return xs
+
+    def update(self, feedback: list[tuple]) -> None:
+        self.svc.update(feedback)
+
+    def assignments(self) -> dict[str, tuple[int, list]]:
+        """node -> (version, [ref to its merged FFNs])."""
+        return {node: (a.version, [self.refs[x_key(a.x)]]) for node, a in self.svc.assign.items()}
+
+    def pull(self, node: str) -> tuple[int, list]:
+        version, _ = self.svc.weights_for(node)
+        return version, [self.refs[x_key(self.svc.assign[node].x)]]
+
+    def observe(self, reports: list[dict]) -> None:
+        """Live serving: what each replica served (heads per node) and a labelled-free sample."""
+        for rep in reports:
+            for node, heads in rep.get("heads", {}).items():
+                self.svc.observe(node, heads)
+
+    def live_step(self, reports: list[dict]) -> np.ndarray:
+        """One live slot: learn from what was served under the current x (label-free rewards),
+        close the monitors' slot, decide the next x per node and publish it."""
+        feedback = []
+        samples: dict[str, list] = {}
+        for rep in reports:
+            for node, rows in rep.get("sample", {}).items():
+                samples.setdefault(node, []).extend(rows)
+        for n, (node, _) in enumerate(self.svc.nodes):
+            a = self.svc.assign.get(node)
+            if a is not None and samples.get(node):
+                r, mask = self.svc.label_free_rewards(node, samples[node])
+                feedback.append((a.x, self.svc.last_psi[n], r, mask))
+        if feedback:
+            self.svc.update(feedback)
+        self.svc.end_slot()
+        return self.decide(None)
+
+    def state(self) -> dict:
+        return self.svc.state()
+
+
+def start_router(spec: dict, moe_config: dict, fleet: dict, models_dir: str | None = None,
+                 data_dir: str | None = None, name: str = ROUTER_NAME, detached: bool = False,
+                 resources: dict | None = None):
+    """Create (or reuse) the named router actor and wait until its model is loaded."""
+    actor = ray.remote(RouterActor).options(
+        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached" if detached else None,
+        num_cpus=0, resources=resources or {}, max_concurrency=1,
+    ).remote(spec, moe_config, fleet, models_dir, data_dir)
+    ray.get(actor.ready.remote())
+    return actor
+
+
+def get_router(name: str = ROUTER_NAME):
+    return ray.get_actor(name, namespace=NAMESPACE)
