@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 @serve.deployment(num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Ingress:
-    def __init__(self, edges: dict, node_classes: dict[str, str], router_name: str, api: dict, slot_seconds: float):
+    async def __init__(self, edges: dict, node_classes: dict[str, str], router_name: str, api: dict,
+                       slot_seconds: float):
         self.edges, self.node_classes = edges, node_classes
         self.router = ray.get_actor(router_name, namespace=NAMESPACE)
-        self.heads = list(ray.get(self.router.state.remote())["tasks"])
+        self.heads = list((await self.router.state.remote())["tasks"])
         self.pair_heads = {h for h in self.heads if PAIR[h]}
         self.nodes = list(node_classes)
         self._next = itertools.cycle(self.nodes)
@@ -33,7 +34,8 @@ class Ingress:
         self.slot_seconds = slot_seconds
         self.last_push: PushResult | None = None
         self.slots = 0
-        self.clock = asyncio.get_event_loop().create_task(self._slot_clock()) if slot_seconds > 0 else None
+        # async __init__: the clock runs on the replica's own event loop
+        self.clock = asyncio.get_running_loop().create_task(self._slot_clock()) if slot_seconds > 0 else None
 
     def __serve_build_asgi_app__(self):
         return make_api(self, self.settings)
@@ -74,10 +76,12 @@ class Ingress:
         return self.last_push
 
     async def _slot_clock(self) -> None:
-        await self.close_slot()  # the first decision: every node gets a model before traffic
+        """Close a slot every slot_seconds; the first right away, so every node has a model early."""
+        wait = 0.0
         while True:
             t0 = time.monotonic()
-            await asyncio.sleep(self.slot_seconds)
+            await asyncio.sleep(wait)
+            wait = self.slot_seconds
             try:
                 r = await self.close_slot()
                 log.info("slot %d closed in %.2fs: push %.3fs, %d replicas, stale %s",

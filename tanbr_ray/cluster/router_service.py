@@ -142,7 +142,7 @@ class RouterService:
         a = self.assign.get(node)
         if a is None:
             self._node(node)
-            raise ValueError(f"node {node!r} has no model yet (no slot decided)")
+            raise RuntimeError(f"node {node!r} has no model yet (no slot decided)")  # not ready: a 503
         return a.version, self.weights[x_key(a.x)]
 
     def state(self) -> dict:

@@ -1,0 +1,97 @@
+"""`tanbr serve`: the edge service (router actor, one Serve deployment per node class, HTTP ingress)
+on a local multi-node Ray cluster — the same app `serve deploy deployments/*.yaml` runs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tanbr_ray.cli.app import app, bench_app
+
+
+@app.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
+def serve_cmd(
+    config: Optional[Path] = typer.Argument(None, help="A serve deploy file, e.g. deployments/tanbr_quick.yaml "
+                                                       "(default: built-in args, model from --model)."),
+    model: Optional[str] = typer.Option(None, "--model", help="default | quick (overrides the file's)."),
+    host: Optional[str] = typer.Option(None, "--host", help="Bind address (default 127.0.0.1: loopback only)."),
+    port: Optional[int] = typer.Option(None, "--port", help="HTTP port (default 8000)."),
+    slot_seconds: Optional[float] = typer.Option(None, "--slot-seconds", help="Live slot length."),
+    duration: float = typer.Option(0.0, "--duration", help="Stop after this many seconds (0: until Ctrl-C)."),
+) -> None:
+    """Serve merged models over HTTP: POST /v1/infer, GET /healthz, GET /v1/state."""
+    from tanbr_ray.cluster.app import AppArgs
+    from tanbr_ray.cluster.service import args_from_deploy_file, local_service
+    from tanbr_ray.moe import load_or_build
+
+    try:
+        args, http = args_from_deploy_file(config) if config else (AppArgs(), {})
+        update = {k: v for k, v in {"model": model, "slot_seconds": slot_seconds}.items() if v is not None}
+        args = AppArgs(**{**args.model_dump(), **update})
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    moe_cfg = args.moe()
+    typer.echo(f"model: {moe_cfg.name} (built on first use, then reused from the models cache)")
+    load_or_build(moe_cfg, args.models_dir, progress=True, data_dir=args.data_dir)
+    host, port = host or http.get("host", "127.0.0.1"), port or http.get("port", 8000)
+    with local_service(args, host, port, moe_cfg=moe_cfg) as url:
+        typer.echo(f"serving on {url}: POST /v1/infer, GET /healthz, GET /v1/state (Ctrl-C stops)")
+        try:
+            t0 = time.monotonic()
+            while duration <= 0 or time.monotonic() - t0 < duration:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            typer.echo("stopping")
+
+
+@bench_app.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
+def bench_serve(
+    model: str = typer.Option("quick", "--model", help="default | quick."),
+    requests: int = typer.Option(1000, "--requests", min=1, max=100_000, help="Requests in the load test."),
+    concurrency: int = typer.Option(16, "--concurrency", min=1, max=256),
+    pushes: int = typer.Option(20, "--pushes", min=0, max=1000, help="Timed full weight pushes afterwards."),
+    port: int = typer.Option(8765, "--port", help="Loopback port for the service."),
+    json_path: Optional[Path] = typer.Option(Path("results/bench_serve.json"), "--json"),
+) -> None:
+    """Loopback HTTP load (p50/p99, errors) and weight-push times on the default fleet."""
+    import asyncio
+    import json
+    import os
+
+    from tanbr_ray.bench import serve as bench
+    from tanbr_ray.cluster.app import AppArgs
+    from tanbr_ray.cluster.service import local_service
+    from tanbr_ray.moe import load_or_build
+
+    # a slot never closes on its own during the bench: pushes are timed one by one, under no load
+    args = AppArgs(model=model, slot_seconds=0, api={"rate_limit_per_s": 1e6, "rate_burst": 1_000_000})
+    moe = load_or_build(args.moe(), args.models_dir, progress=True)
+    bodies = bench.request_bodies(list(moe.tasks), requests, os.environ.get("TANBR_DATA_DIR"))
+    del moe
+    t0 = time.perf_counter()
+    with local_service(args, "127.0.0.1", port) as url:
+        from ray import serve
+
+        from tanbr_ray.cluster.names import APP_NAME
+
+        serve.get_app_handle(APP_NAME).close_slot.remote().result()  # every node gets its first model
+        setup = time.perf_counter() - t0
+        typer.echo(f"service up in {setup:.1f} s on {url}; {requests} requests at concurrency {concurrency}")
+        asyncio.run(bench.load(url, bodies[: min(64, requests)], concurrency))  # warm-up: models loaded
+        out = {"load": asyncio.run(bench.load(url, bodies, concurrency)), "setup_seconds": setup, "model": model}
+        out["push"] = bench.timed_pushes(pushes, args.router_name) if pushes else {}
+    ld, pu = out["load"], out["push"]
+    typer.echo(f"load: {ld['requests']} requests, concurrency {ld['concurrency']}: {ld['errors']} errors, "
+               f"p50 {ld['latency_ms_p50']:.1f} ms, p99 {ld['latency_ms_p99']:.1f} ms, "
+               f"{ld['requests_per_second']:.1f} requests/s")
+    if pu:
+        typer.echo(f"push: {pu['pushes']} full pushes to {pu['replicas']} replicas: p50 {pu['push_seconds_p50']:.3f} s, "
+                   f"p95 {pu['push_seconds_p95']:.3f} s, max {pu['push_seconds_max']:.3f} s, "
+                   f"{pu['stale_replicas']} stale, {pu['retries']} retries")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(out, indent=1))
+        typer.echo(f"wrote {json_path}")

@@ -1,0 +1,60 @@
+"""The edge service on a local multi-node cluster: what `tanbr serve` and `tanbr bench serve` run."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from tanbr_ray.cluster.app import AppArgs, build_app, parse_args
+from tanbr_ray.cluster.local import local_cluster
+from tanbr_ray.cluster.names import APP_NAME
+from tanbr_ray.moe import MoEConfig
+from tanbr_ray.sim.fleet import Fleet
+
+
+def args_from_deploy_file(path: str | Path) -> tuple[AppArgs, dict]:
+    """(app args, http_options) of the tanbr app in a `serve deploy` file, both validated."""
+    from tanbr_ray.cluster.validate import check_serve_config
+
+    schema = check_serve_config(path)
+    apps = [a for a in schema.applications if a.import_path == "tanbr_ray.cluster.app:build_app"]
+    if not apps:
+        raise ValueError(f"{path}: no application with import_path tanbr_ray.cluster.app:build_app")
+    try:
+        args = parse_args(apps[0].args)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    http = schema.http_options.model_dump(exclude_unset=True) if schema.http_options else {}
+    return args, http
+
+
+@contextmanager
+def local_service(args: AppArgs | dict, host: str = "127.0.0.1", port: int = 8000, fleet: Fleet | None = None,
+                  moe_cfg: MoEConfig | None = None, ready_timeout_s: float = 300.0):
+    """Cluster up, Serve's HTTP proxy on host:port, the app deployed and its first slot pushed;
+    yields the base URL; everything is torn down on exit."""
+    import httpx
+    from ray import serve
+
+    a = parse_args(args)
+    fleet = fleet or a.load_fleet()
+    with local_cluster(fleet):
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(a, fleet, moe_cfg), name=APP_NAME, route_prefix="/")
+        url = f"http://{host}:{port}"
+        deadline = time.monotonic() + ready_timeout_s
+        while True:  # ready = the first slot closed: every node has a merged model
+            try:
+                h = httpx.get(f"{url}/healthz", timeout=5).json()
+                if h.get("slots_closed", 0) >= 1 or a.slot_seconds == 0:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"service at {url} not ready after {ready_timeout_s:.0f} s")
+            time.sleep(0.5)
+        try:
+            yield url
+        finally:
+            serve.delete(APP_NAME)
