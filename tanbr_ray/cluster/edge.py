@@ -103,6 +103,6 @@ class EdgeNode:
         return out
 
     def status(self) -> dict:
-        return {"replica": self.replica, "class": self.node_class,
+        return {"replica": self.replica, "class": self.node_class, "ray_node": ray.get_runtime_context().get_node_id(),
                 "nodes": {node: nm.version for node, nm in self.loaded.items()},
                 "resident_bytes": sum(nm.model.resident_bytes() for nm in self.loaded.values() if nm.model)}

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tanbr_ray.cluster.service import args_from_deploy_file
 from tanbr_ray.cluster.validate import (
     HEAD_RESOURCE,
     check_cluster_config,
@@ -126,6 +127,22 @@ def test_deployment_files_pass_strict_serve_check():
     for path in files:
         schema = check_serve_config(path)
         assert schema.applications, path
+        args, http = args_from_deploy_file(path)  # the app's own args schema, strict
+        assert http["host"] == "127.0.0.1", "loopback unless configured"
+        fleet = args.load_fleet()
+        names = {d.name: d for d in schema.applications[0].deployments}
+        assert set(names) == {"Ingress"} | {f"edge_{c.name}" for c in fleet.classes}, path
+        for c in fleet.classes:
+            assert names[f"edge_{c.name}"].num_replicas == c.count, (path, c.name)
+
+
+def test_deploy_file_with_bad_app_args_is_refused(tmp_path):
+    raw = yaml.safe_load((ROOT / "deployments" / "tanbr_quick.yaml").read_text())
+    raw["applications"][0]["args"]["slot_secnds"] = 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"(?s)bad.yaml: app args.*slot_secnds"):
+        args_from_deploy_file(bad)
 
 
 # --- the serve validator ----------------------------------------------------------------------------
