@@ -34,15 +34,15 @@ class ActorRouter:
     def __init__(self, actor, timing: dict):
         self.actor, self.timing = actor, timing
 
-    def select_slot(self, psis: np.ndarray, budgets) -> np.ndarray:
+    def select_slot(self, t: int, psis: np.ndarray, budgets) -> np.ndarray:
         t0 = time.perf_counter()
-        xs = np.asarray(ray.get(self.actor.decide.remote(np.asarray(psis).tolist())))
+        xs = np.asarray(ray.get(self.actor.decide.remote(np.asarray(psis).tolist(), t)))
         self.timing["select"] += time.perf_counter() - t0
         return xs
 
-    def update_slot(self, feedback: list[tuple]) -> None:
+    def update_slot(self, t: int, feedback: list[tuple]) -> None:
         t0 = time.perf_counter()
-        ray.get(self.actor.update.remote([tuple(np.asarray(f).tolist() for f in fb) for fb in feedback]))
+        ray.get(self.actor.update.remote([tuple(np.asarray(f).tolist() for f in fb) for fb in feedback], t))
         self.timing["update"] += time.perf_counter() - t0
 
 

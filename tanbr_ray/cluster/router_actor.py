@@ -3,6 +3,10 @@
 It hosts a RouterService (policy, full MoE, node monitors). After each `decide` it puts every distinct
 merged FFN set into the object store once, tagged with the version at which its nodes got it; edge
 replicas `pull(node)` a (version, [ref]) and fetch the tensors straight from the object store.
+
+Crashes: Ray restarts the actor (max_restarts=-1) and retries the calls in flight; the service
+restores its newest valid checkpoint and re-publishes the weights of the restored assignments, and
+slot ids on decide/update make the retried calls exactly-once.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class RouterActor:
         self.svc = RouterService(RouterSpec(**spec), moe, Fleet(**fleet))
         self.refs: dict[bytes, ray.ObjectRef] = {}
         self.pkg_ref: ray.ObjectRef | None = None
+        self._publish()  # a restarted actor serves the restored assignments at once
 
     def ready(self) -> bool:
         return True
@@ -38,13 +43,16 @@ class RouterActor:
         self.svc.reset(policy)
         self.refs.clear()
 
-    def decide(self, psis: list | None = None) -> np.ndarray:
-        xs = self.svc.decide(None if psis is None else np.asarray(psis))
+    def _publish(self) -> None:
         self.refs = {k: self.refs[k] if k in self.refs else ray.put(w) for k, w in self.svc.weights.items()}
+
+    def decide(self, psis: list | None = None, slot: int | None = None) -> np.ndarray:
+        xs = self.svc.decide(None if psis is None else np.asarray(psis), slot)
+        self._publish()
         return xs
 
-    def update(self, feedback: list[tuple]) -> None:
-        self.svc.update(feedback)
+    def update(self, feedback: list[tuple], slot: int | None = None) -> None:
+        self.svc.update(feedback, slot)
 
     def assignments(self) -> dict[str, tuple[int, list]]:
         """node -> (version, [ref to its merged FFNs])."""
@@ -88,7 +96,7 @@ def start_router(spec: dict, moe_config: dict, fleet: dict, models_dir: str | No
     """Create (or reuse) the named router actor and wait until its model is loaded."""
     actor = ray.remote(RouterActor).options(
         name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached" if detached else None,
-        num_cpus=0, resources=resources or {}, max_concurrency=1,
+        num_cpus=0, resources=resources or {}, max_concurrency=1, max_restarts=-1, max_task_retries=-1,
     ).remote(spec, moe_config, fleet, models_dir, data_dir)
     ray.get(actor.ready.remote())
     return actor

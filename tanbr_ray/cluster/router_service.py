@@ -5,11 +5,19 @@ The RouterActor (router_actor.py) hosts one of these and adds the object store. 
 the nodes whose x changed), then after the slot `update` with the nodes' per-task rewards. Live
 serving feeds `observe` with what each node served, so psi comes from the node monitors; the
 simulation passes its own psi-hat, computed by the same monitors, so both backends choose alike.
+
+Durability: with `checkpoint_dir`, every decide/update/reset ends with an atomic checksummed
+checkpoint (policy state incl. bandit network, A and RNG; monitors; versions; the slot ids done), and
+a new service restores the newest valid one. Calls carry slot ids, so a call retried after a crash
+is applied exactly once: nothing lost, nothing repeated.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,8 +27,14 @@ from tanbr_ray.moe.data import PAIR, TaskSplit
 from tanbr_ray.moe.edge import EdgePackage, edge_package
 from tanbr_ray.moe.infer import _to_pred, make_batches
 from tanbr_ray.router import TaskMonitor, registry
-from tanbr_ray.router.tanbr import TanbrConfig
+from tanbr_ray.cluster.checkpoint import CheckpointStore
+from tanbr_ray.fileio import read_json
+from tanbr_ray.router.tanbr import Tanbr, TanbrConfig
 from tanbr_ray.sim.fleet import Fleet
+
+log = logging.getLogger(__name__)
+# policies whose whole state a checkpoint holds (the others draw from RNGs they do not persist)
+CHECKPOINTABLE = ("Tanbr", "Uniform", "psi-merge")
 
 
 class RouterSpec(BaseModel):
@@ -33,6 +47,8 @@ class RouterSpec(BaseModel):
     tanbr: TanbrConfig = Field(default_factory=TanbrConfig)
     threads: int | None = Field(None, ge=1)
     sample_per_slot: int = Field(32, ge=0, le=10_000, description="served requests scored label-free per node")
+    checkpoint_dir: str | None = Field(None, description="checkpoint every slot here; restore on start")
+    checkpoint_keep: int = Field(3, ge=2, le=1000)
 
 
 @dataclass
@@ -57,14 +73,26 @@ class RouterService:
         self.task_experts = np.asarray([moe.expert_of[t] for t in self.tasks])
         self.version = 0
         self.slot = 0
-        self.reset(spec.policy)
+        self.store = CheckpointStore(spec.checkpoint_dir, spec.checkpoint_keep) if spec.checkpoint_dir else None
+        self.restored_from: str | None = None
+        self.refused: list[str] = []  # checkpoints refused at restore (corrupt), newest first
+        self._reset(spec.policy)
+        if self.store is not None and not self.restore():
+            self.checkpoint()
 
     def reset(self, policy: str) -> None:
         """A fresh policy and monitors (the next run); versions keep counting up, so no node can
         mistake an old model for a new one."""
+        self._reset(policy)
+        self.checkpoint()
+
+    def _reset(self, policy: str) -> None:
         if policy not in registry.ROUTER_POLICIES or policy == "Oracle":
             choices = [p for p in registry.ROUTER_POLICIES if p != "Oracle"]
             raise ValueError(f"policy: {policy!r} is not a router policy; choose from {', '.join(choices)}")
+        if self.store is not None and policy not in CHECKPOINTABLE:
+            raise ValueError(f"policy: {policy!r} cannot be checkpointed; with checkpoint_dir use one of "
+                             f"{', '.join(CHECKPOINTABLE)}")
         self.policy_name = policy
         self.policy = registry.make_policy(policy, self.moe.num_experts, len(self.tasks), self.spec.seed,
                                            self.spec.tanbr, self.task_experts, tasks=self.tasks)
@@ -73,13 +101,18 @@ class RouterService:
         self.weights: dict[bytes, dict[str, torch.Tensor]] = {}
         self.last_psi = np.zeros((len(self.nodes), len(self.tasks)))
         self.slot = 0
+        self.decided_slot = self.updated_slot = -1  # the slot ids done (a retried call is a no-op)
+        self.last_xs: np.ndarray | None = None
 
     def package(self) -> EdgePackage:
         return edge_package(self.moe)
 
     # --- per slot ------------------------------------------------------------------------------
-    def decide(self, psis: np.ndarray | None = None) -> np.ndarray:
-        """x per node (node order); psis None = each node monitor's estimate from what it served."""
+    def decide(self, psis: np.ndarray | None = None, slot: int | None = None) -> np.ndarray:
+        """x per node (node order); psis None = each node monitor's estimate from what it served.
+        `slot` identifies the call: deciding a slot already decided returns the same choice."""
+        if slot is not None and slot == self.decided_slot and self.last_xs is not None:
+            return self.last_xs
         if psis is None:
             psis = np.stack([m.psi() for m in self.monitors])
         psis = np.asarray(psis, dtype=np.float64)
@@ -93,18 +126,67 @@ class RouterService:
             self.version += 1
             for name in changed:
                 self.assign[name] = Assignment(self.version, xs[self.node_index[name]])
+        self._merge()
+        self.decided_slot = self.decided_slot + 1 if slot is None else slot
+        self.last_xs = xs
+        self.checkpoint()
+        return xs
+
+    def _merge(self) -> None:
         live = {x_key(a.x) for a in self.assign.values()}
         self.weights = {k: w for k, w in self.weights.items() if k in live}
         for a in self.assign.values():  # merge once per distinct x
             if x_key(a.x) not in self.weights:
                 self.weights[x_key(a.x)] = self.moe.merged_state(a.x)
-        return xs
 
-    def update(self, feedback: list[tuple]) -> None:
-        """(x, psi, per-task reward, observed mask) per node, in node order, after the slot."""
+    def update(self, feedback: list[tuple], slot: int | None = None) -> None:
+        """(x, psi, per-task reward, observed mask) per node, in node order, after the slot.
+        `slot` identifies the call: a slot already learned from is not learned from twice."""
+        if slot is not None and slot <= self.updated_slot:
+            return
         for x, psi, r, mask in feedback:
             self.policy.update(np.asarray(x), np.asarray(psi), np.asarray(r), observed=np.asarray(mask, dtype=bool))
         self.slot += 1
+        self.updated_slot = self.updated_slot + 1 if slot is None else slot
+        self.checkpoint()
+
+    # --- durability -----------------------------------------------------------------------------
+    def checkpoint(self) -> Path | None:
+        return None if self.store is None else self.store.save(self._write)
+
+    def _write(self, d: Path) -> None:
+        if isinstance(self.policy, Tanbr):
+            self.policy.save(d / "policy")
+        state = {
+            "policy": self.policy_name, "version": self.version, "slot": self.slot,
+            "decided_slot": self.decided_slot, "updated_slot": self.updated_slot,
+            "last_xs": None if self.last_xs is None else self.last_xs.tolist(),
+            "last_psi": self.last_psi.tolist(),
+            "assign": {n: [a.version, a.x.tolist()] for n, a in self.assign.items()},
+            "monitors": [m.state_dict() for m in self.monitors],
+        }
+        (d / "router.json").write_text(json.dumps(state))
+
+    def restore(self) -> bool:
+        """Load the newest valid checkpoint (refusing corrupt ones with the file named); False if none."""
+        path, self.refused = self.store.latest()
+        for err in self.refused:
+            log.error("refused checkpoint: %s", err)
+        if path is None:
+            return False
+        st = read_json(path / "router.json", "router checkpoint")
+        self._reset(st["policy"])
+        if st["policy"] == "Tanbr":
+            self.policy = Tanbr.load(path / "policy")
+        self.version, self.slot = int(st["version"]), int(st["slot"])
+        self.decided_slot, self.updated_slot = int(st["decided_slot"]), int(st["updated_slot"])
+        self.last_xs = None if st["last_xs"] is None else np.asarray(st["last_xs"])
+        self.last_psi = np.asarray(st["last_psi"])
+        self.assign = {n: Assignment(int(v), np.asarray(x)) for n, (v, x) in st["assign"].items()}
+        self.monitors = [TaskMonitor.from_state_dict(m) for m in st["monitors"]]
+        self._merge()
+        self.restored_from = path.name
+        return True
 
     # --- live serving: what the nodes report -----------------------------------------------------
     def observe(self, node: str, heads: list[str]) -> None:
@@ -148,6 +230,8 @@ class RouterService:
     def state(self) -> dict:
         return {
             "policy": self.policy_name, "version": self.version, "slot": self.slot, "tasks": self.tasks,
+            "decided_slot": self.decided_slot, "updated_slot": self.updated_slot,
+            "restored_from": self.restored_from, "refused_checkpoints": self.refused,
             "nodes": {name: {"class": cls.name, "budget": cls.budget,
                              "x": self.assign[name].x.tolist() if name in self.assign else None,
                              "version": self.assign[name].version if name in self.assign else None,

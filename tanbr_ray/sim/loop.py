@@ -71,9 +71,9 @@ Feedback = tuple  # (x, psi, per-task reward, observed mask) for one node and sl
 class SlotRouter(Protocol):
     """Steps 2 and 5 of a slot: x per node under its budget; learning from the slot's rewards."""
 
-    def select_slot(self, psis: np.ndarray, budgets: Sequence[int]) -> np.ndarray: ...
+    def select_slot(self, t: int, psis: np.ndarray, budgets: Sequence[int]) -> np.ndarray: ...
 
-    def update_slot(self, feedback: list[Feedback]) -> None: ...
+    def update_slot(self, t: int, feedback: list[Feedback]) -> None: ...
 
 
 class EdgeServing(Protocol):
@@ -90,10 +90,10 @@ class PolicyRouter:
     def __init__(self, policy: Policy):
         self.policy = policy
 
-    def select_slot(self, psis: np.ndarray, budgets: Sequence[int]) -> np.ndarray:
+    def select_slot(self, t: int, psis: np.ndarray, budgets: Sequence[int]) -> np.ndarray:
         return np.stack([self.policy.select(psi, b) for psi, b in zip(psis, budgets)])
 
-    def update_slot(self, feedback: list[Feedback]) -> None:
+    def update_slot(self, t: int, feedback: list[Feedback]) -> None:
         for x, psi, r, mask in feedback:
             self.policy.update(x, psi, r, observed=mask)
 
@@ -228,7 +228,7 @@ class Simulation:
         for t in tqdm(range(T), desc=name, disable=not self.progress, leave=False):
             psis = self.psi_hat[t]  # 1. monitor: each node's estimate from earlier slots only
             if router is not None:  # 2. select: x per node under its budget
-                choices[t] = router.select_slot(psis, budgets)
+                choices[t] = router.select_slot(t, psis, budgets)
                 specs = [merged_spec(x) for x in choices[t]]
             else:
                 specs = [fixed] * N
@@ -255,7 +255,7 @@ class Simulation:
                 if router is not None:
                     feedback.append((choices[t, n], psis[n], *self.rewards(t, n, preds, credit)))
             if router is not None:  # 5. rewards arrive after the slot: update
-                router.update_slot(feedback)
+                router.update_slot(t, feedback)
             if on_slot is not None:
                 on_slot(name, t, float(credit_sum[t] / max(counts[t], 1)),
                         float(credit_sum[:t + 1].sum() / max(counts[:t + 1].sum(), 1)))

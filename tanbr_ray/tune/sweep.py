@@ -90,6 +90,8 @@ def run_sweep(spec: TuneSpec, sim_raw: dict, config_dir: Path = Path("."), out: 
     out_dir = Path(out or spec.results_dir()).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     sim_raw = _absolute_paths(sim_raw, config_dir)
+    if os.environ.get("TANBR_DATA_DIR"):  # trials run in their own directories: hand them an absolute path
+        os.environ["TANBR_DATA_DIR"] = str(Path(os.environ["TANBR_DATA_DIR"]).resolve())
     slots = SimConfig(**sim_raw).slots
     space = {k: d.to_tune() for k, d in spec.search_space.items()}
     if spec.seeds:

@@ -33,6 +33,7 @@ def sweep_dir(tmp_path_factory):
     """Tiny MoE cached in tmp, base simulation + fleet + MoE YAMLs, and the sweep YAML pointing at them."""
     data_dir = os.environ.get("TANBR_DATA_DIR")
     assert data_dir, "set TANBR_DATA_DIR to the GLUE copy (e.g. ../shared/data/glue)"
+    data_dir = str(Path(data_dir).resolve())  # the sim YAML below resolves relative paths against itself
     d = tmp_path_factory.mktemp("tune")
     moe_cfg = MoEConfig(**TINY)
     load_or_build(moe_cfg, models_dir=d / "models", progress=False, data_dir=data_dir)  # trials only load it
