@@ -14,7 +14,9 @@ import time
 
 import numpy as np
 import ray
+from ray.serve.exceptions import BackPressureError
 
+from tanbr_ray.cluster import faults as fi
 from tanbr_ray.cluster.app import AppArgs, build_app
 from tanbr_ray.cluster.names import APP_NAME, NAMESPACE, edge_deployment
 from tanbr_ray.cluster.local import local_cluster
@@ -26,6 +28,10 @@ from tanbr_ray.sim.config import SimConfig
 from tanbr_ray.sim.fleet import Fleet, load_fleet
 from tanbr_ray.sim.loop import STATIC_SPECS, Simulation, run_simulation
 from tanbr_ray.sim.output import SimOutput
+
+
+RETRIES = 5
+REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, BackPressureError)
 
 
 class ActorRouter:
@@ -49,15 +55,30 @@ class ActorRouter:
 class ServeEdge:
     """EdgeServing over the Serve replicas: push with acks, then every node's requests at once."""
 
-    def __init__(self, sim: Simulation, actor, edges: dict, pushes: list[PushResult], timing: dict):
+    def __init__(self, sim: Simulation, actor, edges: dict, pushes: list[PushResult], timing: dict,
+                 policy: str = "", faults: list | None = None, checkpoint_dir: str | None = None):
         self.sim, self.actor, self.edges, self.pushes, self.timing = sim, actor, edges, pushes, timing
+        self.policy, self.faults, self.checkpoint_dir = policy, faults or [], checkpoint_dir
         self.served: dict[int, tuple[list[float], float]] = {}
+        self.failed_requests = 0  # requests whose call failed (a replica died under them) and were re-sent
+
+    def inject(self, t: int, phase: str) -> None:
+        for f in self.faults:
+            if (f.policy, f.slot, f.phase) == (self.policy, t, phase):
+                if f.action == "kill_router":
+                    f.report.update(fi.kill_router(self.actor))
+                elif f.action == "kill_replica":
+                    f.report.update(fi.kill_replica(edge_deployment(f.target)))
+                else:
+                    f.report.update(fi.corrupt_checkpoint(self.checkpoint_dir))
+                    f.report.update(fi.kill_router(self.actor))
 
     def push(self, t: int, specs) -> None:
         r = push(self.actor, self.edges)
         self.pushes.append(r)
-        if r.stale or r.errors:
-            raise RuntimeError(f"slot {t}: push left replicas stale {r.stale} / failed {r.errors[:3]}")
+        if r.stale:  # a live replica behind its node's version; an unreachable one is replaced, and its
+            raise RuntimeError(f"slot {t}: push left replicas stale {r.stale}")  # successor pulls first
+        self.inject(t, "serve")
         t0 = time.perf_counter()
         self.served = asyncio.run(self._serve_slot(t, r.versions))
         self.timing["serve"] += time.perf_counter() - t0
@@ -68,7 +89,15 @@ class ServeEdge:
             if not items:
                 return n, ([], 0.0)
             t0 = time.perf_counter()
-            out = await self.edges[cls].options(multiplexed_model_id=node).infer.remote(items, versions[node])
+            for attempt in range(RETRIES + 1):  # a replica that died under the call: re-send, counted
+                try:
+                    out = await self.edges[cls].options(multiplexed_model_id=node).infer.remote(items, versions[node])
+                    break
+                except REPLICA_GONE:
+                    self.failed_requests += len(items)
+                    if attempt == RETRIES:
+                        raise
+                    await asyncio.sleep(0.2 * (attempt + 1))
             if out["model_version"] < versions[node]:
                 raise RuntimeError(f"slot {t}: {node} served version {out['model_version']} < {versions[node]}")
             return n, (out["preds"], (time.perf_counter() - t0) * 1e3)
@@ -82,15 +111,18 @@ class ServeEdge:
 
 
 def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | None = None,
-                       progress: bool = True, address: str | None = None, on_slot=None) -> SimOutput:
-    """Start a local multi-node cluster (or join `address`), deploy the app, run the simulation on it."""
+                       progress: bool = True, address: str | None = None, on_slot=None,
+                       checkpoint_dir: str | None = None, faults: list | None = None) -> SimOutput:
+    """Start a local multi-node cluster (or join `address`, or use the Ray this process is connected
+    to), deploy the app, run the simulation on it. `faults` (faults.Fault) are injected on the way."""
     from contextlib import nullcontext
 
     from ray import serve
 
     fleet = fleet or load_fleet(cfg.fleet)
+    faults = faults or []
     t0 = time.perf_counter()
-    ctx = local_cluster(fleet) if address is None else nullcontext()
+    ctx = local_cluster(fleet) if address is None and not ray.is_initialized() else nullcontext()
     if address is not None:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     with ctx:
@@ -98,7 +130,7 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         router_policies = [p for p in cfg.policies if p not in STATIC_SPECS]
         args = AppArgs(model=cfg.model, models_dir=cfg.models_dir, data_dir=cfg.data_dir, slot_seconds=0,
                        router=RouterSpec(policy=router_policies[0] if router_policies else "Tanbr", seed=cfg.seed,
-                                         tanbr=cfg.tanbr, threads=cfg.threads),
+                                         tanbr=cfg.tanbr, threads=cfg.threads, checkpoint_dir=checkpoint_dir),
                        router_name=f"tanbr-router-sim-{cfg.seed}")
         serve.run(build_app(args, fleet, moe_cfg), name=APP_NAME, route_prefix=None)
         actor = get_router(args.router_name)
@@ -107,14 +139,24 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         pushes: list[PushResult] = []
         timing = {"select": 0.0, "update": 0.0, "serve": 0.0}
 
+        edge_of: dict[str, ServeEdge] = {}
+
         def backend(sim: Simulation, name: str):
             if name in STATIC_SPECS:
                 return None, None
             ray.get(actor.reset.remote(name))
-            return ActorRouter(actor, timing), ServeEdge(sim, actor, edges, pushes, timing)
+            edge_of[name] = ServeEdge(sim, actor, edges, pushes, timing, name, faults, checkpoint_dir)
+            return ActorRouter(actor, timing), edge_of[name]
+
+        def slot_done(name, t, *scores):
+            if name in edge_of:
+                edge_of[name].inject(t, "end")
+            if on_slot is not None:
+                on_slot(name, t, *scores)
 
         try:
-            out = run_simulation(cfg, moe, fleet, progress, on_slot, backend=backend)
+            out = run_simulation(cfg, moe, fleet, progress, slot_done, backend=backend)
+            final_state = ray.get(actor.state.remote())
         finally:
             serve.delete(APP_NAME)
             ray.kill(actor)
@@ -131,5 +173,10 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         "stale_replicas": int(sum(len(p.stale) for p in pushes)),
         "replicas": int(max((p.replicas for p in pushes), default=0)),
         "seconds": {"push": float(sum(p.seconds for p in pushes)), **timing},
+        "push_errors": int(sum(len(p.errors) for p in pushes)),
+        "failed_requests": int(sum(e.failed_requests for e in edge_of.values())),
+        "final_router_state": {k: final_state[k] for k in ("policy", "version", "slot", "updated_slot", "restored_from")},
+        "faults": [{"policy": f.policy, "slot": f.slot, "phase": f.phase, "action": f.action, **f.report}
+                   for f in faults],
     }
     return out
