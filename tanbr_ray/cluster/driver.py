@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 import ray
-from ray.serve.exceptions import BackPressureError
 
 from tanbr_ray.cluster import faults as fi
 from tanbr_ray.cluster.app import AppArgs, build_app
+from tanbr_ray.cluster.edge import call_node
 from tanbr_ray.cluster.names import APP_NAME, NAMESPACE, edge_deployment
 from tanbr_ray.cluster.local import local_cluster
 from tanbr_ray.cluster.push import PushResult, push
@@ -28,10 +28,6 @@ from tanbr_ray.sim.config import SimConfig
 from tanbr_ray.sim.fleet import Fleet, load_fleet
 from tanbr_ray.sim.loop import STATIC_SPECS, Simulation, run_simulation
 from tanbr_ray.sim.output import SimOutput
-
-
-RETRIES = 5
-REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, BackPressureError)
 
 
 class ActorRouter:
@@ -89,15 +85,8 @@ class ServeEdge:
             if not items:
                 return n, ([], 0.0)
             t0 = time.perf_counter()
-            for attempt in range(RETRIES + 1):  # a replica that died under the call: re-send, counted
-                try:
-                    out = await self.edges[cls].options(multiplexed_model_id=node).infer.remote(items, versions[node])
-                    break
-                except REPLICA_GONE:
-                    self.failed_requests += len(items)
-                    if attempt == RETRIES:
-                        raise
-                    await asyncio.sleep(0.2 * (attempt + 1))
+            out, failed = await call_node(self.edges[cls], node, items, versions[node])
+            self.failed_requests += failed
             if out["model_version"] < versions[node]:
                 raise RuntimeError(f"slot {t}: {node} served version {out['model_version']} < {versions[node]}")
             return n, (out["preds"], (time.perf_counter() - t0) * 1e3)

@@ -17,8 +17,28 @@ import numpy as np
 import ray
 from ray import serve
 
+from ray.serve.exceptions import BackPressureError
+
 from tanbr_ray.cluster.names import NAMESPACE, ROUTER_NAME
 from tanbr_ray.moe.edge import EdgeModel
+
+RETRIES = 5
+REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, BackPressureError)
+
+
+async def call_node(handle, node: str, items: list, min_version: int = 0) -> tuple[dict, int]:
+    """Serve items on the replica holding `node` (Serve routes by the multiplexed id). A replica that
+    dies under the call is replaced, or another takes the node on after pulling its weights: the
+    call is re-sent. Returns (answer, requests whose first send failed)."""
+    failed = 0
+    for attempt in range(RETRIES + 1):
+        try:
+            return await handle.options(multiplexed_model_id=node).infer.remote(items, min_version), failed
+        except REPLICA_GONE:
+            failed += len(items)
+            if attempt == RETRIES:
+                raise
+            await asyncio.sleep(0.2 * (attempt + 1))
 
 
 class NodeModel:

@@ -12,6 +12,7 @@ import ray
 from ray import serve
 
 from tanbr_ray.cluster.api import ApiSettings, make_api
+from tanbr_ray.cluster.edge import call_node
 from tanbr_ray.cluster.push import PushResult, push_async
 from tanbr_ray.cluster.names import NAMESPACE
 from tanbr_ray.moe.data import PAIR
@@ -26,14 +27,16 @@ class Ingress:
                        slot_seconds: float):
         self.edges, self.node_classes = edges, node_classes
         self.router = ray.get_actor(router_name, namespace=NAMESPACE)
-        self.heads = list((await self.router.state.remote())["tasks"])
+        st = await self.router.state.remote()
+        self.heads = list(st["tasks"])
         self.pair_heads = {h for h in self.heads if PAIR[h]}
         self.nodes = list(node_classes)
         self._next = itertools.cycle(self.nodes)
         self.settings = ApiSettings(**api)
         self.slot_seconds = slot_seconds
         self.last_push: PushResult | None = None
-        self.slots = 0
+        self.slots = st["updated_slot"] + 1  # the next live slot to close (continues a restored router)
+        self.failed_requests = 0
         # async __init__: the clock runs on the replica's own event loop
         self.clock = asyncio.get_running_loop().create_task(self._slot_clock()) if slot_seconds > 0 else None
 
@@ -43,8 +46,8 @@ class Ingress:
     # --- the InferBackend protocol of api.make_api ----------------------------------------------
     async def infer(self, head: str, text_a: str, text_b: str | None, node: str | None) -> dict:
         node = node or next(self._next)
-        handle = self.edges[self.node_classes[node]].options(multiplexed_model_id=node)
-        out = await handle.infer.remote([(head, text_a, text_b)])
+        out, failed = await call_node(self.edges[self.node_classes[node]], node, [(head, text_a, text_b)])
+        self.failed_requests += failed
         p = out["preds"][0]
         answer = {"score": float(p)} if head == "STS-B" else {"label": int(p)}
         return {**answer, "node": out["node"], "model_version": out["model_version"]}
@@ -56,6 +59,7 @@ class Ingress:
             st["replicas"] += [r for r in await resp.results_async(timeout_s=10, return_exceptions=True)
                                if isinstance(r, dict)]
         st["slots_closed"] = self.slots
+        st["requests_resent"] = self.failed_requests
         if self.last_push is not None:
             st["last_push"] = vars(self.last_push)
         return st
@@ -69,8 +73,7 @@ class Ingress:
         reports = []
         for resp in [h.broadcast("report") for h in self.edges.values()]:
             reports += [r for r in await resp.results_async(timeout_s=30, return_exceptions=True) if isinstance(r, dict)]
-        await self.router.observe.remote(reports)
-        await self.router.live_step.remote(reports)
+        await self.router.live_step.remote(reports, self.slots)
         self.last_push = await push_async(self.router, self.edges)
         self.slots += 1
         return self.last_push

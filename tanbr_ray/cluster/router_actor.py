@@ -62,29 +62,26 @@ class RouterActor:
         version, _ = self.svc.weights_for(node)
         return version, [self.refs[x_key(self.svc.assign[node].x)]]
 
-    def observe(self, reports: list[dict]) -> None:
-        """Live serving: what each replica served (heads per node) and a labelled-free sample."""
-        for rep in reports:
-            for node, heads in rep.get("heads", {}).items():
-                self.svc.observe(node, heads)
-
-    def live_step(self, reports: list[dict]) -> np.ndarray:
-        """One live slot: learn from what was served under the current x (label-free rewards),
-        close the monitors' slot, decide the next x per node and publish it."""
-        feedback = []
-        samples: dict[str, list] = {}
-        for rep in reports:
-            for node, rows in rep.get("sample", {}).items():
-                samples.setdefault(node, []).extend(rows)
-        for n, (node, _) in enumerate(self.svc.nodes):
-            a = self.svc.assign.get(node)
-            if a is not None and samples.get(node):
-                r, mask = self.svc.label_free_rewards(node, samples[node])
-                feedback.append((a.x, self.svc.last_psi[n], r, mask))
-        if feedback:
-            self.svc.update(feedback)
-        self.svc.end_slot()
-        return self.decide(None)
+    def live_step(self, reports: list[dict], slot: int) -> np.ndarray:
+        """Close live slot `slot`: what each replica served feeds the node monitors, the label-free
+        rewards of the sampled requests update the policy, then x for slot + 1 is decided and
+        published. Exactly-once per slot id: a call retried after a crash only re-answers."""
+        if slot > self.svc.updated_slot and self.svc.assign:
+            samples: dict[str, list] = {}
+            for rep in reports:
+                for node, heads in rep.get("heads", {}).items():
+                    self.svc.observe(node, heads)
+                for node, rows in rep.get("sample", {}).items():
+                    samples.setdefault(node, []).extend(rows)
+            self.svc.end_slot()
+            feedback = []
+            for n, (node, _) in enumerate(self.svc.nodes):
+                a = self.svc.assign.get(node)
+                if a is not None and samples.get(node):
+                    r, mask = self.svc.label_free_rewards(node, samples[node])
+                    feedback.append((a.x, self.svc.last_psi[n], r, mask))
+            self.svc.update(feedback, slot)  # checkpoints (monitors included) even with no feedback
+        return self.decide(None, slot + 1)
 
     def state(self) -> dict:
         return self.svc.state()

@@ -184,6 +184,12 @@ class RouterService:
         self.last_psi = np.asarray(st["last_psi"])
         self.assign = {n: Assignment(int(v), np.asarray(x)) for n, (v, x) in st["assign"].items()}
         self.monitors = [TaskMonitor.from_state_dict(m) for m in st["monitors"]]
+        # Versions issued after this checkpoint were lost with the newer ones (at most keep - 1, plus one
+        # decide in flight): jump past them and re-stamp every node, so no replica mistakes a lost
+        # version's weights for the restored ones; each node is re-synced once.
+        self.version += self.spec.checkpoint_keep + 1
+        for a in self.assign.values():
+            a.version = self.version
         self._merge()
         self.restored_from = path.name
         return True
