@@ -95,3 +95,60 @@ def bench_serve(
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(out, indent=1))
         typer.echo(f"wrote {json_path}")
+
+
+@bench_app.command("reliability", context_settings={"help_option_names": ["-h", "--help"]})
+def bench_reliability(
+    model: str = typer.Option("quick", "--model", help="default | quick."),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, max=64),
+    gap: float = typer.Option(6.0, "--gap", min=1.0, max=120.0, help="Quiet seconds around each fault."),
+    slot_seconds: float = typer.Option(3.0, "--slot-seconds", min=0.5, max=60.0),
+    port: int = typer.Option(8766, "--port", help="Loopback port for the service."),
+    json_path: Optional[Path] = typer.Option(Path("results/bench_reliability.json"), "--json"),
+) -> None:
+    """Router kill, replica kill and corrupt checkpoint under HTTP load; malformed requests and configs."""
+    import json
+    import os
+    import tempfile
+
+    from tanbr_ray.bench import reliability as rb
+    from tanbr_ray.bench import serve as bench
+    from tanbr_ray.cli.output import print_table
+    from tanbr_ray.cluster.app import AppArgs
+    from tanbr_ray.cluster.service import local_service
+    from tanbr_ray.moe import load_or_build
+
+    tmp = Path(tempfile.mkdtemp(prefix="tanbr-reliability-"))
+    args = AppArgs(model=model, slot_seconds=slot_seconds,
+                   router={"policy": "Tanbr", "checkpoint_dir": str(tmp / "checkpoints"), "sample_per_slot": 8},
+                   api={"rate_limit_per_s": 1e6, "rate_burst": 1_000_000})
+    moe = load_or_build(args.moe(), args.models_dir, progress=True)
+    bodies = bench.request_bodies(list(moe.tasks), 400, os.environ.get("TANBR_DATA_DIR"))
+    del moe
+    with local_service(args, "127.0.0.1", port) as url:
+        typer.echo(f"service up on {url}; load at concurrency {concurrency}, faults every ~{gap:.0f} s")
+        load = rb.LoadThread(url, bodies, concurrency)
+        load.start()
+        try:
+            faults = rb.run_faults(url, args.router_name, args.router.checkpoint_dir, load, gap)
+        finally:
+            load.stop.set()
+            load.join()
+        out = {"faults": faults, "load": rb.load_summary(load, faults), "malformed": rb.malformed(url, tmp / "configs"),
+               "model": model, "slot_seconds": slot_seconds}
+    rows = [[f["fault"], f"{f.get('recovery_seconds', float('nan')):.2f}", f"{f['seconds_to_next_decision']:.2f}",
+             str(f.get("slots_lost", "–")), str(f["client_errors_in_window"]), str(f["requests_resent"]),
+             str(f["requests_in_window"])] for f in faults]
+    print_table("Faults under load", ["fault", "recovery s", "to next decision s", "slots lost", "errors in window",
+                                      "re-sent", "requests in window"], rows)
+    ld, mf = out["load"], out["malformed"]
+    typer.echo(f"load: {ld['requests']} requests at concurrency {ld['concurrency']}: p50 {ld['latency_ms_p50']:.1f} ms, "
+               f"p99 {ld['latency_ms_p99']:.1f} ms, {ld['errors']} errors ({ld['errors_outside_fault_windows']} "
+               f"outside fault windows)")
+    typer.echo(f"malformed: {mf['refused_4xx']}/{mf['requests']} requests refused with 4xx, {mf['5xx']} 5xx, "
+               f"good request answered after {mf['good_request_after_each']}/{mf['requests']}; "
+               f"{mf['configs_refused']}/{mf['configs']} malformed configs refused with a ValueError")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(out, indent=1))
+        typer.echo(f"wrote {json_path}")

@@ -11,6 +11,8 @@ slot ids on decide/update make the retried calls exactly-once.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import ray
 
@@ -24,11 +26,16 @@ from tanbr_ray.sim.fleet import Fleet
 class RouterActor:
     def __init__(self, spec: dict, moe_config: dict, fleet: dict, models_dir: str | None = None,
                  data_dir: str | None = None):
+        t0 = time.perf_counter()
         moe = load_or_build(MoEConfig(**moe_config), models_dir, progress=False, data_dir=data_dir)
+        t1 = time.perf_counter()
         self.svc = RouterService(RouterSpec(**spec), moe, Fleet(**fleet))
         self.refs: dict[bytes, ray.ObjectRef] = {}
         self.pkg_ref: ray.ObjectRef | None = None
         self._publish()  # a restarted actor serves the restored assignments at once
+        self.started = {"at": time.time(), "init_began_at": time.time() - (time.perf_counter() - t0), "load_model_s": t1 - t0, "restore_and_publish_s": time.perf_counter() - t1,
+                        "restarts": ray.get_runtime_context().was_current_actor_reconstructed}
+        self.snapshot["started"] = self.started
 
     def ready(self) -> bool:
         return True
@@ -42,9 +49,11 @@ class RouterActor:
     def reset(self, policy: str) -> None:
         self.svc.reset(policy)
         self.refs.clear()
+        self._publish()
 
     def _publish(self) -> None:
         self.refs = {k: self.refs[k] if k in self.refs else ray.put(w) for k, w in self.svc.weights.items()}
+        self.snapshot = {**self.svc.state(), "started": getattr(self, "started", None)}  # what state() answers
 
     def decide(self, psis: list | None = None, slot: int | None = None) -> np.ndarray:
         xs = self.svc.decide(None if psis is None else np.asarray(psis), slot)
@@ -53,6 +62,7 @@ class RouterActor:
 
     def update(self, feedback: list[tuple], slot: int | None = None) -> None:
         self.svc.update(feedback, slot)
+        self.snapshot = {**self.svc.state(), "started": self.started}
 
     def assignments(self) -> dict[str, tuple[int, list]]:
         """node -> (version, [ref to its merged FFNs])."""
@@ -83,15 +93,17 @@ class RouterActor:
             self.svc.update(feedback, slot)  # checkpoints (monitors included) even with no feedback
         return self.decide(None, slot + 1)
 
+    @ray.method(concurrency_group="query")
     def state(self) -> dict:
-        return self.svc.state()
+        """The state as of the last completed call: answered at once, never queued behind a slot."""
+        return self.snapshot
 
 
 def start_router(spec: dict, moe_config: dict, fleet: dict, models_dir: str | None = None,
                  data_dir: str | None = None, name: str = ROUTER_NAME, detached: bool = False,
                  resources: dict | None = None):
     """Create (or reuse) the named router actor and wait until its model is loaded."""
-    actor = ray.remote(RouterActor).options(
+    actor = ray.remote(concurrency_groups={"query": 1})(RouterActor).options(
         name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached" if detached else None,
         num_cpus=0, resources=resources or {}, max_concurrency=1, max_restarts=-1, max_task_retries=-1,
     ).remote(spec, moe_config, fleet, models_dir, data_dir)
