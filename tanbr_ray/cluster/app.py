@@ -52,7 +52,12 @@ def parse_args(args: dict | AppArgs) -> AppArgs:
         raise ValueError(f"app args: {exc}") from exc
 
 
-def build_app(args: dict | AppArgs, fleet: Fleet | None = None, moe_cfg: MoEConfig | None = None):
+def build_app(args: dict):
+    """The `import_path` of deployments/*.yaml: Ray calls it with the file's `args` (one parameter)."""
+    return make_app(args)
+
+
+def make_app(args: dict | AppArgs, fleet: Fleet | None = None, moe_cfg: MoEConfig | None = None):
     """Start (or reuse) the router actor, then bind the edge deployments and the ingress. `fleet` and
     `moe_cfg` override the args' files (the simulation passes the objects it already holds)."""
     from tanbr_ray.cluster.edge import EdgeNode

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from tanbr_ray.cluster import faults as fi
-from tanbr_ray.cluster.app import AppArgs, build_app
+from tanbr_ray.cluster.app import AppArgs, make_app
 from tanbr_ray.cluster.edge import call_node
 from tanbr_ray.cluster.names import APP_NAME, NAMESPACE, edge_deployment
 from tanbr_ray.cluster.local import local_cluster
@@ -121,7 +121,7 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
                        router=RouterSpec(policy=router_policies[0] if router_policies else "Tanbr", seed=cfg.seed,
                                          tanbr=cfg.tanbr, threads=cfg.threads, checkpoint_dir=checkpoint_dir),
                        router_name=f"tanbr-router-sim-{cfg.seed}")
-        serve.run(build_app(args, fleet, moe_cfg), name=APP_NAME, route_prefix=None)
+        serve.run(make_app(args, fleet, moe_cfg), name=APP_NAME, route_prefix=None)
         actor = get_router(args.router_name)
         edges = {c.name: serve.get_deployment_handle(edge_deployment(c.name), app_name=APP_NAME) for c in fleet.classes}
         setup_s = time.perf_counter() - t0

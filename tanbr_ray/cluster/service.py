@@ -6,7 +6,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from tanbr_ray.cluster.app import AppArgs, build_app, parse_args
+from tanbr_ray.cluster.app import AppArgs, make_app, parse_args
 from tanbr_ray.cluster.local import local_cluster
 from tanbr_ray.cluster.names import APP_NAME
 from tanbr_ray.moe import MoEConfig
@@ -41,7 +41,7 @@ def local_service(args: AppArgs | dict, host: str = "127.0.0.1", port: int = 800
     fleet = fleet or a.load_fleet()
     with local_cluster(fleet):
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(a, fleet, moe_cfg), name=APP_NAME, route_prefix="/")
+        serve.run(make_app(a, fleet, moe_cfg), name=APP_NAME, route_prefix="/")
         url = f"http://{host}:{port}"
         deadline = time.monotonic() + ready_timeout_s
         while True:  # ready = the first slot closed: every node has a merged model

@@ -287,3 +287,15 @@ def test_edge_resource_name():
     assert edge_resource("board") == "edge_board"
     with pytest.raises(ValueError, match="edge_tpu"):
         check_cluster_resources(check_cluster_config(ROOT / "cluster-aws.yaml"), ["board", "tpu"])
+
+
+def test_import_path_is_a_one_argument_builder():
+    """`serve deploy` calls the import path with the file's args as its only parameter."""
+    import importlib
+    import inspect
+
+    for path in sorted((ROOT / "deployments").glob("*.yaml")):
+        for app in check_serve_config(path).applications:
+            module, attr = app.import_path.split(":")
+            builder = getattr(importlib.import_module(module), attr)
+            assert len(inspect.signature(builder).parameters) == 1, (path, app.import_path)
