@@ -136,7 +136,8 @@ def bench_reliability(
             load.join()
         out = {"faults": faults, "load": rb.load_summary(load, faults), "malformed": rb.malformed(url, tmp / "configs"),
                "model": model, "slot_seconds": slot_seconds}
-    rows = [[f["fault"], f"{f.get('recovery_seconds', float('nan')):.2f}", f"{f['seconds_to_next_decision']:.2f}",
+    rows = [[f["fault"], f"{f['recovery_seconds']:.2f}" if "recovery_seconds" in f else "–",
+             f"{f['seconds_to_next_decision']:.2f}",
              str(f.get("slots_lost", "–")), str(f["client_errors_in_window"]), str(f["requests_resent"]),
              str(f["requests_in_window"])] for f in faults]
     print_table("Faults under load", ["fault", "recovery s", "to next decision s", "slots lost", "errors in window",
