@@ -108,6 +108,9 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
 
     from ray import serve
 
+    if cfg.bf16:
+        raise ValueError("bf16: the cluster's replicas serve in fp32, so bf16 scoring would make the two "
+                         "backends disagree; run --backend ray with bf16=false")
     fleet = fleet or load_fleet(cfg.fleet)
     faults = faults or []
     t0 = time.perf_counter()

@@ -32,3 +32,12 @@ def test_ray_backend_equals_local(tiny, fleet, data_dir):
     assert r["stale_replicas"] == 0 and r["push_seconds_max"] < 30
     # latency on the cluster is measured end to end, not the local cost model
     assert ray_out.summary["policies"]["Tanbr"]["latency_ms_p50"] != local.summary["policies"]["Tanbr"]["latency_ms_p50"]
+
+
+def test_ray_backend_refuses_bf16_before_starting_anything(tiny):
+    import pytest
+    import ray
+
+    with pytest.raises(ValueError, match="bf16"):
+        run_ray_simulation(SimConfig(bf16=True, wandb="disabled"), tiny[0], tiny[2])
+    assert not ray.is_initialized()
