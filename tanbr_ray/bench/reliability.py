@@ -142,3 +142,30 @@ def load_summary(load: LoadThread, fault_reports: list[dict]) -> dict:
             "latency_ms_p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "latency_ms_p99": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
             "requests_per_second": len(rec) / wall if wall else 0.0}
+
+
+def plot_timeline(load: LoadThread, fault_reports: list[dict], path: str | Path) -> None:
+    """Request latency over time (errors in red) with each fault marked: what recovery looks like."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rec = np.asarray(load.records) if load.records else np.zeros((0, 3))
+    t0 = rec[:, 0].min() if len(rec) else 0.0
+    ok = rec[:, 2] == 200
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.scatter(rec[ok, 0] - t0, (rec[ok, 1] - rec[ok, 0]) * 1e3, s=4, alpha=0.5, label="request (200)")
+    if (~ok).any():
+        ax.scatter(rec[~ok, 0] - t0, (rec[~ok, 1] - rec[~ok, 0]) * 1e3, s=12, color="red", label="error")
+    for rep in fault_reports:
+        x = rep["t_kill"] - t0
+        ax.axvline(x, color="black", linestyle="--", linewidth=1)
+        ax.text(x, ax.get_ylim()[1] * 0.95, f" {rep['fault']}", rotation=90, va="top", fontsize=8)
+    ax.set(xlabel="seconds since the load started", ylabel="latency ms", yscale="log",
+           title="HTTP load through faults (loopback)")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

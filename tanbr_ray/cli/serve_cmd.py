@@ -105,6 +105,7 @@ def bench_reliability(
     slot_seconds: float = typer.Option(3.0, "--slot-seconds", min=0.5, max=60.0),
     port: int = typer.Option(8766, "--port", help="Loopback port for the service."),
     json_path: Optional[Path] = typer.Option(Path("results/bench_reliability.json"), "--json"),
+    plot_path: Optional[Path] = typer.Option(Path("results/bench_reliability.png"), "--plot"),
 ) -> None:
     """Router kill, replica kill and corrupt checkpoint under HTTP load; malformed requests and configs."""
     import json
@@ -134,6 +135,8 @@ def bench_reliability(
         finally:
             load.stop.set()
             load.join()
+        if plot_path:
+            rb.plot_timeline(load, faults, plot_path)
         out = {"faults": faults, "load": rb.load_summary(load, faults), "malformed": rb.malformed(url, tmp / "configs"),
                "model": model, "slot_seconds": slot_seconds}
     rows = [[f["fault"], f"{f['recovery_seconds']:.2f}" if "recovery_seconds" in f else "–",
@@ -153,3 +156,5 @@ def bench_reliability(
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(out, indent=1))
         typer.echo(f"wrote {json_path}")
+    if plot_path:
+        typer.echo(f"wrote {plot_path}")
