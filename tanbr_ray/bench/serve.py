@@ -67,15 +67,9 @@ def timed_pushes(pushes: int, router_name: str) -> dict:
     from ray import serve
 
     from tanbr_ray.cluster.names import APP_NAME, NAMESPACE
+    from tanbr_ray.cluster.push import summarize
 
     router = ray.get_actor(router_name, namespace=NAMESPACE)
     ray.get(router.reset.remote("Random"))
     ingress = serve.get_app_handle(APP_NAME)
-    results = [ingress.close_slot.remote().result() for _ in range(pushes)]
-    secs = np.asarray([r.seconds for r in results])
-    return {"pushes": pushes, "replicas": int(max(r.replicas for r in results)),
-            "push_seconds_p50": float(np.percentile(secs, 50)), "push_seconds_p95": float(np.percentile(secs, 95)),
-            "push_seconds_max": float(secs.max()), "stale_replicas": int(sum(len(r.stale) for r in results)),
-            "push_errors": int(sum(len(r.errors) for r in results)),
-            "retries": int(sum(r.attempts - 1 for r in results)),
-            "nodes_changed_per_push": float(np.mean([len(r.versions) for r in results]))}
+    return summarize([ingress.close_slot.remote().result() for _ in range(pushes)])

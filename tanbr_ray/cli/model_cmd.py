@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import typer
 
 from tanbr_ray.cli.app import app, bench_app
+from tanbr_ray.cli.output import write_json
 
 
 def _setup(threads: int | None, data_dir: Path | None):
@@ -97,8 +97,4 @@ def bench_model_cmd(
     )
     typer.echo(format_table(res))
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_path.with_suffix(json_path.suffix + ".tmp")
-        tmp.write_text(json.dumps(res, indent=2, default=float))
-        tmp.replace(json_path)
-        typer.echo(f"wrote {json_path}")
+        write_json(json_path, res)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Sequence
 
+import typer
 from rich.console import Console
 from rich.table import Table
+
+from tanbr_ray.fileio import atomic_write_bytes
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -15,3 +20,9 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]
     for row in rows:
         table.add_row(*[str(c) for c in row])
     Console(width=160).print(table)
+
+
+def write_json(path: str | Path, obj) -> None:
+    """A command's results, written atomically (numpy scalars as floats), and where they went."""
+    atomic_write_bytes(path, json.dumps(obj, indent=1, default=float).encode())
+    typer.echo(f"wrote {path}")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from tanbr_ray.cli.app import bench_app
-from tanbr_ray.cli.output import print_table
+from tanbr_ray.cli.output import print_table, write_json
 
 
 @bench_app.command("regret")
@@ -48,9 +47,7 @@ def bench_regret(
         typer.echo(f"select() at K={t['num_experts']}, B={t['budget']} (tree grown {t['calls']} rounds): "
                    f"p50 {t['select_ms_p50']:.3f} ms, p99 {t['select_ms_p99']:.3f} ms")
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(out, indent=1))
-        typer.echo(f"wrote {json_path}")
+        write_json(json_path, out)
     if plot_path:
         plot_path.parent.mkdir(parents=True, exist_ok=True)
         regret.plot(out, curves, str(plot_path))

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from tanbr_ray.cli.app import app, bench_app
+from tanbr_ray.cli.output import print_table, write_json
 
 
 @app.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,7 +59,6 @@ def bench_serve(
 ) -> None:
     """Loopback HTTP load (p50/p99, errors) and weight-push times on the default fleet."""
     import asyncio
-    import json
     import os
 
     from tanbr_ray.bench import serve as bench
@@ -90,11 +90,9 @@ def bench_serve(
     if pu:
         typer.echo(f"push: {pu['pushes']} full pushes to {pu['replicas']} replicas: p50 {pu['push_seconds_p50']:.3f} s, "
                    f"p95 {pu['push_seconds_p95']:.3f} s, max {pu['push_seconds_max']:.3f} s, "
-                   f"{pu['stale_replicas']} stale, {pu['retries']} retries")
+                   f"{pu['stale_replicas']} stale, {pu['push_retries']} retries")
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(out, indent=1))
-        typer.echo(f"wrote {json_path}")
+        write_json(json_path, out)
 
 
 @bench_app.command("reliability", context_settings={"help_option_names": ["-h", "--help"]})
@@ -108,13 +106,11 @@ def bench_reliability(
     plot_path: Optional[Path] = typer.Option(Path("results/bench_reliability.png"), "--plot"),
 ) -> None:
     """Router kill, replica kill and corrupt checkpoint under HTTP load; malformed requests and configs."""
-    import json
     import os
     import tempfile
 
     from tanbr_ray.bench import reliability as rb
     from tanbr_ray.bench import serve as bench
-    from tanbr_ray.cli.output import print_table
     from tanbr_ray.cluster.app import AppArgs
     from tanbr_ray.cluster.service import local_service
     from tanbr_ray.moe import load_or_build
@@ -153,8 +149,6 @@ def bench_reliability(
                f"good request answered after {mf['good_request_after_each']}/{mf['requests']}; "
                f"{mf['configs_refused']}/{mf['configs']} malformed configs refused with a ValueError")
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(out, indent=1))
-        typer.echo(f"wrote {json_path}")
+        write_json(json_path, out)
     if plot_path:
         typer.echo(f"wrote {plot_path}")

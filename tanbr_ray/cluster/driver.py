@@ -20,7 +20,7 @@ from tanbr_ray.cluster.app import AppArgs, make_app
 from tanbr_ray.cluster.edge import call_node
 from tanbr_ray.cluster.names import APP_NAME, NAMESPACE, edge_deployment
 from tanbr_ray.cluster.local import local_cluster
-from tanbr_ray.cluster.push import PushResult, push
+from tanbr_ray.cluster.push import PushResult, push, summarize
 from tanbr_ray.cluster.router_actor import get_router
 from tanbr_ray.cluster.router_service import RouterSpec
 from tanbr_ray.moe import MoEConfig
@@ -152,20 +152,13 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         finally:
             serve.delete(APP_NAME)
             ray.kill(actor)
-    secs = np.asarray([p.seconds for p in pushes]) if pushes else np.zeros(1)
     s = out.summary
     s["backend"] = "ray"
     s["wall_seconds"] = time.perf_counter() - t0
     s["requests_per_second"] = s["requests_simulated"] / s["wall_seconds"]
     s["ray"] = {
-        "cluster_setup_seconds": setup_s, "policies_on_cluster": router_policies,
-        "pushes": len(pushes), "push_seconds_p50": float(np.percentile(secs, 50)),
-        "push_seconds_p95": float(np.percentile(secs, 95)), "push_seconds_max": float(secs.max()),
-        "push_retries": int(sum(p.attempts - 1 for p in pushes)),
-        "stale_replicas": int(sum(len(p.stale) for p in pushes)),
-        "replicas": int(max((p.replicas for p in pushes), default=0)),
+        "cluster_setup_seconds": setup_s, "policies_on_cluster": router_policies, **summarize(pushes),
         "seconds": {"push": float(sum(p.seconds for p in pushes)), **timing},
-        "push_errors": int(sum(len(p.errors) for p in pushes)),
         "failed_requests": int(sum(e.failed_requests for e in edge_of.values())),
         "final_router_state": {k: final_state[k] for k in ("policy", "version", "slot", "updated_slot", "restored_from")},
         "faults": [{"policy": f.policy, "slot": f.slot, "phase": f.phase, "action": f.action, **f.report}

@@ -54,6 +54,18 @@ async def push_async(router, edges: dict, retries: int = 3, timeout_s: float = 3
                       {node: v for node, (v, _) in assignments.items()})
 
 
+def summarize(results: list[PushResult]) -> dict:
+    """Push figures over a run: time to the last ack (p50/p95/max), stale replicas, retries, errors."""
+    import numpy as np
+
+    secs = np.asarray([r.seconds for r in results]) if results else np.zeros(1)
+    return {"pushes": len(results), "replicas": int(max((r.replicas for r in results), default=0)),
+            "push_seconds_p50": float(np.percentile(secs, 50)), "push_seconds_p95": float(np.percentile(secs, 95)),
+            "push_seconds_max": float(secs.max()), "stale_replicas": int(sum(len(r.stale) for r in results)),
+            "push_retries": int(sum(r.attempts - 1 for r in results)),
+            "push_errors": int(sum(len(r.errors) for r in results))}
+
+
 def push(router, edges: dict, retries: int = 3, timeout_s: float = 30.0) -> PushResult:
     """The same, from synchronous code (the simulation driver)."""
     return asyncio.run(push_async(router, edges, retries, timeout_s))

@@ -33,8 +33,8 @@ class RouterActor:
         self.refs: dict[bytes, ray.ObjectRef] = {}
         self.pkg_ref: ray.ObjectRef | None = None
         self._publish()  # a restarted actor serves the restored assignments at once
-        self.started = {"at": time.time(), "init_began_at": time.time() - (time.perf_counter() - t0), "load_model_s": t1 - t0, "restore_and_publish_s": time.perf_counter() - t1,
-                        "restarts": ray.get_runtime_context().was_current_actor_reconstructed}
+        self.started = {"load_model_s": t1 - t0, "restore_and_publish_s": time.perf_counter() - t1,
+                        "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
         self.snapshot["started"] = self.started
 
     def ready(self) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from tanbr_ray.cluster.names import HEAD_RESOURCE, edge_resource  # noqa: F401 - re-exported
+from tanbr_ray.cluster.names import HEAD_RESOURCE, edge_resource
 from tanbr_ray.fileio import read_yaml_mapping
 
 

@@ -13,14 +13,8 @@ import pytest
 import yaml
 
 from tanbr_ray.cluster.service import args_from_deploy_file
-from tanbr_ray.cluster.validate import (
-    HEAD_RESOURCE,
-    check_cluster_config,
-    check_cluster_resources,
-    check_serve_config,
-    declared_resources,
-    edge_resource,
-)
+from tanbr_ray.cluster.names import HEAD_RESOURCE, edge_resource
+from tanbr_ray.cluster.validate import check_cluster_config, check_cluster_resources, check_serve_config, declared_resources
 from tanbr_ray.sim.fleet import load_fleet
 
 ROOT = Path(__file__).resolve().parents[2]
