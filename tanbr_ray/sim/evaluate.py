@@ -4,13 +4,15 @@ What does not change between slots is computed once: `TaskMoE.prepare` caches ea
 hidden states up to the first MoE layer's FFN (tokenisation, embeddings, the layers below and that
 layer's attention), and predictions are memoised per (model spec, example), so a merge that is played
 again (Tanbr's leaves, static merges, the full MoE) never recomputes an example it already served.
-Only the requested rows of a cached bucket are run, so a slot costs what it serves.
+Only the requested rows run, and requests of different tasks that meet the same model run in one
+batch (the trunk of a merged or routed model does not depend on the task; only the heads do), so a
+slot costs what it serves, in as few forward passes as its distinct models allow.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,12 +21,19 @@ from tanbr_ray.moe.infer import _to_pred
 from tanbr_ray.moe.metrics import glue_score
 
 STATE_CACHE = 8
+MAX_ROWS = 32  # rows per forward pass: batches of ~32 are the fastest per example on CPU
 # A model spec: ("merged", x bytes) | ("static", name) | ("oracle",) | ("top1",) | ("top2",)
 Spec = tuple
+Row = tuple  # (task, pool example index)
 
 
 def merged_spec(x: np.ndarray) -> Spec:
     return ("merged", np.asarray(x, dtype=np.float64).tobytes())
+
+
+def spec_mode(spec: Spec) -> str:
+    """The TaskMoE forward mode a spec runs in."""
+    return "merged" if spec[0] in ("merged", "static") else spec[0]
 
 
 class PoolEvaluator:
@@ -38,10 +47,13 @@ class PoolEvaluator:
         self.cache = moe.prepare(pool, batch_size=batch_size, progress=progress)
         self.labels = self.cache.labels
         self.where: dict[str, dict[int, tuple[int, int]]] = {t: {} for t in self.labels}
+        self.width: dict[str, dict[int, int]] = {t: {} for t in self.labels}  # real tokens per example
         for b_no, b in enumerate(self.cache.batches):
+            lengths = b.attention_mask.sum(1).tolist()
             for row, idx in enumerate(b.index):
                 self.where[b.task][int(idx)] = (b_no, row)
-        self._memo: dict[Spec, dict[str, dict[int, float]]] = {}
+                self.width[b.task][int(idx)] = int(lengths[row])
+        self._memo: dict[Spec, dict[Row, float]] = {}
         self._states: OrderedDict[Spec, dict] = OrderedDict()
         self.forwards = 0  # examples actually run through the model
 
@@ -61,38 +73,58 @@ class PoolEvaluator:
                 self._states.popitem(last=False)
         return self._states[spec]
 
-    @torch.no_grad()
     def predict(self, spec: Spec, task: str, indices: np.ndarray) -> np.ndarray:
         """Predictions of `spec` for these pool examples of one task (memoised)."""
-        memo = self._memo.setdefault(spec, {}).setdefault(task, {})
-        missing = sorted({int(i) for i in indices} - memo.keys())
-        if missing:
-            for i, p in zip(missing, _to_pred(task, self.logits(spec, task, missing))):
-                memo[i] = float(p)
-        return np.asarray([memo[int(i)] for i in indices])
+        return self.predict_rows(spec, [(task, int(i)) for i in indices])
 
     @torch.no_grad()
+    def predict_rows(self, spec: Spec, rows: Sequence[Row]) -> np.ndarray:
+        """Predictions of `spec` for (task, example) rows of any tasks (memoised)."""
+        memo = self._memo.setdefault(spec, {})
+        missing = sorted({(t, int(i)) for t, i in rows} - memo.keys(), key=lambda r: self.width[r[0]][r[1]])
+        if missing:
+            memo.update(zip(missing, self._run(spec, missing)))
+        return np.asarray([memo[(t, int(i))] for t, i in rows], dtype=np.float64)
+
     def logits(self, spec: Spec, task: str, indices) -> torch.Tensor:
-        """Logits for these pool examples, running only their rows of each cached bucket."""
-        mode = "merged" if spec[0] in ("merged", "static") else spec[0]
-        state = self._state(spec) if mode == "merged" else None
-        by_batch: dict[int, list[tuple[int, int]]] = {}
-        for k, i in enumerate(indices):
-            b_no, row = self.where[task][int(i)]
-            by_batch.setdefault(b_no, []).append((row, k))
-        out = None
-        for b_no, rows in by_batch.items():
+        """Logits of one task's pool examples, in the given order (runs them; no memo)."""
+        return self.logits_rows(spec, [(task, int(i)) for i in indices])[task][1]
+
+    def _run(self, spec: Spec, rows: list[Row]) -> list[float]:
+        """Predictions for rows sorted by length, in chunks of MAX_ROWS (the oracle's FFN depends
+        on the task, so it batches one task at a time)."""
+        preds = {}
+        groups = [[r for r in rows if r[0] == t] for t in self.labels] if spec[0] == "oracle" else [rows]
+        for group in groups:
+            for s in range(0, len(group), MAX_ROWS):
+                chunk = group[s:s + MAX_ROWS]
+                for task, (where, logits) in self.logits_rows(spec, chunk).items():
+                    preds.update(zip([chunk[k] for k in where], _to_pred(task, logits)))
+        return [float(preds[r]) for r in rows]
+
+    def logits_rows(self, spec: Spec, rows: list[Row]) -> dict[str, tuple[list[int], torch.Tensor]]:
+        """One forward pass over rows of one or more tasks: per task, (positions in rows, logits)."""
+        width = max(self.width[t][i] for t, i in rows)
+        h, mask = [], []
+        for t, i in rows:
+            b_no, row = self.where[t][i]
             b = self.cache.batches[b_no]
-            r = torch.as_tensor([row for row, _ in rows])
-            mask = b.attention_mask[r]
-            width = int(mask.sum(1).max())  # trim padding the subset does not need
-            with torch.autocast(b.h.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                logits = self.moe.forward_from_first_moe(b.h[r][:, :width], mask[:, :width], task, mode,
-                                                         state=state).float()
-            if out is None:
-                out = logits.new_zeros((len(indices), logits.shape[1]))
-            out[[k for _, k in rows]] = logits
-        self.forwards += len(indices)
+            hb, mb = b.h[row, :width], b.attention_mask[row, :width]
+            if hb.shape[0] < width:  # from a bucket narrower than this chunk: pad (masked out)
+                pad = width - hb.shape[0]
+                hb = torch.nn.functional.pad(hb, (0, 0, 0, pad))
+                mb = torch.nn.functional.pad(mb, (0, pad))
+            h.append(hb)
+            mask.append(mb)
+        h, mask = torch.stack(h), torch.stack(mask)
+        mode, state = spec_mode(spec), self._state(spec)
+        with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            pooled, use = self.moe.pooled_from_first_moe(h, mask, rows[0][0], mode, state=state)
+            out = {}
+            for task in dict.fromkeys(t for t, _ in rows):
+                where = [k for k, (t, _) in enumerate(rows) if t == task]
+                out[task] = (where, self.moe.head_for(mode, task, use)(pooled[where]).float())
+        self.forwards += len(rows)
         return out
 
     def text(self, task: str, i: int) -> tuple[str, str | None]:

@@ -100,16 +100,18 @@ class PolicyRouter:
 
 class LocalEdge:
     """Serving simulated in this process: exact predictions from the cached evaluator, latency from
-    this host's measured compute scaled to the node (pushes are only accounted, by the loop)."""
+    this host's measured compute scaled to the node (pushes are only accounted, by the loop). A slot's
+    requests are run grouped by model, so nodes that hold the same merge share forward passes."""
 
     def __init__(self, sim: "Simulation"):
         self.sim = sim
+        self.preds: list[np.ndarray] = []
 
     def push(self, t: int, specs: list[Spec]) -> None:
-        pass
+        self.preds = self.sim.predict_slot(t, specs)
 
     def serve(self, t: int, n: int, spec: Spec, mode: str) -> tuple[np.ndarray, np.ndarray]:
-        preds = self.sim.predict(spec, t, n)
+        preds = self.preds[n]
         return preds, np.full(len(preds), self.sim.costs.latency_ms(mode, self.sim.nodes[n][1]))
 
 
@@ -156,25 +158,24 @@ class Simulation:
         self.costs = measure_costs(moe)
 
     # --- serving ---------------------------------------------------------------------------
+    def rows(self, t: int, n: int) -> list[tuple[str, int]]:
+        """Node n's slot-t requests as (task, pool example) rows."""
+        req = self.wl.requests[t][n]
+        return [(self.tasks[v], int(i)) for v, i in zip(req.tasks, req.examples)]
+
     def predict(self, spec: Spec, t: int, n: int) -> np.ndarray:
         """Predictions for node n's requests in slot t under a model spec (exact, memoised)."""
-        req = self.wl.requests[t][n]
-        preds = np.zeros(len(req.tasks))
-        for v, task in enumerate(self.tasks):
-            sel = req.tasks == v
-            if sel.any():
-                preds[sel] = self.ev.predict(spec, task, req.examples[sel])
-        return preds
+        return self.ev.predict_rows(spec, self.rows(t, n))
+
+    def predict_slot(self, t: int, specs: Sequence[Spec]) -> list[np.ndarray]:
+        """Every node's slot-t predictions, each distinct model run once over all its nodes' rows."""
+        for spec in dict.fromkeys(specs):
+            self.ev.predict_rows(spec, [r for n, s in enumerate(specs) if s == spec for r in self.rows(t, n)])
+        return [self.predict(spec, t, n) for n, spec in enumerate(specs)]
 
     def credit(self, t: int, n: int, preds: np.ndarray) -> np.ndarray:
         """Per-request credit in [0, 1] of these predictions for node n's requests in slot t."""
-        req = self.wl.requests[t][n]
-        credit = np.zeros(len(req.tasks))
-        for v, task in enumerate(self.tasks):
-            sel = req.tasks == v
-            if sel.any():
-                credit[sel] = self.ev.credit(task, req.examples[sel], preds[sel])
-        return credit
+        return self.row_credit(self.rows(t, n), preds)
 
     def serve(self, spec: Spec, t: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         preds = self.predict(spec, t, n)
@@ -263,22 +264,47 @@ class Simulation:
                 "per_task": per_task, "latency": np.concatenate(latency) if latency else np.zeros(0),
                 "mode": mode, "push_seconds": push_s}
 
-    def fixed_candidates(self) -> list[np.ndarray]:
-        """Fixed x tried for the best-in-hindsight: uniform, every single expert, the fleet's average
-        task mix mapped to experts, and `fixed_candidates` random mixes (each costs a pool's forwards)."""
-        rng = np.random.default_rng(self.cfg.seed + 2)
-        mean_mix = np.bincount(self.task_experts, weights=self.wl.psi.mean((0, 1)), minlength=self.K)
-        xs = [np.full(self.K, 1.0 / self.K)] + list(np.eye(self.K)) + [mean_mix / mean_mix.sum()]
-        xs += list(rng.dirichlet(np.ones(self.K), size=self.cfg.fixed_candidates))
-        return xs
+    def fixed_candidates(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """Fixed x tried for node n's best-in-hindsight, all under its budget: Uniform and psi-merge
+        as they would play knowing the node's true average mix, each expert alone that serves at
+        least 5 % of its requests, and `fixed_candidates` random points of X."""
+        budget = self.nodes[n][1].budget
+        mix = self.wl.psi[:, n].mean(0)
+        xs = [registry.make_policy(p, self.K, self.V, task_experts=self.task_experts).select(mix, budget)
+              for p in ("Uniform", "psi-merge")]
+        mass = np.bincount(self.task_experts, weights=mix, minlength=self.K)
+        xs += [np.eye(self.K)[k] for k in np.flatnonzero(mass >= 0.05)]
+        xs += [project_to_budget(x, budget) for x in rng.dirichlet(np.ones(self.K), size=self.cfg.fixed_candidates)]
+        return list({x.tobytes(): x for x in xs}.values())
 
-    def fixed_credit(self, x: np.ndarray) -> np.ndarray:
-        """Per-slot credit of serving every node with x (projected to the node's budget) all run."""
+    def best_fixed_credit(self) -> np.ndarray:
+        """Per-slot credit of the best fixed x in hindsight, one per node (each node has its own mix
+        and budget). Each candidate is scored on a seeded sample of `regret_sample` of the node's
+        requests, and the winner on all of them, so the comparator costs a sample per candidate."""
+        rng = np.random.default_rng(self.cfg.seed + 2)
         out = np.zeros(self.cfg.slots)
-        for t in range(self.cfg.slots):
-            for n, (_, cls) in enumerate(self.nodes):
-                out[t] += self.serve(merged_spec(project_to_budget(x, cls.budget)), t, n)[1].sum()
+        for n in tqdm(range(len(self.nodes)), desc="best fixed x", disable=not self.progress, leave=False):
+            rows = [r for t in range(self.cfg.slots) for r in self.rows(t, n)]
+            cands = self.fixed_candidates(n, rng)
+            if not rows:
+                continue
+            k = len(rows) if self.cfg.regret_sample == 0 else min(self.cfg.regret_sample, len(rows))
+            sample = [rows[i] for i in rng.choice(len(rows), size=k, replace=False)]
+            score = [self.row_credit(sample, self.ev.predict_rows(merged_spec(x), sample)).mean() for x in cands]
+            best = merged_spec(cands[int(np.argmax(score))])
+            for t in range(self.cfg.slots):
+                out[t] += self.serve(best, t, n)[1].sum()
         return out
+
+    def row_credit(self, rows: Sequence[tuple[str, int]], preds: np.ndarray) -> np.ndarray:
+        """Per-request credit of predictions for (task, example) rows."""
+        tasks = np.asarray([t for t, _ in rows])
+        idx = np.asarray([i for _, i in rows], dtype=np.int64)
+        credit = np.zeros(len(rows))
+        for task in set(tasks.tolist()):
+            sel = tasks == task
+            credit[sel] = self.ev.credit(task, idx[sel], preds[sel])
+        return credit
 
 
 Backend = Callable[["Simulation", str], "tuple[SlotRouter | None, EdgeServing | None]"]
@@ -299,9 +325,7 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
     for name in tqdm(cfg.policies, desc="policies", disable=not progress):
         router, edge = backend(sim, name) if backend is not None else (None, None)
         runs[name] = sim.run_policy(name, on_slot, router, edge)
-    best_credit = max((sim.fixed_credit(x) for x in tqdm(sim.fixed_candidates(), desc="best fixed x",
-                                                              disable=not progress, leave=False)),
-                      key=lambda c: c.sum())
+    best_credit = sim.best_fixed_credit()
     counts = next(iter(runs.values()))["counts"]
     safe = np.maximum(counts, 1)
     oracle_credit = runs["Oracle"]["credit"] if "Oracle" in runs else sim.run_policy("Oracle")["credit"]

@@ -101,6 +101,28 @@ def test_cached_subset_path_equals_full_forward(tiny_moe, spec_of):
         assert torch.allclose(cached, full[[order[i] for i in subset]], atol=1e-5)
 
 
+@pytest.mark.parametrize("spec", [merged_spec(np.array([0.3, 0.7])), ("top1",), ("oracle",), ("static", "fisher")])
+def test_mixed_task_rows_in_one_pass_equal_the_full_forward(tiny_moe, spec):
+    pool = {t: load_task(t, "dev").head(10, seed=0) for t in tiny_moe.tasks}
+    ev = PoolEvaluator(tiny_moe, pool)
+    rows = [(tiny_moe.tasks[k % 2], i) for k, i in enumerate([7, 2, 5, 0, 9, 3])]
+    mode = "merged" if spec[0] in ("merged", "static") else spec[0]
+    groups = [[r for r in rows if r[0] == t] for t in tiny_moe.tasks] if spec[0] == "oracle" else [rows]
+    preds = ev.predict_rows(spec, rows)
+    for task in tiny_moe.tasks:
+        with torch.no_grad():
+            (b,) = make_batches(tiny_moe, {task: pool[task]}, batch_size=32)
+            full = tiny_moe(b.input_ids, b.attention_mask, b.token_type_ids, task, mode=mode, state=ev._state(spec))
+        order = {int(i): k for k, i in enumerate(b.index)}
+        for group in groups:
+            if not any(t == task for t, _ in group):
+                continue
+            where, logits = ev.logits_rows(spec, group)[task]
+            want = full[[order[group[k][1]] for k in where]]
+            assert torch.allclose(logits, want, atol=1e-5)
+            assert np.array_equal(preds[[rows.index(group[k]) for k in where]], want.argmax(-1).numpy())
+
+
 def test_predictions_are_memoised(tiny_moe):
     pool = {t: load_task(t, "dev").head(10, seed=0) for t in tiny_moe.tasks}
     ev = PoolEvaluator(tiny_moe, pool)
