@@ -61,11 +61,11 @@ class Tanbr(Policy):
         return super().select(psi, self.num_experts if budget is None else budget)
 
     def _select(self, psi, budget):
-        cands = self.tree.candidates(budget)
+        cands, leaf = self.tree.candidate_points(budget)
         mean, width = self.bandit.ucb(cands, psi)
-        i = int(np.argmax(mean + self.config.bandit.gamma * width + self.tree.optimism()))
+        i = int(np.argmax(mean + self.config.bandit.gamma * width + self.tree.optimism(leaf)))
         x = cands[i].copy()
-        self.pending[x.tobytes()] = int(self.tree.leaves[i])
+        self.pending[x.tobytes()] = int(leaf[i])
         return x
 
     def _update(self, x, psi, rewards, mask):

@@ -8,7 +8,11 @@ hyperplane). A split halves the longest tight side at its midpoint (lowest index
 are non-empty because the region is convex. Working in x itself (rather than a stick-breaking
 parametrisation) keeps precision even: a dominant expert at 0.73 is as easy to reach as a balanced mix.
 A node's *representative* is the point of its region nearest the box centre (Euclidean projection of
-the centre onto {sum = 1} within the box); the root's is the uniform merge 1/K. Representatives are
+the centre onto {sum = 1} within the box); the root's is the uniform merge 1/K. Besides it, a leaf
+offers `probes` more points of its region (random box points projected the same way, fixed per node
+id, so they need no saved state): in high dimension (K = 8) a cell is large long before it is deep,
+and the probes let the bandit's model pick the part of a coarse cell it predicts best for the current
+psi, where the centre alone would play the same near-uniform merge for every mix. Candidates are
 mapped into X for a budget B by keeping the B largest weights and renormalising
 (`tanbr_ray.simplex.project_rows_to_budget`).
 
@@ -37,6 +41,7 @@ class TreeConfig(BaseModel):
     nu: float = Field(0.05, ge=0.0, le=1e3, description="smoothness scale: optimism nu*rho^depth of a cell")
     max_depth: int = Field(64, ge=0, le=4096)
     max_nodes: int = Field(1023, ge=1, le=1 << 20)
+    probes: int = Field(7, ge=0, le=256, description="points per leaf besides its representative (0 = centre only)")
 
 
 def tighten(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -45,12 +50,12 @@ def tighten(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum(lo, 1.0 - (shi - hi)), np.minimum(hi, 1.0 - (slo - lo))
 
 
-def representatives(lo: np.ndarray, hi: np.ndarray, iters: int = 60) -> np.ndarray:
-    """Projection of each box centre onto {sum(x) = 1, lo <= x <= hi}: clip(c - t, lo, hi), sum = 1.
-
-    The sum is monotone in the shift t, so bisection finds it (vectorised over rows).
+def representatives(lo: np.ndarray, hi: np.ndarray, iters: int = 60, at: np.ndarray | None = None) -> np.ndarray:
+    """Projection of each box centre (or of the box points `at`) onto {sum(x) = 1, lo <= x <= hi}:
+    clip(c - t, lo, hi) with sum 1. The sum is monotone in the shift t, so bisection finds it
+    (vectorised over rows).
     """
-    centre = 0.5 * (lo + hi)
+    centre = 0.5 * (lo + hi) if at is None else at
     t_lo = (centre - hi).min(-1, keepdims=True)  # sum >= 1 here (every coordinate at hi)
     t_hi = (centre - lo).max(-1, keepdims=True)  # sum <= 1 here (every coordinate at lo)
     for _ in range(iters):
@@ -80,7 +85,7 @@ class PartitionTree:
         self.size = 1
         self.rep[0] = representatives(self.lo[:1], self.hi[:1])[0]
         self._leaves = [0]
-        self._cand_cache: dict[int, np.ndarray] = {}
+        self._cand_cache: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray]] = {}
 
     # --- structure -------------------------------------------------------------------------
     @property
@@ -95,14 +100,15 @@ class PartitionTree:
         """Visits a leaf at this depth needs before it splits: ceil(tau0 * rho^-depth)."""
         return int(math.ceil(self.config.tau0 * self.config.rho ** (-depth) - 1e-9))
 
-    def optimism(self) -> np.ndarray:
-        """nu * rho^depth per active leaf: how much better than its representative a cell may be.
+    def optimism(self, nodes: np.ndarray | None = None) -> np.ndarray:
+        """nu * rho^depth per node (default: the active leaves): how much better than its
+        representative a cell may be.
 
         A representative is one point of its cell; under the usual smoothness assumption (HOO, HCT)
         the cell's best point beats it by at most nu * rho^depth, so coarse cells near the optimum
         still get played, and therefore split, even while their representative scores poorly.
         """
-        return self.config.nu * self.config.rho ** self.depth[self.leaves]
+        return self.config.nu * self.config.rho ** self.depth[self.leaves if nodes is None else nodes]
 
     def can_split(self, node: int) -> bool:
         return (self.is_leaf(node) and self.depth[node] < self.config.max_depth
@@ -139,12 +145,31 @@ class PartitionTree:
         return None
 
     # --- candidates ------------------------------------------------------------------------
+    def points(self, node: int) -> np.ndarray:
+        """The node's representative, then its `probes` fixed random points (seeded by node id)."""
+        m = self.config.probes
+        if m == 0:
+            return self.rep[node][None]
+        u = np.random.default_rng(node).random((m, self.num_experts))
+        lo, hi = np.repeat(self.lo[node][None], m, 0), np.repeat(self.hi[node][None], m, 0)
+        return np.concatenate([self.rep[node][None], representatives(lo, hi, at=lo + u * (hi - lo))])
+
     def candidates(self, budget: int) -> np.ndarray:
         """Representatives of the active leaves mapped into X for this budget (cached until a split)."""
-        cached = self._cand_cache.get(budget)
+        return self._candidates(budget, probes=False)[0]
+
+    def candidate_points(self, budget: int) -> tuple[np.ndarray, np.ndarray]:
+        """(points, leaf of each point): every active leaf's representative and probes, in X for
+        this budget (cached until a split)."""
+        return self._candidates(budget, probes=True)
+
+    def _candidates(self, budget: int, probes: bool) -> tuple[np.ndarray, np.ndarray]:
+        cached = self._cand_cache.get((budget, probes))
         if cached is None:
-            cached = project_rows_to_budget(self.rep[self.leaves], budget)
-            self._cand_cache[budget] = cached
+            pts = [self.points(int(n)) if probes else self.rep[n][None] for n in self.leaves]
+            owner = np.repeat(self.leaves, [len(p) for p in pts])
+            cached = (project_rows_to_budget(np.concatenate(pts), budget), owner)
+            self._cand_cache[(budget, probes)] = cached
         return cached
 
     def contains(self, node: int, x: np.ndarray) -> bool:

@@ -264,16 +264,17 @@ class Simulation:
                 "per_task": per_task, "latency": np.concatenate(latency) if latency else np.zeros(0),
                 "mode": mode, "push_seconds": push_s}
 
-    def fixed_candidates(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    def fixed_candidates(self, n: int) -> list[np.ndarray]:
         """Fixed x tried for node n's best-in-hindsight, all under its budget: Uniform and psi-merge
         as they would play knowing the node's true average mix, each expert alone that serves at
-        least 5 % of its requests, and `fixed_candidates` random points of X."""
+        least 5 % of its requests, and `fixed_candidates` random points of X (seeded per node)."""
         budget = self.nodes[n][1].budget
         mix = self.wl.psi[:, n].mean(0)
         xs = [registry.make_policy(p, self.K, self.V, task_experts=self.task_experts).select(mix, budget)
               for p in ("Uniform", "psi-merge")]
         mass = np.bincount(self.task_experts, weights=mix, minlength=self.K)
         xs += [np.eye(self.K)[k] for k in np.flatnonzero(mass >= 0.05)]
+        rng = np.random.default_rng([self.cfg.seed + 2, n])
         xs += [project_to_budget(x, budget) for x in rng.dirichlet(np.ones(self.K), size=self.cfg.fixed_candidates)]
         return list({x.tobytes(): x for x in xs}.values())
 
@@ -281,13 +282,13 @@ class Simulation:
         """Per-slot credit of the best fixed x in hindsight, one per node (each node has its own mix
         and budget). Each candidate is scored on a seeded sample of `regret_sample` of the node's
         requests, and the winner on all of them, so the comparator costs a sample per candidate."""
-        rng = np.random.default_rng(self.cfg.seed + 2)
         out = np.zeros(self.cfg.slots)
         for n in tqdm(range(len(self.nodes)), desc="best fixed x", disable=not self.progress, leave=False):
             rows = [r for t in range(self.cfg.slots) for r in self.rows(t, n)]
-            cands = self.fixed_candidates(n, rng)
+            cands = self.fixed_candidates(n)
             if not rows:
                 continue
+            rng = np.random.default_rng([self.cfg.seed + 3, n])
             k = len(rows) if self.cfg.regret_sample == 0 else min(self.cfg.regret_sample, len(rows))
             sample = [rows[i] for i in rng.choice(len(rows), size=k, replace=False)]
             score = [self.row_credit(sample, self.ev.predict_rows(merged_spec(x), sample)).mean() for x in cands]

@@ -48,6 +48,23 @@ def test_children_partition_parent_and_candidates_feasible():
         assert tree.contains(int(leaf), tree.rep[leaf])
 
 
+def test_probe_points_lie_in_their_leaf_and_are_fixed_per_node():
+    rng = np.random.default_rng(1)
+    tree = PartitionTree(8, TreeConfig(probes=5))
+    for _ in range(20):
+        tree.split(int(rng.choice(tree.leaves)))
+    pts, owner = tree.candidate_points(8)
+    assert len(pts) == 6 * len(tree.leaves) and set(owner.tolist()) == set(tree.leaves.tolist())
+    _check_feasible(pts, 8)
+    for x, leaf in zip(pts, owner):
+        assert tree.contains(int(leaf), x)
+    assert len({x.tobytes() for x in pts}) == len(pts)  # probes differ from the centre and each other
+    again = PartitionTree.from_state_dict(tree.state_dict())
+    assert np.array_equal(again.candidate_points(3)[0], tree.candidate_points(3)[0])
+    _check_feasible(tree.candidate_points(2)[0], 2)
+    assert len(PartitionTree(8, TreeConfig(probes=0)).candidate_points(8)[0]) == 1
+
+
 def test_tightened_box_is_exact_range():
     lo = np.array([[0.0, 0.5, 0.0]])
     hi = np.array([[1.0, 1.0, 0.2]])

@@ -14,7 +14,7 @@ from tanbr_ray.moe.infer import make_batches
 from tanbr_ray.sim.config import POLICIES, SimConfig, load_config
 from tanbr_ray.sim.evaluate import PoolEvaluator, merged_spec
 from tanbr_ray.sim.fleet import Fleet, load_fleet
-from tanbr_ray.sim.loop import run_simulation
+from tanbr_ray.sim.loop import Simulation, run_simulation
 from tanbr_ray.sim.report import write_results
 
 TINY = dict(name="tiny-sim", tiny_base=TinyBase(), tasks=["SST-2", "MNLI"], train_examples=32, batch_size=16,
@@ -121,6 +121,18 @@ def test_mixed_task_rows_in_one_pass_equal_the_full_forward(tiny_moe, spec):
             want = full[[order[group[k][1]] for k in where]]
             assert torch.allclose(logits, want, atol=1e-5)
             assert np.array_equal(preds[[rows.index(group[k]) for k in where]], want.argmax(-1).numpy())
+
+
+def test_best_fixed_x_is_chosen_per_node_among_its_candidates(tiny_moe):
+    sim = Simulation(_cfg(slots=4, regret_sample=0, fixed_candidates=2), tiny_moe, Fleet(**FLEET), progress=False)
+    best = sim.best_fixed_credit()
+    total = 0.0
+    for n, (_, cls) in enumerate(sim.nodes):
+        cands = sim.fixed_candidates(n)
+        assert all((x > 0).sum() <= cls.budget and abs(x.sum() - 1) < 1e-9 for x in cands)
+        per_cand = [sum(sim.serve(merged_spec(x), t, n)[1].sum() for t in range(4)) for x in cands]
+        total += max(per_cand)  # selecting on all requests: the node's best candidate
+    assert best.shape == (4,) and np.isclose(best.sum(), total)
 
 
 def test_predictions_are_memoised(tiny_moe):
