@@ -30,7 +30,7 @@ def simulate(
     from tanbr_ray.moe import default_config, load_or_build, quick_config
     from tanbr_ray.sim.config import DEFAULT_CONFIG, QUICK_CONFIG, load_config
     from tanbr_ray.sim.loop import run_simulation
-    from tanbr_ray.sim.report import format_table, write_results
+    from tanbr_ray.sim.report import format_table, latency_ratios, write_results
     from tanbr_ray.tracking import log_simulation
 
     if backend not in ("local", "ray"):
@@ -58,6 +58,8 @@ def simulate(
     s = result.summary
     print_table(f"{cfg.name}: {cfg.slots} slots × {len(result.nodes)} nodes, {s['requests']} requests, "
                 f"schedule {cfg.schedule}", header, rows)
+    for line in latency_ratios(s):
+        typer.echo(line)
     typer.echo(f"{s['requests_simulated']} requests simulated ({s['model_forwards']} model forwards) in "
                f"{s['wall_seconds']:.1f} s: {s['requests_per_second']:.0f} requests/s")
     if "ray" in s:

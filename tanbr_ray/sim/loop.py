@@ -224,7 +224,7 @@ class Simulation:
         push_s = 0.0  # link time spent on weight pushes, summed over nodes
         choices = np.full((T, N, self.K), np.nan) if router is not None else None
         per_task = {task: ([], [], []) for task in self.tasks}  # slot, example, prediction
-        latency = []
+        latency, latency_class = [], []  # per request: ms, and the node that served it
         current: list[Spec | None] = [None] * N
         for t in tqdm(range(T), desc=name, disable=not self.progress, leave=False):
             psis = self.psi_hat[t]  # 1. monitor: each node's estimate from earlier slots only
@@ -253,6 +253,7 @@ class Simulation:
                     per_task[task][1].append(req.examples[sel])
                     per_task[task][2].append(preds[sel])
                 latency.append(lat)
+                latency_class.append(np.full(len(lat), n))
                 if router is not None:
                     feedback.append((choices[t, n], psis[n], *self.rewards(t, n, preds, credit)))
             if router is not None:  # 5. rewards arrive after the slot: update
@@ -262,6 +263,7 @@ class Simulation:
                         float(credit_sum[:t + 1].sum() / max(counts[:t + 1].sum(), 1)))
         return {"credit": credit_sum, "counts": counts, "pushed": pushed, "choices": choices,
                 "per_task": per_task, "latency": np.concatenate(latency) if latency else np.zeros(0),
+                "latency_node": np.concatenate(latency_class) if latency_class else np.zeros(0, dtype=int),
                 "mode": mode, "push_seconds": push_s}
 
     def fixed_candidates(self, n: int) -> list[np.ndarray]:
@@ -308,6 +310,16 @@ class Simulation:
         return credit
 
 
+def _p50_by_class(latency: np.ndarray, node: np.ndarray, nodes) -> dict[str, float]:
+    """Median request latency per node class (where the full MoE fits and where it must swap)."""
+    out = {}
+    for cls in dict.fromkeys(c.name for _, c in nodes):
+        sel = np.isin(node, [n for n, (_, c) in enumerate(nodes) if c.name == cls])
+        if sel.any():
+            out[cls] = float(np.percentile(latency[sel], 50))
+    return out
+
+
 Backend = Callable[["Simulation", str], "tuple[SlotRouter | None, EdgeServing | None]"]
 
 
@@ -352,6 +364,7 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
             "scores": scores,
             "latency_ms_p50": float(np.percentile(r["latency"], 50)) if len(r["latency"]) else float("nan"),
             "latency_ms_p95": float(np.percentile(r["latency"], 95)) if len(r["latency"]) else float("nan"),
+            "latency_ms_p50_by_class": _p50_by_class(r["latency"], r["latency_node"], sim.nodes),
             "resident_bytes": int(max(resident.values())),
             "pushed_bytes": int(r["pushed"].sum()),
             "pushed_bytes_per_slot": float(r["pushed"].mean()),

@@ -99,6 +99,23 @@ def format_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def latency_ratios(summary: dict, policy: str = "Tanbr") -> list[str]:
+    """`policy`'s p50 latency over Switch top-2's and top-1's, fleet-wide and per node class."""
+    pols = summary.get("policies", {})
+    if policy not in pols:
+        return []
+    lines = []
+    for ref in ("Switch-top2", "Switch-top1"):
+        if ref not in pols:
+            continue
+        mine, theirs = pols[policy], pols[ref]
+        per = [f"{c} {mine['latency_ms_p50_by_class'][c] / v:.2f}"
+               for c, v in theirs.get("latency_ms_p50_by_class", {}).items() if c in mine.get("latency_ms_p50_by_class", {})]
+        lines.append(f"{policy} p50 latency / {ref}: fleet {mine['latency_ms_p50'] / theirs['latency_ms_p50']:.2f}"
+                     + (f" ({', '.join(per)})" if per else ""))
+    return lines
+
+
 def _task_list(out: SimOutput) -> list[str]:
     tasks = list(out.tasks)
     for p in out.summary.get("policies", {}).values():
@@ -354,7 +371,8 @@ def _summary_md(out: SimOutput) -> bytes:
     facts.append(f"nodes: {len(out.nodes)} in {len(set(out.node_classes.values()))} classes")
     parts += ["; ".join(facts) + ".", "", "## Policies", "",
               "Scores in percent; MB = 10^6 bytes; regrets are cumulative (reward units).", "",
-              _md_table(header, rows), "", "## Score per task (%)", "",
+              _md_table(header, rows), "", *[f"- {line}" for line in latency_ratios(s)], "",
+              "## Score per task (%)", "",
               _md_table(["Policy", *tasks], task_rows), "", "## Plots", ""]
     titles = {
         "regret.png": "Cumulative regret",

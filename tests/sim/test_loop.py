@@ -15,7 +15,7 @@ from tanbr_ray.sim.config import POLICIES, SimConfig, load_config
 from tanbr_ray.sim.evaluate import PoolEvaluator, merged_spec
 from tanbr_ray.sim.fleet import Fleet, load_fleet
 from tanbr_ray.sim.loop import Simulation, run_simulation
-from tanbr_ray.sim.report import write_results
+from tanbr_ray.sim.report import latency_ratios, write_results
 
 TINY = dict(name="tiny-sim", tiny_base=TinyBase(), tasks=["SST-2", "MNLI"], train_examples=32, batch_size=16,
             max_len_single=16, max_len_pair=24, head_hidden=16, heads_only_examples=32, heads_only_epochs=2,
@@ -51,6 +51,7 @@ def test_every_policy_runs_and_reports(result):
         assert 0.0 <= r["score"] <= 1.0, name
         assert set(r["scores"]) <= {"SST-2", "MNLI"}
         assert r["latency_ms_p50"] > 0 and r["latency_ms_p95"] >= r["latency_ms_p50"]
+        assert set(r["latency_ms_p50_by_class"]) == {"board", "dc"}
         assert r["resident_bytes"] > 0 and r["pushed_bytes"] > 0 and r["push_seconds"] > 0
     assert s["policies"]["Oracle"]["regret_vs_oracle"] == 0.0
     assert s["requests"] > 0 and s["requests_simulated"] == s["requests"] * len(POLICIES)
@@ -58,6 +59,10 @@ def test_every_policy_runs_and_reports(result):
     assert s["policies"]["Switch-top2"]["resident_bytes"] > s["policies"]["Tanbr"]["resident_bytes"]
     # a board cannot hold the full MoE: swapping experts in makes routing slower there
     assert s["policies"]["Switch-top2"]["latency_ms_p95"] > s["policies"]["Tanbr"]["latency_ms_p50"]
+    by_class = {n: s["policies"][n]["latency_ms_p50_by_class"] for n in ("Switch-top2", "Tanbr")}
+    assert by_class["Switch-top2"]["board"] > by_class["Switch-top2"]["dc"]
+    ratio = s["policies"]["Tanbr"]["latency_ms_p50"] / s["policies"]["Switch-top2"]["latency_ms_p50"]
+    assert latency_ratios(s)[0].startswith(f"Tanbr p50 latency / Switch-top2: fleet {ratio:.2f} (board ")
 
 
 def test_choices_respect_node_budgets(result):
