@@ -86,6 +86,7 @@ class PartitionTree:
         self.rep[0] = representatives(self.lo[:1], self.hi[:1])[0]
         self._leaves = [0]
         self._cand_cache: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray]] = {}
+        self._points: dict[int, np.ndarray] = {}  # a node's region never changes: its points neither
 
     # --- structure -------------------------------------------------------------------------
     @property
@@ -150,9 +151,11 @@ class PartitionTree:
         m = self.config.probes
         if m == 0:
             return self.rep[node][None]
-        u = np.random.default_rng(node).random((m, self.num_experts))
-        lo, hi = np.repeat(self.lo[node][None], m, 0), np.repeat(self.hi[node][None], m, 0)
-        return np.concatenate([self.rep[node][None], representatives(lo, hi, at=lo + u * (hi - lo))])
+        if node not in self._points:
+            u = np.random.default_rng(node).random((m, self.num_experts))
+            lo, hi = np.repeat(self.lo[node][None], m, 0), np.repeat(self.hi[node][None], m, 0)
+            self._points[node] = np.concatenate([self.rep[node][None], representatives(lo, hi, at=lo + u * (hi - lo))])
+        return self._points[node]
 
     def candidates(self, budget: int) -> np.ndarray:
         """Representatives of the active leaves mapped into X for this budget (cached until a split)."""
