@@ -31,7 +31,7 @@ from tanbr_ray.sim.evaluate import PoolEvaluator, Spec, merged_spec
 from tanbr_ray.sim.fleet import Fleet, NodeClass, load_fleet
 from tanbr_ray.sim.output import PolicySeries, SimOutput
 from tanbr_ray.sim.workload import Workload, generate
-from tanbr_ray.stats import loglog_slope
+from tanbr_ray.stats import loglog_slope, recovery_slots
 
 STATIC_SPECS: dict[str, Spec] = {
     "Switch-top1": ("top1",), "Switch-top2": ("top2",), "Oracle": ("oracle",),
@@ -372,6 +372,7 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
             "regret_vs_best_fixed": float(reg_fixed.sum()),
             "regret_vs_oracle": float(reg_oracle.sum()),
             "regret_slope": loglog_slope(np.cumsum(reg_fixed), start_frac=0.5),
+            "recovery_slots": [recovery_slots(reg_oracle, c, max(3, cfg.slots // 20)) for c in sim.wl.mix_changes],
         }
         series[name] = PolicySeries(name, r["credit"] / safe, reg_fixed, reg_oracle, r["pushed"], r["choices"],
                                     r["latency"], resident)

@@ -140,6 +140,15 @@ def test_best_fixed_x_is_chosen_per_node_among_its_candidates(tiny_moe):
     assert best.shape == (4,) and np.isclose(best.sum(), total)
 
 
+def test_switching_run_reports_recovery_after_each_change(tiny_moe):
+    out = run_simulation(_cfg(slots=8, schedule="switching", switch_every=4, policies=["Tanbr", "Oracle"]),
+                         tiny_moe, fleet=Fleet(**FLEET), progress=False)
+    for name in ("Tanbr", "Oracle"):
+        rec = out.summary["policies"][name]["recovery_slots"]
+        assert len(rec) == 1 and (rec[0] is None or 0 <= rec[0] <= 2)
+    assert out.summary["policies"]["Oracle"]["recovery_slots"] == [0]  # no gap to itself
+
+
 def test_predictions_are_memoised(tiny_moe):
     pool = {t: load_task(t, "dev").head(10, seed=0) for t in tiny_moe.tasks}
     ev = PoolEvaluator(tiny_moe, pool)
