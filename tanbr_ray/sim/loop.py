@@ -372,7 +372,7 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
             "regret_vs_best_fixed": float(reg_fixed.sum()),
             "regret_vs_oracle": float(reg_oracle.sum()),
             "regret_slope": loglog_slope(np.cumsum(reg_fixed), start_frac=0.5),
-            "recovery_slots": [recovery_slots(reg_oracle, c, max(3, cfg.slots // 20)) for c in sim.wl.mix_changes],
+            "recovery_slots": [recovery_slots(reg_oracle, c, max(3, cfg.slots // 10)) for c in sim.wl.mix_changes],
         }
         series[name] = PolicySeries(name, r["credit"] / safe, reg_fixed, reg_oracle, r["pushed"], r["choices"],
                                     r["latency"], resident)
