@@ -62,7 +62,7 @@ def simulate(
         typer.echo(line)
     if s["policies"].get("Tanbr", {}).get("recovery_slots"):
         typer.echo(f"Tanbr: slots until its gap to the oracle is back to its level before each mix change: "
-                   f"{s['policies']['Tanbr']['recovery_slots']} (None = not within the run)")
+                   f"{s['policies']['Tanbr']['recovery_slots']} (None = not within the run, or no window before the change)")
     typer.echo(f"{s['requests_simulated']} requests simulated ({s['model_forwards']} model forwards) in "
                f"{s['wall_seconds']:.1f} s: {s['requests_per_second']:.0f} requests/s")
     if "ray" in s:

@@ -81,11 +81,12 @@ class PoolEvaluator:
     def predict_rows(self, spec: Spec, rows: Sequence[Row]) -> np.ndarray:
         """Predictions of `spec` for (task, example) rows of any tasks (memoised)."""
         memo = self._memo.setdefault(spec, {})
-        missing = sorted({(t, int(i)) for t, i in rows} - memo.keys(), key=lambda r: self.width[r[0]][r[1]])
+        missing = sorted({(t, int(i)) for t, i in rows} - memo.keys(), key=lambda r: (self.width[r[0]][r[1]], r))
         if missing:
             memo.update(zip(missing, self._run(spec, missing)))
         return np.asarray([memo[(t, int(i))] for t, i in rows], dtype=np.float64)
 
+    @torch.no_grad()
     def logits(self, spec: Spec, task: str, indices) -> torch.Tensor:
         """Logits of one task's pool examples, in the given order (runs them; no memo)."""
         return self.logits_rows(spec, [(task, int(i)) for i in indices])[task][1]
@@ -102,8 +103,12 @@ class PoolEvaluator:
                     preds.update(zip([chunk[k] for k in where], _to_pred(task, logits)))
         return [float(preds[r]) for r in rows]
 
+    @torch.no_grad()
     def logits_rows(self, spec: Spec, rows: list[Row]) -> dict[str, tuple[list[int], torch.Tensor]]:
-        """One forward pass over rows of one or more tasks: per task, (positions in rows, logits)."""
+        """One forward pass over rows of one or more tasks: per task, (positions in rows, logits).
+        The oracle's FFN is the task's expert, so its rows must share one task."""
+        if spec[0] == "oracle" and len({t for t, _ in rows}) > 1:
+            raise ValueError("oracle spec: one forward pass serves one task's rows only")
         width = max(self.width[t][i] for t, i in rows)
         h, mask = [], []
         for t, i in rows:

@@ -100,9 +100,10 @@ def format_table(summary: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def latency_ratios(summary: dict, policy: str = "Tanbr") -> list[str]:
-    """`policy`'s p50 latency over Switch top-2's and top-1's, fleet-wide and per node class."""
+    """`policy`'s p50 latency over Switch top-2's and top-1's, fleet-wide and per node class. None
+    for the Ray backend, whose router policies report measured wall time and Switch the model."""
     pols = summary.get("policies", {})
-    if policy not in pols:
+    if policy not in pols or "ray" in summary:
         return []
     lines = []
     for ref in ("Switch-top2", "Switch-top1"):
