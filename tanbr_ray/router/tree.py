@@ -169,9 +169,9 @@ class PartitionTree:
     def _candidates(self, budget: int, probes: bool) -> tuple[np.ndarray, np.ndarray]:
         cached = self._cand_cache.get((budget, probes))
         if cached is None:
-            pts = [self.points(int(n)) if probes else self.rep[n][None] for n in self.leaves]
-            owner = np.repeat(self.leaves, [len(p) for p in pts])
-            cached = (project_rows_to_budget(np.concatenate(pts), budget), owner)
+            leaves = self.leaves
+            pts = np.concatenate([self.points(int(n)) for n in leaves]) if probes else self.rep[leaves]
+            cached = (project_rows_to_budget(pts, budget), np.repeat(leaves, len(pts) // len(leaves)))
             self._cand_cache[(budget, probes)] = cached
         return cached
 

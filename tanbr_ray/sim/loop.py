@@ -287,9 +287,9 @@ class Simulation:
         out = np.zeros(self.cfg.slots)
         for n in tqdm(range(len(self.nodes)), desc="best fixed x", disable=not self.progress, leave=False):
             rows = [r for t in range(self.cfg.slots) for r in self.rows(t, n)]
-            cands = self.fixed_candidates(n)
             if not rows:
                 continue
+            cands = self.fixed_candidates(n)
             rng = np.random.default_rng([self.cfg.seed + 3, n])
             k = len(rows) if self.cfg.regret_sample == 0 else min(self.cfg.regret_sample, len(rows))
             sample = [rows[i] for i in rng.choice(len(rows), size=k, replace=False)]
