@@ -63,7 +63,8 @@ def simulate(
     if s["policies"].get("Tanbr", {}).get("recovery_slots"):
         typer.echo(f"Tanbr: slots until its gap to the oracle is back to its level before each mix change: "
                    f"{s['policies']['Tanbr']['recovery_slots']} (None = not within the run, or no window before the change)")
-    typer.echo(f"{s['requests_simulated']} requests simulated ({s['model_forwards']} model forwards) in "
+    typer.echo(f"{s['requests_simulated']} requests simulated ({s['model_forwards']} model forwards, "
+               f"{s['padded_tokens_per_real']:.2f} padded tokens per real one) in "
                f"{s['wall_seconds']:.1f} s: {s['requests_per_second']:.0f} requests/s")
     if "ray" in s:
         r = s["ray"]

@@ -169,8 +169,7 @@ class Simulation:
 
     def predict_slot(self, t: int, specs: Sequence[Spec]) -> list[np.ndarray]:
         """Every node's slot-t predictions, each distinct model run once over all its nodes' rows."""
-        for spec in dict.fromkeys(specs):
-            self.ev.predict_rows(spec, [r for n, s in enumerate(specs) if s == spec for r in self.rows(t, n)])
+        self.ev.prefetch([(spec, self.rows(t, n)) for n, spec in enumerate(specs)])
         return [self.predict(spec, t, n) for n, spec in enumerate(specs)]
 
     def credit(self, t: int, n: int, preds: np.ndarray) -> np.ndarray:
@@ -283,20 +282,29 @@ class Simulation:
     def best_fixed_credit(self) -> np.ndarray:
         """Per-slot credit of the best fixed x in hindsight, one per node (each node has its own mix
         and budget). Each candidate is scored on a seeded sample of `regret_sample` of the node's
-        requests, and the winner on all of them, so the comparator costs a sample per candidate."""
-        out = np.zeros(self.cfg.slots)
-        for n in tqdm(range(len(self.nodes)), desc="best fixed x", disable=not self.progress, leave=False):
+        requests, and the winner on all of them, so the comparator costs a sample per candidate.
+        Both stages run every node's work together, so candidates that several nodes share (each
+        expert alone, say) run their rows in shared forward passes."""
+        plans = []  # (node, all its rows, its candidate specs, the scoring sample)
+        for n in range(len(self.nodes)):
             rows = [r for t in range(self.cfg.slots) for r in self.rows(t, n)]
             if not rows:
                 continue
-            cands = self.fixed_candidates(n)
+            cands = [merged_spec(x) for x in self.fixed_candidates(n)]
             rng = np.random.default_rng([self.cfg.seed + 3, n])
             k = len(rows) if self.cfg.regret_sample == 0 else min(self.cfg.regret_sample, len(rows))
-            sample = [rows[i] for i in rng.choice(len(rows), size=k, replace=False)]
-            score = [self.row_credit(sample, self.ev.predict_rows(merged_spec(x), sample)).mean() for x in cands]
-            best = merged_spec(cands[int(np.argmax(score))])
+            plans.append((n, rows, cands, [rows[i] for i in rng.choice(len(rows), size=k, replace=False)]))
+        with tqdm(total=2, desc="best fixed x", disable=not self.progress, leave=False) as bar:
+            self.ev.prefetch([(spec, sample) for _, _, cands, sample in plans for spec in cands])
+            bar.update()
+            best = {n: cands[int(np.argmax([self.row_credit(sample, self.ev.predict_rows(spec, sample)).mean()
+                                            for spec in cands]))] for n, _, cands, sample in plans}
+            self.ev.prefetch([(best[n], rows) for n, rows, _, _ in plans])
+            bar.update()
+        out = np.zeros(self.cfg.slots)
+        for n in best:
             for t in range(self.cfg.slots):
-                out[t] += self.serve(best, t, n)[1].sum()
+                out[t] += self.serve(best[n], t, n)[1].sum()
         return out
 
     def row_credit(self, rows: Sequence[tuple[str, int]], preds: np.ndarray) -> np.ndarray:
@@ -382,6 +390,7 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
         "requests": int(total),
         "requests_simulated": int(total * len(runs)),
         "model_forwards": int(sim.ev.forwards),
+        "padded_tokens_per_real": sim.ev.padded_tokens / max(sim.ev.real_tokens, 1),
         "wall_seconds": wall,
         "requests_per_second": total * len(runs) / wall,
         "slots": cfg.slots,
