@@ -138,6 +138,22 @@ def measure_latency(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -
     return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)), "mean": float(a.mean()), "runs": runs}
 
 
+@torch.inference_mode()
+def interleaved_latency(fns: Mapping[str, Callable[[], object]], runs: int = 20, warmup: int = 2) -> dict[str, float]:
+    """p50 wall time (ms) of each fn, timed round-robin: a load change on a shared host then hits
+    every fn alike, so their ratios hold even when the absolute times drift."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(warmup + runs):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if r >= warmup:
+                ts[k].append((time.perf_counter() - t0) * 1000)
+    return {k: float(np.percentile(v, 50)) for k, v in ts.items()}
+
+
 def mode_forward(moe, mode: str, batch_size: int, seq_len: int = 64, task: str | None = None, x=None):
     """A zero-argument forward of one synthetic batch in the given mode (for the latency bench).
     dense/merged run a standalone dense model (one FFN per layer), the others run the MoE."""

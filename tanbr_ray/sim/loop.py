@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tanbr_ray.moe.data import load_task
-from tanbr_ray.moe.infer import batch_latency
+from tanbr_ray.moe.infer import interleaved_latency, mode_forward
 from tanbr_ray.router import Policy, TaskMonitor, registry
 from tanbr_ray.simplex import project_to_budget
 from tanbr_ray.sim.config import SimConfig
@@ -56,9 +56,9 @@ class Costs:
         return self.compute_ms[mode] * node.slowdown + node.rtt_ms + swap
 
 
-def measure_costs(moe, runs: int = 10, seq_len: int = 64) -> Costs:
+def measure_costs(moe, runs: int = 20, seq_len: int = 64) -> Costs:
     modes = ("merged", "oracle", "top1", "top2")
-    compute = {m: batch_latency(moe, m, 1, seq_len, runs=runs, warmup=2)["p50"] for m in modes}
+    compute = interleaved_latency({m: mode_forward(moe, m, 1, seq_len) for m in modes}, runs=runs)
     resident = {m: int(moe.resident_bytes(m)) for m in modes}
     x = np.full(moe.num_experts, 1.0 / moe.num_experts)
     ffn = int(sum(t.numel() * t.element_size() for t in moe.merged_state(x).values()))
