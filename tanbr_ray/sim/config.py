@@ -38,6 +38,11 @@ class SimConfig(BaseModel):
     pool_per_task: int = Field(150, ge=2, description="dev examples per task requests are drawn from")
     label_fraction: float = Field(1.0, ge=0.0, le=1.0, description="share of requests labelled after the slot")
     label_free: bool = Field(False, description="reward = agreement with the full MoE (top-2) instead of labels")
+    credit: Literal["accuracy", "balanced"] = Field(
+        "accuracy", description="per-request credit of a classification answer: accuracy = 1 per correct "
+        "answer; balanced = a correct answer of class y earns 1/(C p_y), p_y its share of the task's "
+        "training labels, so the expected credit is the balanced accuracy (collapsing onto the majority "
+        "class earns 1/C, as MCC and F1 would have it)")
     fixed_candidates: int = Field(2, ge=0, le=1000, description="random fixed x tried per node for the best-in-hindsight")
     regret_sample: int = Field(48, ge=0, description="requests per node that pick its best fixed x; 0 = all")
     policies: list[str] = Field(default_factory=lambda: list(POLICIES))

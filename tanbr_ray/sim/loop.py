@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tanbr_ray.moe.data import load_task
+from tanbr_ray.moe.data import NUM_LABELS, load_task
 from tanbr_ray.moe.infer import interleaved_latency, mode_forward
 from tanbr_ray.router import Policy, TaskMonitor, registry
 from tanbr_ray.simplex import project_to_budget
@@ -122,6 +122,21 @@ def make_policy(name: str, cfg: SimConfig, K: int, V: int, task_experts: np.ndar
     return registry.make_policy(name, K, V, cfg.seed, cfg.tanbr, task_experts, tasks=tasks)
 
 
+def class_weights(tasks: Sequence[str], data_dir: str | None) -> dict[str, np.ndarray]:
+    """Credit per correct answer of each class, 1 / (C p_y) with p_y the class's share of the task's
+    training labels: the expected credit of a policy is then its balanced accuracy (mean recall), and
+    answering every request with the majority class earns 1/C, as MCC and F1 would have it, instead of
+    the majority's share. Regression tasks (STS-B) have none."""
+    out = {}
+    for task in tasks:
+        C = NUM_LABELS[task]
+        if C < 2:
+            continue
+        counts = np.bincount(load_task(task, "train", data_dir).labels, minlength=C).astype(np.float64)
+        out[task] = 1.0 / (C * (counts + 1.0) / (counts.sum() + C))  # add-one: no class weighs infinitely
+    return out
+
+
 def estimate_mixes(wl: Workload, tasks: list[str], cfg: SimConfig) -> np.ndarray:
     """psi-hat per slot and node from each node's monitor, using only earlier slots' requests."""
     slots, nodes = len(wl.requests), len(wl.requests[0])
@@ -156,6 +171,7 @@ class Simulation:
         rng = np.random.default_rng(cfg.seed + 1)
         self.labelled = [[rng.random(len(r.tasks)) < cfg.label_fraction for r in slot] for slot in self.wl.requests]
         self.costs = measure_costs(moe)
+        self.class_weight = class_weights(self.tasks, cfg.data_dir) if cfg.credit == "balanced" else {}
 
     # --- serving ---------------------------------------------------------------------------
     def rows(self, t: int, n: int) -> list[tuple[str, int]]:
@@ -173,7 +189,7 @@ class Simulation:
         return [self.predict(spec, t, n) for n, spec in enumerate(specs)]
 
     def credit(self, t: int, n: int, preds: np.ndarray) -> np.ndarray:
-        """Per-request credit in [0, 1] of these predictions for node n's requests in slot t."""
+        """Per-request credit of these predictions for node n's requests in slot t (`row_credit`)."""
         return self.row_credit(self.rows(t, n), preds)
 
     def serve(self, spec: Spec, t: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -308,13 +324,16 @@ class Simulation:
         return out
 
     def row_credit(self, rows: Sequence[tuple[str, int]], preds: np.ndarray) -> np.ndarray:
-        """Per-request credit of predictions for (task, example) rows."""
+        """Per-request credit of predictions for (task, example) rows: 1 per correct class (times the
+        class's weight under `credit: balanced`), 1 - |error|/5 for STS-B."""
         tasks = np.asarray([t for t, _ in rows])
         idx = np.asarray([i for _, i in rows], dtype=np.int64)
         credit = np.zeros(len(rows))
         for task in set(tasks.tolist()):
             sel = tasks == task
             credit[sel] = self.ev.credit(task, idx[sel], preds[sel])
+            if task in self.class_weight:
+                credit[sel] *= self.class_weight[task][self.ev.labels[task][idx[sel]].astype(np.int64)]
         return credit
 
 

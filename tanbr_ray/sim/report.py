@@ -352,6 +352,14 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _credit_note(out: SimOutput) -> str:
+    if out.config.get("label_free"):
+        return "agreement with the full MoE"
+    if out.config.get("credit") == "balanced":
+        return "balanced: a correct answer of class y earns 1/(C p_y); 1 - |error|/5 for STS-B"
+    return "accuracy; 1 - |error|/5 for STS-B"
+
+
 def _summary_md(out: SimOutput) -> bytes:
     s = out.summary
     header, rows = format_table(s)
@@ -371,7 +379,8 @@ def _summary_md(out: SimOutput) -> bytes:
     facts.append(f"slot length: {out.slot_seconds:g} s")
     facts.append(f"nodes: {len(out.nodes)} in {len(set(out.node_classes.values()))} classes")
     parts += ["; ".join(facts) + ".", "", "## Policies", "",
-              "Scores in percent; MB = 10^6 bytes; regrets are cumulative (reward units).", "",
+              "Scores in percent; MB = 10^6 bytes; regrets are cumulative, in per-request credit "
+              f"({_credit_note(out)}).", "",
               _md_table(header, rows), "", *[f"- {line}" for line in latency_ratios(s)], "",
               "## Score per task (%)", "",
               _md_table(["Policy", *tasks], task_rows), "", "## Plots", ""]

@@ -223,3 +223,26 @@ def test_bf16_scoring_stays_close(tiny_moe):
         a, b = exact.logits(spec, task, list(range(10))), fast.logits(spec, task, list(range(10)))
         assert a.dtype == b.dtype == torch.float32
         assert torch.allclose(a, b, atol=0.1) and not torch.equal(a, b)
+
+
+def test_balanced_credit_weights_classes_by_their_training_share(tiny_moe):
+    from tanbr_ray.moe.data import load_task
+    from tanbr_ray.sim.loop import class_weights
+
+    w = class_weights(["SST-2", "MNLI", "STS-B"], None)
+    assert "STS-B" not in w  # regression keeps 1 - |error|/5
+    for task, C in (("SST-2", 2), ("MNLI", 3)):
+        y = load_task(task, "train").labels
+        share = np.bincount(y, minlength=C) / len(y)
+        assert w[task].shape == (C,)
+        assert np.isclose((share * w[task]).sum(), 1.0, atol=0.01)  # a perfect policy earns ~1 a request
+        assert np.isclose(share.max() * w[task][share.argmax()], 1.0 / C, atol=0.01)  # majority-only: ~1/C
+    acc = Simulation(_cfg(), tiny_moe, Fleet(**FLEET), progress=False)  # the default: accuracy
+    bal = Simulation(_cfg(credit="balanced"), tiny_moe, Fleet(**FLEET), progress=False)
+    rows = [r for t in range(3) for n in range(len(bal.nodes)) for r in bal.rows(t, n)]
+    preds = bal.ev.predict_rows(("top1",), rows)
+    a, b = acc.row_credit(rows, preds), bal.row_credit(rows, preds)
+    for k, (task, i) in enumerate(rows):
+        assert np.isclose(b[k], a[k] * bal.class_weight[task][int(bal.ev.labels[task][i])])
+    with pytest.raises(ValueError, match="credit"):
+        _cfg(credit="f1")
