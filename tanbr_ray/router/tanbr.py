@@ -102,6 +102,8 @@ class Tanbr(Policy):
         blob_path = directory / "bandit.safetensors"
         if not blob_path.exists() or sha256_file(blob_path) != state["bandit_sha256"]:
             raise ValueError(f"router state {blob_path}: missing or checksum mismatch")
+        for tree_cfg in (state["config"].get("tree", {}), state["tree"].get("config", {})):
+            tree_cfg.setdefault("probes", 0)  # written before leaves had probes: candidates were the centres
         router = cls(state["num_experts"], state["num_tasks"], TanbrConfig(**state["config"]), state["tasks"])
         router.tree = PartitionTree.from_state_dict(state["tree"])
         router.monitor = TaskMonitor.from_state_dict(state["monitor"])

@@ -57,3 +57,18 @@ def test_state_json_is_plain_json(tmp_path):
     Tanbr(3, 2).save(tmp_path)
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["policy"] == "Tanbr" and state["num_experts"] == 3
+
+
+def test_state_written_before_probes_loads_with_centre_candidates(tmp_path):
+    router = Tanbr(4, 2, TanbrConfig(tree=TreeConfig(tau0=1.0, probes=0)))
+    for _ in range(6):
+        x = router.select(np.array([0.5, 0.5]), 4)
+        router.update(x, np.array([0.5, 0.5]), np.array([x[0], x[1]]))
+    router.save(tmp_path)
+    state = json.loads((tmp_path / "state.json").read_text())
+    del state["config"]["tree"]["probes"], state["tree"]["config"]["probes"]  # as the older code wrote it
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    loaded = Tanbr.load(tmp_path)
+    assert loaded.config.tree.probes == 0 and loaded.tree.config.probes == 0
+    assert np.array_equal(loaded.tree.candidate_points(4)[0], router.tree.candidate_points(4)[0])
+    assert np.array_equal(loaded.select(np.array([0.3, 0.7]), 4), router.select(np.array([0.3, 0.7]), 4))
