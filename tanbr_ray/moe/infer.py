@@ -121,27 +121,16 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab: int, device, seed: int
     return ids.to(device), torch.ones_like(ids).to(device), torch.zeros_like(ids).to(device)
 
 
-@torch.inference_mode()
 def measure_latency(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> dict[str, float]:
     """p50/p95/mean wall time (ms) of fn() over `runs` calls after `warmup` calls (GPU-synchronised)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        ts.append((time.perf_counter() - t0) * 1000)
-    a = np.asarray(ts)
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)), "mean": float(a.mean()), "runs": runs}
+    return interleaved_latency({"fn": fn}, runs=runs, warmup=warmup)["fn"]
 
 
 @torch.inference_mode()
-def interleaved_latency(fns: Mapping[str, Callable[[], object]], runs: int = 20, warmup: int = 2) -> dict[str, float]:
-    """p50 wall time (ms) of each fn, timed round-robin: a load change on a shared host then hits
-    every fn alike, so their ratios hold even when the absolute times drift."""
+def interleaved_latency(fns: Mapping[str, Callable[[], object]], runs: int = 20,
+                        warmup: int = 2) -> dict[str, dict[str, float]]:
+    """p50/p95/mean wall time (ms) of each fn, timed round-robin: a load change on a shared host then
+    hits every fn alike, so their ratios hold even when the absolute times drift."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     ts: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(warmup + runs):
@@ -151,7 +140,8 @@ def interleaved_latency(fns: Mapping[str, Callable[[], object]], runs: int = 20,
             sync()
             if r >= warmup:
                 ts[k].append((time.perf_counter() - t0) * 1000)
-    return {k: float(np.percentile(v, 50)) for k, v in ts.items()}
+    return {k: {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)),
+                "mean": float(np.mean(v)), "runs": runs} for k, v in ts.items()}
 
 
 def mode_forward(moe, mode: str, batch_size: int, seq_len: int = 64, task: str | None = None, x=None):

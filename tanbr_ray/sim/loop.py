@@ -58,7 +58,8 @@ class Costs:
 
 def measure_costs(moe, runs: int = 20, seq_len: int = 64) -> Costs:
     modes = ("merged", "oracle", "top1", "top2")
-    compute = interleaved_latency({m: mode_forward(moe, m, 1, seq_len) for m in modes}, runs=runs)
+    timed = interleaved_latency({m: mode_forward(moe, m, 1, seq_len) for m in modes}, runs=runs)
+    compute = {m: timed[m]["p50"] for m in modes}
     resident = {m: int(moe.resident_bytes(m)) for m in modes}
     x = np.full(moe.num_experts, 1.0 / moe.num_experts)
     ffn = int(sum(t.numel() * t.element_size() for t in moe.merged_state(x).values()))
