@@ -40,17 +40,17 @@ def build_moe_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Build the default task-expert MoE (or reuse its cache) and print where it lives."""
-    from tanbr_ray.moe.build import load_or_build
+    from tanbr_ray.moe.build import load_or_build_info
     from tanbr_ray.moe.config import default_models_dir
 
     _setup(threads, data_dir)
     cfg = _config(quick, config)
     t0 = time.perf_counter()
-    moe = load_or_build(cfg, models_dir or default_models_dir(), progress=progress, data_dir=data_dir, rebuild=rebuild)
+    built = load_or_build_info(cfg, models_dir or default_models_dir(), progress=progress, data_dir=data_dir, rebuild=rebuild)
     took = time.perf_counter() - t0
-    info = getattr(moe, "build_info", {})
+    moe, info = built.moe, built.build_info
     typer.echo(f"MoE {cfg.name}: tasks {moe.tasks}, {moe.num_experts} experts in layers {moe.moe_layers}")
-    typer.echo(f"cache: {moe.cache_dir}")
+    typer.echo(f"cache: {built.cache_dir}")
     typer.echo(f"build time (recorded): {info.get('build_seconds', float('nan')):.1f}s; this run: {took:.1f}s")
     if info.get("stages"):
         typer.echo("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in info["stages"].items()))
@@ -64,33 +64,36 @@ def bench_model_cmd(
     config: Path = typer.Option(None, "--config"),
     json_path: Path = typer.Option(None, "--json", help="write the full result as JSON"),
     eval_examples: int = typer.Option(None, "--eval-examples", min=1, help="dev examples per task for mode scores (default all)"),
-    landscape_size: int = typer.Option(200, "--landscape-size", min=1, help="number of feasible x searched"),
-    landscape_examples: int = typer.Option(240, "--landscape-examples", min=2, help="dev examples per task (halved: select/score)"),
-    no_adapt_size: int = typer.Option(24, "--no-adapt-size", min=0, help="x re-evaluated without adaptation"),
-    screen_examples: int = typer.Option(None, "--screen-examples", min=1, help="two-stage search: screen all x on this many selection examples/task"),
-    finalists: int = typer.Option(6, "--finalists", min=1, help="best screened x per mix evaluated on both halves"),
+    mixes: int = typer.Option(6, "--mixes", min=1, help="node mixes drawn from Dirichlet(0.3) over the tasks"),
+    landscape_examples: int = typer.Option(300, "--landscape-examples", min=4, help="dev examples per task (halved: choose / score)"),
+    random_candidates: int = typer.Option(100, "--random-candidates", min=0, help="random feasible x in the wider search"),
+    screen_examples: int = typer.Option(40, "--screen-examples", min=1, help="selection-half examples per task that screen the random x"),
+    finalists: int = typer.Option(2, "--finalists", min=0, help="best screened random x per mix scored on both halves"),
+    budget: int = typer.Option(3, "--budget", min=1, help="non-zeros in x (the fleet's nodes use 2-4)"),
     bf16: bool = typer.Option(False, "--bf16/--fp32", help="score under bfloat16 autocast (~2x faster on CPU); latency stays fp32"),
     runs: int = typer.Option(20, "--runs", min=1, help="timed runs per latency point (after warm-up)"),
     threads: int = typer.Option(None, "--threads", min=1),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
-    """Latency, bytes and scores per mode; static merges; the merge landscape for three mixes."""
+    """Latency, bytes and scores per mode; each expert; merge cost; the landscape per operator."""
     from tanbr_ray.bench.model import format_table, run_bench
-    from tanbr_ray.moe.build import load_or_build
+    from tanbr_ray.moe.build import load_or_build_info
     from tanbr_ray.moe.config import default_models_dir
 
     _setup(threads, data_dir)
     cfg = _config(quick, config)
-    moe = load_or_build(cfg, models_dir or default_models_dir(), progress=progress, data_dir=data_dir)
+    built = load_or_build_info(cfg, models_dir or default_models_dir(), progress=progress, data_dir=data_dir)
     res = run_bench(
-        moe,
+        built.moe,
         data_dir=data_dir,
+        build_info=built.build_info,
         eval_examples=eval_examples,
-        landscape_size=landscape_size,
+        mixes=mixes,
         landscape_examples=landscape_examples,
-        no_adapt_size=no_adapt_size,
+        random_candidates=random_candidates,
         screen_examples=screen_examples,
         finalists=finalists,
+        budget=budget,
         bf16=bf16,
         runs=runs,
         progress=progress,

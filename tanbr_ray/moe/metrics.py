@@ -66,3 +66,21 @@ def glue_score(task: str, pred, labels) -> float:
 def weighted_score(scores: dict[str, float], psi: dict[str, float]) -> float:
     """ψ-weighted score of a mix: Σ_v ψ_v · score_v."""
     return float(sum(psi[t] * scores[t] for t in psi))
+
+
+def request_credit(task: str, pred, labels) -> np.ndarray:
+    """Per-request credit in [0, 1]: correct or not (classification), 1 - |error|/5 (STS-B, labels in
+    [0, 5]). What a user of the fleet experiences per request, and what merging can be scored by on
+    any mix of tasks (GLUE metrics such as MCC or correlations are not means over requests)."""
+    pred, y = np.asarray(pred), np.asarray(labels)
+    if check_task(task) == "STS-B":
+        return np.clip(1.0 - np.abs(pred.astype(np.float64) - y) / 5.0, 0.0, 1.0)
+    return (pred == y).astype(np.float64)
+
+
+def majority_prediction(task: str, train_labels) -> float:
+    """The label a constant predictor would give: the majority class, or the mean for STS-B."""
+    y = np.asarray(train_labels)
+    if check_task(task) == "STS-B":
+        return float(y.mean())
+    return float(np.bincount(y.astype(np.int64)).argmax())

@@ -4,13 +4,16 @@ Each MoE layer holds K experts = copies of the pretrained FFN block (intermediat
 output LayerNorm), one fine-tuned per task. Attention and embeddings are shared. One forward pass
 serves single-task batches in any of the modes: ``dense`` (pretrained FFN + heads-only baseline heads),
 ``oracle`` (the batch's task expert), ``top1``/``top2`` (token-level learned router, Switch/Mixtral
-style) and ``merged`` (one FFN per layer, Σ_k x_k·expert_k, or a static merged state).
+style), ``soft`` (SMEAR-style: per example Σ_k p_k·expert_k, p the router's probabilities averaged
+over the example's tokens) and ``merged`` (one FFN per layer from a merge operator at x, or a static
+merged state). `MODE_SPECS` lists them; `TaskMoE._plan` is the one place where they differ.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,9 +23,45 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertAttention, BertEmbeddings
 
 from tanbr_ray.moe.data import NUM_LABELS, check_task
-from tanbr_ray.moe.merge import FFN_KEYS, merge_experts, validate_x
+from tanbr_ray.moe.merge import FFN_KEYS, ExpertStats, Merger, check_operator, validate_x
 
-MODES = ("dense", "oracle", "top1", "top2", "merged")
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """A serving mode: which FFN each MoE layer runs, and which task heads read the result."""
+
+    ffn: str  # base (pretrained FFN) | task (the request's expert) | routed (token top-k) | soft | merged
+    heads: str  # dense (heads-only baseline) | experts (trained with the experts; merged may adapt)
+    k: int = 0
+
+
+MODE_SPECS = {
+    "dense": ModeSpec("base", "dense"),
+    "oracle": ModeSpec("task", "experts"),
+    "top1": ModeSpec("routed", "experts", 1),
+    "top2": ModeSpec("routed", "experts", 2),
+    "soft": ModeSpec("soft", "experts"),
+    "merged": ModeSpec("merged", "experts"),
+}
+MODES = tuple(MODE_SPECS)
+# static merges: each operator at uniform x over all K experts
+STATIC_MERGES = {"uniform": "linear", "fisher": "fisher", "regmean": "regmean"}
+
+
+def mode_spec(mode: str) -> ModeSpec:
+    if mode not in MODE_SPECS:
+        raise ValueError(f"unknown mode {mode!r}; modes: {list(MODES)}")
+    return MODE_SPECS[mode]
+
+
+@dataclass
+class Plan:
+    layer: Callable  # layer(l, h, attention_mask) -> FFN block output
+    heads: nn.ModuleDict
+    attn_ln: tuple | None
+    use_adapt: bool
+    state: Mapping[str, torch.Tensor] | None = None  # the FFN state of task/merged modes
 
 
 class Head(nn.Module):
@@ -125,7 +164,11 @@ class TaskMoE(nn.Module):
         self.merge_attn_ln_w = nn.Parameter(torch.ones(L, H))
         self.merge_attn_ln_b = nn.Parameter(torch.zeros(L, H))
         self.register_buffer("adapted", torch.zeros((), dtype=torch.uint8))
-        self.static_merges: dict[str, dict[str, torch.Tensor]] = {}
+        self.static_merges: dict[str, dict[str, torch.Tensor]] = {}  # computed on first use
+        self.stats: ExpertStats | None = None  # Fishers and Grams for the fisher/regmean operators
+        self.merge_operator = "linear"
+        self.regmean_alpha = 0.9
+        self._merger: Merger | None = None
         self.tokenizer = None  # set by build/load: the base model's tokenizer
         self.max_len_single = 64
         self.max_len_pair = 128
@@ -184,17 +227,34 @@ class TaskMoE(nn.Module):
     def validate_x(self, x) -> np.ndarray:
         return validate_x(x, self.num_experts, self.budget)
 
+    def set_stats(self, stats: ExpertStats | None) -> None:
+        """Attach the experts' statistics (Fishers, Grams) that the fisher/regmean operators need."""
+        if stats is not None:
+            stats.check({k: self.experts[k] for k in FFN_KEYS})
+        self.stats = stats
+        self._merger = None
+        self.static_merges = {}
+
+    @property
+    def merger(self) -> Merger:
+        if self._merger is None:
+            self._merger = Merger({k: self.experts[k] for k in FFN_KEYS}, self.stats, self.regmean_alpha)
+        return self._merger
+
     @torch.no_grad()
-    def merged_state(self, x) -> dict[str, torch.Tensor]:
-        """Merged FFN weights of every MoE layer for weight vector x (validated)."""
-        return merge_experts({k: self.experts[k] for k in FFN_KEYS}, self.validate_x(x))
+    def merged_state(self, x, op: str | None = None) -> dict[str, torch.Tensor]:
+        """Merged FFN weights of every MoE layer for weight vector x (validated) under a merge
+        operator (default: the model's `merge_operator`)."""
+        return self.merger(self.validate_x(x), check_operator(op or self.merge_operator))
 
     def static_state(self, name: str) -> dict[str, torch.Tensor]:
-        """A stored static merge: 'uniform', 'fisher' or 'regmean'."""
-        if name == "uniform":
-            return self.merged_state(np.full(self.num_experts, 1.0 / self.num_experts))
+        """A static merge: 'uniform' (linear average), 'fisher' or 'regmean' — each operator at uniform
+        x over all K experts (computed once, then kept)."""
+        if name not in STATIC_MERGES:
+            raise ValueError(f"no static merge {name!r}; available: {list(STATIC_MERGES)}")
         if name not in self.static_merges:
-            raise ValueError(f"no static merge {name!r}; available: ['uniform', *{sorted(self.static_merges)}]")
+            uniform = np.full(self.num_experts, 1.0 / self.num_experts)
+            self.static_merges[name] = self.merger(uniform, STATIC_MERGES[name])
         return self.static_merges[name]
 
     def check_state(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -203,35 +263,42 @@ class TaskMoE(nn.Module):
             if k not in state or tuple(state[k].shape) != want:
                 raise ValueError(f"merged state: {k} missing or shaped {getattr(state.get(k), 'shape', None)}, want {want}")
 
-    # ----------------------------------------------------------------------------- forward
-    def _layer_fn(self, mode: str, task: str, state=None, k: int = 1):
-        """Returns ffn_fn(layer, h) for the mode."""
+    # ----------------------------------------------------------------------------- forward modes
+    def _plan(self, mode: str, task: str, x=None, state=None, adapted: bool | None = None) -> "Plan":
+        """What a mode runs: the FFN of every layer ffn(l, h, mask), the heads and the attention
+        LayerNorm override. The one place where modes differ."""
+        spec = mode_spec(mode)
         training = self.training
         moe_idx = {l: m for m, l in enumerate(self.moe_layers)}
-
-        def base_fn(l, h):
-            return ffn(h, {kk: self.base[kk][l] for kk in FFN_KEYS}, self.eps, self.dropout, training)
-
-        if mode == "dense":
-            return base_fn
-        if mode in ("oracle", "merged"):
-            if mode == "oracle":
-                st = self.expert_state(self.task_index(task))
+        base = lambda l, h: ffn(h, {kk: self.base[kk][l] for kk in FFN_KEYS}, self.eps, self.dropout, training)  # noqa: E731
+        use_adapt = False
+        if spec.ffn == "merged":
+            if (x is None) == (state is None):
+                raise ValueError("merged mode needs exactly one of x (weight vector) or state (merged weights)")
+            if state is None:
+                state = self.merged_state(x)
             else:
-                st = state
-            def fn(l, h):
-                if l not in moe_idx:
-                    return base_fn(l, h)
-                m = moe_idx[l]
-                return ffn(h, {kk: st[kk][m] for kk in FFN_KEYS}, self.eps, self.dropout, training)
-            return fn
-        if mode == "topk":
-            def fn(l, h):
-                if l not in moe_idx:
-                    return base_fn(l, h)
-                return self._routed(moe_idx[l], h, k)
-            return fn
-        raise ValueError(f"unknown mode {mode!r}; modes: {MODES}")
+                self.check_state(state)
+            use_adapt = bool(self.adapted.item()) if adapted is None else bool(adapted)
+        elif spec.ffn == "task":
+            state = self.expert_state(self.task_index(task))
+
+        def moe_ffn(l, h, mask):
+            m = moe_idx[l]
+            if spec.ffn in ("task", "merged"):
+                return ffn(h, {kk: state[kk][m] for kk in FFN_KEYS}, self.eps, self.dropout, training)
+            if spec.ffn == "routed":
+                return self._routed(m, h, spec.k)
+            return self._soft(m, h, mask)
+
+        def layer(l, h, mask):
+            return moe_ffn(l, h, mask) if (spec.ffn != "base" and l in moe_idx) else base(l, h)
+
+        heads = {"dense": self.dense_heads, "experts": self.heads}[spec.heads]
+        if use_adapt:
+            heads = self.merge_heads
+        ln = (self.merge_attn_ln_w, self.merge_attn_ln_b) if use_adapt else None
+        return Plan(layer, heads, ln, use_adapt, state)
 
     def router_logits(self, m: int, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.router_w[m], self.router_b[m])
@@ -255,56 +322,51 @@ class TaskMoE(nn.Module):
             out.index_add_(0, rows, y.to(out.dtype))
         return out.reshape(shape)
 
-    def _resolve(self, mode: str, x=None, state=None, adapted: bool | None = None):
-        """Normalise (mode, x/state) → (inner mode, state, k, use_adaptation)."""
-        if mode in ("top1", "top2"):
-            return "topk", None, int(mode[-1]), False
-        if mode == "merged":
-            if (x is None) == (state is None):
-                raise ValueError("merged mode needs exactly one of x (weight vector) or state (merged weights)")
-            if state is None:
-                state = self.merged_state(x)
-            else:
-                self.check_state(state)
-            use = bool(self.adapted.item()) if adapted is None else bool(adapted)
-            return "merged", state, 1, use
-        if mode in ("dense", "oracle"):
-            return mode, None, 1, False
-        raise ValueError(f"unknown mode {mode!r}; modes: {MODES}")
+    def soft_weights(self, m: int, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per example: the router's expert probabilities averaged over its real tokens, [B, K]."""
+        p = torch.softmax(self.router_logits(m, h).float(), dim=-1)
+        w = attention_mask.to(p.dtype).unsqueeze(-1)
+        return (p * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+    def _soft(self, m: int, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """SMEAR-style soft merging: each example's FFN is Σ_k p_k(example) W_k (per layer)."""
+        p = self.soft_weights(m, h, attention_mask).to(h.dtype)
+        E = {kk: self.experts[kk][m] for kk in FFN_KEYS}
+        a = F.gelu(torch.einsum("bth,bih->bti", h, torch.einsum("bk,kih->bih", p, E["w1"])) + (p @ E["b1"])[:, None])
+        y = torch.einsum("bti,bhi->bth", a, torch.einsum("bk,khi->bhi", p, E["w2"])) + (p @ E["b2"])[:, None]
+        y = F.dropout(y, self.dropout, self.training)
+        z = F.layer_norm((y + h).to(E["ln_w"].dtype), (h.shape[-1],), None, None, self.eps)
+        return z * (p @ E["ln_w"])[:, None] + (p @ E["ln_b"])[:, None]
 
     def head_for(self, mode: str, task: str, use_adapt: bool) -> Head:
-        key = self._hk(task)
-        if mode == "dense":
-            return self.dense_heads[key]
-        if mode == "merged" and use_adapt:
-            return self.merge_heads[key]
-        return self.heads[key]
+        spec = mode_spec(mode)
+        heads = self.merge_heads if use_adapt else {"dense": self.dense_heads, "experts": self.heads}[spec.heads]
+        return heads[self._hk(task)]
 
     def embed_to_first_moe(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         """Everything that does not depend on the mode or x: embeddings, the layers below the first
         MoE layer and the first MoE layer's attention. Its output is what the eval cache stores."""
         mask = extended_mask(attention_mask, self.embeddings.word_embeddings.weight.dtype)
         h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        base = self._layer_fn("dense", "")
         for l in range(self.first_moe):
-            h = base(l, attention(self.attn[l], h, mask, self.eps))
+            h = ffn(attention(self.attn[l], h, mask, self.eps), {k: self.base[k][l] for k in FFN_KEYS}, self.eps,
+                    self.dropout, self.training)
         return attention(self.attn[self.first_moe], h, mask, self.eps)
 
     def pooled_from_first_moe(self, h, attention_mask, task, mode="oracle", x=None, state=None, adapted=None, record=None):
         """Mean-pooled last hidden state from the cached first-MoE-layer FFN input onwards; returns
         (pooled, use_adaptation). `record` (a list) collects (layer, FFN input) pairs for calibration."""
-        inner, st, k, use = self._resolve(mode, x, state, adapted)
         self.task_index(task)
-        fn = self._layer_fn(inner, task, st, k)
+        plan = self._plan(mode, task, x, state, adapted)
         mask = extended_mask(attention_mask, h.dtype)
         for l in range(self.first_moe, self.bert_config.num_hidden_layers):
             if l > self.first_moe:
-                ln = (self.merge_attn_ln_w[l], self.merge_attn_ln_b[l]) if use else None
+                ln = None if plan.attn_ln is None else (plan.attn_ln[0][l], plan.attn_ln[1][l])
                 h = attention(self.attn[l], h, mask, self.eps, ln)
             if record is not None:
                 record.append((l, h))
-            h = fn(l, h)
-        return mean_pool(h, attention_mask), use
+            h = plan.layer(l, h, attention_mask)
+        return mean_pool(h, attention_mask), plan.use_adapt
 
     def forward_from_first_moe(self, h, attention_mask, task, mode="oracle", x=None, state=None, adapted=None):
         """Logits from the cached input of the first MoE layer's FFN onwards."""
@@ -348,9 +410,8 @@ class TaskMoE(nn.Module):
         (heads-only baseline) when neither is given. Holds only one FFN per layer."""
         if x is None and state is None:
             return DenseModel.from_moe(self, self.base_state(), self.dense_heads, None)
-        _, st, _, use = self._resolve("merged", x, state, adapted)
-        ln = (self.merge_attn_ln_w, self.merge_attn_ln_b) if use else None
-        return DenseModel.from_moe(self, st, self.merge_heads if use else self.heads, ln)
+        plan = self._plan("merged", self.tasks[0], x, state, adapted)
+        return DenseModel.from_moe(self, plan.state, plan.heads, plan.attn_ln)
 
     def resident_bytes(self, mode: str) -> int:
         """Parameter bytes a node must hold to serve the mode."""
@@ -359,14 +420,13 @@ class TaskMoE(nn.Module):
             self.base[k][l] for k in FFN_KEYS for l in range(self.bert_config.num_hidden_layers) if l not in self.moe_layers
         ]
         per_layer_ffn = [self.experts[k][:, 0] for k in FFN_KEYS]
-        if mode in ("dense", "merged"):
-            return _param_bytes(shared + non_moe + per_layer_ffn)
-        experts = [self.experts[k] for k in FFN_KEYS]
-        if mode == "oracle":
-            return _param_bytes(shared + non_moe + experts)
-        if mode in ("top1", "top2", "moe"):
-            return _param_bytes(shared + non_moe + experts + [self.router_w, self.router_b])
-        raise ValueError(f"unknown mode {mode!r}; modes: {MODES}")
+        spec = mode_spec(mode)
+        held = shared + non_moe + [self.experts[k] for k in FFN_KEYS]
+        if spec.ffn in ("base", "merged"):
+            held = shared + non_moe + per_layer_ffn
+        elif spec.ffn in ("routed", "soft"):
+            held = held + [self.router_w, self.router_b]
+        return _param_bytes(held)
 
 
 class DenseModel(nn.Module):

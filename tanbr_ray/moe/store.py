@@ -1,4 +1,5 @@
-"""Model cache: safetensors weights + a JSON config with sha256 checksums, written atomically.
+"""Model cache: safetensors weights, the experts' merge statistics (Fishers, Grams) in a second
+safetensors file, and a JSON config with both files' sha256 checksums, written atomically.
 
 The config (written last, by rename) is the commit point: a crash mid-write leaves at most a stray
 temp file, never a directory that looks valid. Loading verifies size and checksum before reading and
@@ -17,34 +18,29 @@ from transformers import BertConfig
 
 from tanbr_ray.fileio import atomic_write, sha256_file
 from tanbr_ray.moe.config import MoEConfig
-from tanbr_ray.moe.merge import FFN_KEYS
+from tanbr_ray.moe.merge import ExpertStats
 from tanbr_ray.moe.model import TaskMoE
 
-FORMAT = "tanbr-task-moe/1"
+FORMAT = "tanbr-task-moe/2"
 WEIGHTS = "model.safetensors"
+STATS = "stats.safetensors"
 CONFIG = "config.json"
 
 
-def _tensors(moe: TaskMoE) -> dict[str, torch.Tensor]:
-    out = {k: v.detach().cpu().contiguous().clone() for k, v in moe.state_dict().items()}
-    for name, st in moe.static_merges.items():
-        for k in FFN_KEYS:
-            out[f"static.{name}.{k}"] = st[k].detach().cpu().contiguous().clone()
-    return out
-
-
 def save_moe(moe: TaskMoE, cfg: MoEConfig, directory: str | os.PathLike, build: dict | None = None) -> Path:
-    """Write weights then config (with the weights' sha256) atomically into `directory`."""
+    """Write weights and statistics, then the config (with their sha256s) atomically into `directory`."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tensors = _tensors(moe)
-    atomic_write(d / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": FORMAT}))
+    files = {WEIGHTS: {k: v.detach().cpu().contiguous().clone() for k, v in moe.state_dict().items()}}
+    if moe.stats is not None:
+        files[STATS] = moe.stats.tensors()
+    for name, tensors in files.items():
+        atomic_write(d / name, lambda p, t=tensors: save_file(t, p, metadata={"format": FORMAT}))
     meta = {
         "format": FORMAT,
         "moe_config": cfg.model_dump(),
         "bert_config": moe.bert_config.to_dict(),
-        "static_merges": sorted(moe.static_merges),
-        "files": {WEIGHTS: {"sha256": sha256_file(d / WEIGHTS), "bytes": (d / WEIGHTS).stat().st_size}},
+        "files": {n: {"sha256": sha256_file(d / n), "bytes": (d / n).stat().st_size} for n in files},
         "build": build or {},
     }
     atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=float)))
@@ -71,32 +67,38 @@ def load_moe(directory: str | os.PathLike, device="cpu") -> tuple[TaskMoE, MoECo
     try:
         cfg = MoEConfig(**meta["moe_config"])
         bert_config = BertConfig(**meta["bert_config"])
-        info = meta["files"][WEIGHTS]
+        files = {n: (int(meta["files"][n]["bytes"]), str(meta["files"][n]["sha256"])) for n in meta["files"]}
+        if WEIGHTS not in files or not set(files) <= {WEIGHTS, STATS}:
+            raise ValueError(f"files must list {WEIGHTS} (and optionally {STATS}), got {sorted(files)}")
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{d / CONFIG}: invalid model config ({e})") from e
-    wpath = d / WEIGHTS
-    if not wpath.is_file():
-        raise ValueError(f"{wpath}: weights file missing")
-    if wpath.stat().st_size != info["bytes"]:
-        raise ValueError(f"{wpath}: size {wpath.stat().st_size} != recorded {info['bytes']} (truncated or altered)")
-    if sha256_file(wpath) != info["sha256"]:
-        raise ValueError(f"{wpath}: sha256 mismatch (file altered or corrupt)")
-    try:
-        tensors = load_file(str(wpath))
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{wpath}: unreadable safetensors ({e})") from e
+    loaded = {n: _read_verified(d / n, *files[n]) for n in files}
     moe = TaskMoE(bert_config, cfg.tasks, cfg.moe_layers, cfg.head_hidden, cfg.dropout, cfg.budget)
-    static: dict[str, dict[str, torch.Tensor]] = {}
-    for k in list(tensors):
-        if k.startswith("static."):
-            _, name, key = k.split(".", 2)
-            static.setdefault(name, {})[key] = tensors.pop(k)
     try:
-        moe.load_state_dict(tensors, strict=True)
+        moe.load_state_dict(loaded[WEIGHTS], strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{wpath}: weights do not match the config ({e})") from e
-    moe.static_merges = static
+        raise ValueError(f"{d / WEIGHTS}: weights do not match the config ({e})") from e
+    moe.merge_operator, moe.regmean_alpha = cfg.merge_operator, cfg.regmean_alpha
     moe.to(device)
-    moe.static_merges = {n: {k: v.to(device) for k, v in st.items()} for n, st in static.items()}
+    if STATS in loaded:
+        stats = ExpertStats.from_tensors(loaded[STATS], str(d / STATS)).to(device)
+        try:
+            moe.set_stats(stats)
+        except ValueError as e:
+            raise ValueError(f"{d / STATS}: {e}") from e
     moe.eval()
     return moe, cfg, meta
+
+
+def _read_verified(path: Path, size: int, sha256: str) -> dict[str, torch.Tensor]:
+    """Size and checksum first, then safetensors (never unpickles); errors name the file."""
+    if not path.is_file():
+        raise ValueError(f"{path}: file missing")
+    if path.stat().st_size != size:
+        raise ValueError(f"{path}: size {path.stat().st_size} != recorded {size} (truncated or altered)")
+    if sha256_file(path) != sha256:
+        raise ValueError(f"{path}: sha256 mismatch (file altered or corrupt)")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path}: unreadable safetensors ({e})") from e

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tanbr_ray.moe.infer import _to_pred
-from tanbr_ray.moe.metrics import glue_score
+from tanbr_ray.moe.metrics import glue_score, request_credit
 
 STATE_CACHE = 8
 MAX_ROWS = 32  # rows per forward pass: batches of ~32 are the fastest per example on CPU
@@ -178,10 +178,7 @@ class PoolEvaluator:
 
     def credit(self, task: str, indices: np.ndarray, preds: np.ndarray) -> np.ndarray:
         """Per-request credit in [0, 1]: correct (classification) or 1 - |error|/5 (STS-B)."""
-        y = self.labels[task][indices]
-        if task == "STS-B":
-            return np.clip(1.0 - np.abs(preds - y) / 5.0, 0.0, 1.0)
-        return (preds == y).astype(np.float64)
+        return request_credit(task, preds, self.labels[task][indices])
 
     def glue(self, task: str, indices: np.ndarray, preds: np.ndarray) -> float:
         return float(glue_score(task, preds, self.labels[task][indices]))

@@ -7,7 +7,7 @@ import torch
 
 from tanbr_ray.moe.build import attach_tokenizer
 from tanbr_ray.moe.config import MoEConfig, TinyBase
-from tanbr_ray.moe.merge import FFN_KEYS
+from tanbr_ray.moe.merge import FFN_KEYS, ExpertStats
 from tanbr_ray.moe.model import TaskMoE
 from transformers import BertConfig
 
@@ -59,3 +59,22 @@ def tiny_moe(tiny_cfg):
     attach_tokenizer(moe, tiny_cfg)
     moe.eval()
     return moe
+
+
+def random_stats(moe: TaskMoE, seed: int = 0, rows: int = 200) -> ExpertStats:
+    """Positive Fishers and genuine Gram matrices (of random inputs) for every expert."""
+    g = torch.Generator().manual_seed(seed)
+    fisher = {k: torch.rand(v.shape, generator=g) * 1e-3 for k, v in moe.experts.items()}
+    M, K = moe.experts["w1"].shape[:2]
+    H, I = moe.bert_config.hidden_size, moe.bert_config.intermediate_size
+    x1 = torch.randn(M, K, rows, H, generator=g) * torch.rand(M, K, 1, H, generator=g)
+    x2 = torch.nn.functional.gelu(torch.randn(M, K, rows, I, generator=g))
+    grams = {"g1": x1.transpose(-1, -2) @ x1, "g2": x2.transpose(-1, -2) @ x2}
+    return ExpertStats.from_raw(fisher, grams, torch.full((K,), float(rows)))
+
+
+@pytest.fixture()
+def tiny_moe_stats(tiny_moe):
+    """The tiny MoE with statistics attached (fisher and regmean operators work)."""
+    tiny_moe.set_stats(random_stats(tiny_moe))
+    return tiny_moe

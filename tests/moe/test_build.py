@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tanbr_ray.bench.model import BENCH_MODES, format_table, run_bench
-from tanbr_ray.moe.build import load_or_build
+from tanbr_ray.moe.build import load_or_build, load_or_build_info
 from tanbr_ray.moe.data import load_task
 
 
@@ -17,7 +17,7 @@ def built(tmp_path_factory, data_dir):
 
     cfg = MoEConfig(**TINY)
     d = tmp_path_factory.mktemp("models")
-    return cfg, d, load_or_build(cfg, d, progress=False, data_dir=data_dir)
+    return cfg, d, load_or_build_info(cfg, d, progress=False, data_dir=data_dir)
 
 
 def test_data_loader_and_missing_source(data_dir, tmp_path, monkeypatch):
@@ -30,11 +30,12 @@ def test_data_loader_and_missing_source(data_dir, tmp_path, monkeypatch):
 
 
 def test_build_stages_and_cache_reuse(built):
-    cfg, d, moe = built
-    info = moe.build_info
-    assert {"expert_SST-2", "expert_MNLI", "router", "static_merges", "adaptation"} <= set(info["stages"])
-    assert moe.adapted.item() == 1 and set(moe.static_merges) == {"fisher", "regmean"}
+    cfg, d, b = built
+    moe, info = b.moe, b.build_info
+    assert {"expert_SST-2", "expert_MNLI", "router", "expert_stats", "adaptation"} <= set(info["stages"])
+    assert moe.adapted.item() == 1 and moe.stats is not None
     cache_dir = d / cfg.cache_dirname()
+    assert b.cache_dir == cache_dir
     mtime = (cache_dir / "model.safetensors").stat().st_mtime_ns
     again = load_or_build(cfg, d, progress=False)
     assert (cache_dir / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not rebuilt
@@ -46,19 +47,27 @@ def test_build_stages_and_cache_reuse(built):
 
 
 def test_bench_model_schema(built, data_dir, tmp_path):
-    _, _, moe = built
-    res = run_bench(moe, data_dir, eval_examples=16, landscape_size=12, landscape_examples=16, no_adapt_size=4, screen_examples=4, finalists=2, runs=2, warmup=1, seq_len=16, progress=False)
+    _, _, b = built
+    res = run_bench(b.moe, data_dir, build_info=b.build_info, eval_examples=16, mixes=2, landscape_examples=16,
+                    random_candidates=4, screen_examples=4, finalists=1, budget=2, runs=2, warmup=1, seq_len=16, progress=False)
     json.loads(json.dumps(res, default=float))
     assert set(res["modes"]) == set(BENCH_MODES)
     for m in BENCH_MODES:
         v = res["modes"][m]
         assert set(v["latency_ms_p50"]) == {"1", "8", "32"} and all(t > 0 for t in v["latency_ms_p50"].values())
         assert all(0 <= s <= 1 for s in v["scores"].values()) and isinstance(v["bytes"], int)
-    assert res["modes"]["merged"]["bytes"] < res["modes"]["top2"]["bytes"]
-    assert len(res["landscape"]) == 2  # 2 tasks: uniform and one task at 0.7
-    for e in res["landscape"]:
-        assert len(e["best_x"]) == 2 and abs(sum(e["psi"].values()) - 1) < 1e-9
-        assert {"best", "uniform", "psi_merge", "oracle"} <= set(e)
-    lm = res["landscape_meta"]
-    assert lm["num_x"] >= 12 and lm["num_finalists"] < lm["num_x"] and res["build_seconds"] > 0
+    assert res["modes"]["merged"]["bytes"] < res["modes"]["top2"]["bytes"] == res["modes"]["soft"]["bytes"]
+    assert set(res["experts"]) == {"SST-2", "MNLI"}
+    for e in res["experts"].values():
+        assert {"metric", "accuracy", "majority"} <= set(e) and 0 <= e["majority"] <= 1
+    assert set(res["landscape_by_operator"]) == {"linear", "fisher", "regmean"}
+    for v in res["landscape_by_operator"].values():
+        assert set(v["mean"]) == {"best_psi_family", "best_search", "psi", "psi2", "uniform"} and len(v["mixes"]) == 2
+        for m in v["mixes"]:
+            assert m["best_search_on_selection_half"] >= 0 and abs(sum(m["psi"].values()) - 1) < 1e-9
+    assert set(res["landscape_reference"]) >= {"static_regmean", "static_fisher", "switch_top1", "oracle"}
+    assert set(res["merge_ms_p50"]) == {"linear", "fisher", "regmean"} and res["build_seconds"] > 0
+    assert len(res["router"]["routed_to_task_expert"]) == len(b.moe.moe_layers)
+    # the same uniform linear merge scored two ways: the landscape's per-task table and the mode table agree in kind
+    assert all(0 <= v <= 1 for v in res["landscape_by_operator"]["linear"]["uniform_per_task"].values())
     assert "merge landscape" in format_table(res)

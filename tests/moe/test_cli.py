@@ -21,13 +21,13 @@ def test_build_then_bench_model(tmp_path, data_dir):
     out = tmp_path / "bench.json"
     r = runner.invoke(
         app,
-        ["bench", "model", *common, "--json", str(out), "--eval-examples", "8", "--landscape-size", "8",
-         "--landscape-examples", "8", "--no-adapt-size", "3", "--runs", "2", "--bf16"],
+        ["bench", "model", *common, "--json", str(out), "--eval-examples", "8", "--mixes", "2", "--random-candidates", "3",
+         "--landscape-examples", "8", "--screen-examples", "2", "--finalists", "1", "--budget", "2", "--runs", "2", "--bf16"],
     )
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    assert set(res["modes"]) == {"dense", "merged", "top1", "top2", "oracle"}
-    assert res["landscape"][0]["name"] == "uniform" and "oracle" in r.output
+    assert set(res["modes"]) == {"dense", "merged", "top1", "top2", "soft", "oracle"}
+    assert res["landscape_meta"]["budget"] == 2 and "oracle" in r.output and "experts (task-oracle routing" in r.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("tasks: [SST-2, SQuAD]\n")
     r = runner.invoke(app, ["build-moe", "--config", str(bad), "--models-dir", str(tmp_path / "models")])

@@ -1,39 +1,62 @@
-"""Landscape search helpers: feasible candidates, reference mixes, selection on one half."""
+"""Landscape helpers: node mixes, the ψ-family, and choosing on one half while scoring on the other."""
 
 import numpy as np
+import pytest
 
-from tanbr_ray.bench.model import candidate_xs, reference_mixes, summarise_landscape
+from tanbr_ray.bench.model import MIN_TASK_SHARE, PSI_POWERS, draw_mixes, landscape, psi_family
 from tanbr_ray.moe.merge import validate_x
 
 TASKS = ["SST-2", "QNLI", "QQP", "MNLI"]
 
 
-def test_candidates_are_feasible_and_cover_corners():
-    mixes = [v for _, v in reference_mixes(TASKS, {"SST-2": 0.0, "QNLI": 0.1, "QQP": 0.05, "MNLI": 0.2})]
-    xs = candidate_xs(4, 4, 200, mixes)
-    assert len(xs) >= 200 and len({tuple(np.round(x, 6)) for x in xs}) == len(xs)  # distinct
-    for x in xs:
-        validate_x(x, 4, 4)
-    assert any(np.allclose(x, [1, 0, 0, 0]) for x in xs) and any(np.allclose(x, 0.25) for x in xs)
-    for x in candidate_xs(4, 2, 50, mixes):
-        validate_x(x, 4, 2)  # budget respected: no uniform, no dense ψ
+def test_mixes_are_seeded_distributions_without_tiny_shares():
+    a, b = draw_mixes(8, 6, seed=3), draw_mixes(8, 6, seed=3)
+    assert len(a) == 6 and all(np.array_equal(x, y) for x, y in zip(a, b))
+    for v in a:
+        assert np.isclose(v.sum(), 1) and ((v == 0) | (v >= MIN_TASK_SHARE * 0.99)).all()
+    assert not np.array_equal(a[0], draw_mixes(8, 6, seed=4)[0])
 
 
-def test_reference_mixes_follow_the_merging_drop():
-    mixes = dict(reference_mixes(TASKS, {"SST-2": 0.0, "QNLI": 0.1, "QQP": 0.05, "MNLI": 0.2}))
-    assert list(mixes) == ["uniform", "MNLI=0.7", "MNLI+QNLI=0.45"]
-    assert np.isclose(mixes["MNLI=0.7"].sum(), 1) and mixes["MNLI=0.7"][3] == 0.7
-    assert np.allclose(mixes["MNLI+QNLI=0.45"], [0.05, 0.45, 0.05, 0.45])
+def test_psi_family_is_feasible_and_sharpens():
+    psi = np.array([0.5, 0.3, 0.15, 0.05])
+    fam = psi_family(psi, budget=3)
+    assert set(fam) == set(PSI_POWERS)
+    for x in fam.values():
+        validate_x(x, 4, 3)
+        assert x[3] == 0  # top-B keeps the three largest
+    assert np.allclose(fam[1.0], [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0])
+    assert fam[4.0][0] > fam[2.0][0] > fam[1.0][0] > fam[0.5][0]
 
 
-def test_best_is_selected_on_one_half_and_scored_on_the_other():
-    xs = [np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([0.5, 0.5])]
-    A = [{"SST-2": 0.9, "QNLI": 0.1}, {"SST-2": 0.2, "QNLI": 0.8}, {"SST-2": 0.5, "QNLI": 0.5}]
-    B = [{"SST-2": 0.6, "QNLI": 0.1}, {"SST-2": 0.2, "QNLI": 0.9}, {"SST-2": 0.5, "QNLI": 0.5}]
-    mixes = [("uniform", np.array([0.5, 0.5])), ("SST-2=0.7", np.array([0.7, 0.3]))]
-    e = summarise_landscape(["SST-2", "QNLI"], xs, mixes, A, B, {"SST-2": 0.9, "QNLI": 0.9})
-    assert e[1]["best_x"] == [1.0, 0.0]  # chosen on A
-    assert np.isclose(e[1]["best"], 0.7 * 0.6 + 0.3 * 0.1)  # scored on B
-    assert np.isclose(e[1]["uniform"], 0.5) and np.isclose(e[1]["oracle"], 0.9)
-    none_uniform = summarise_landscape(["SST-2", "QNLI"], xs[:2], mixes, A[:2], B[:2], {"SST-2": 1, "QNLI": 1})
-    assert none_uniform[0]["uniform"] is None and none_uniform[0]["best_minus_uniform"] is None
+class _FakeMoE:
+    tasks = ["SST-2", "QNLI"]
+    num_experts = 2
+
+    def merged_state(self, x, op):
+        return np.asarray(x, dtype=float)
+
+
+class _FakePool:
+    """Credit of x on task v: x_v on half A; on half B, x_v for SST-2 but 1 - x_v for QNLI (so a
+    choice made on A can lose on B)."""
+
+    def credit(self, tasks, mode="merged", state=None, half=None, rows=None):
+        tab = {t: (float(state[i]), float(state[i] if t == "SST-2" else 1 - state[i]))
+               for i, t in enumerate(["SST-2", "QNLI"]) if t in tasks}
+        return {t: v[half] for t, v in tab.items()} if half is not None else tab
+
+
+def test_landscape_chooses_on_half_a_and_scores_on_half_b():
+    mixes = [np.array([0.2, 0.8])]
+    res = landscape(_FakeMoE(), _FakePool(), mixes, "linear", budget=2, random_candidates=3, screen_rows=4,
+                    finalists=1, seed=0, progress=False)
+    m = res["mixes"][0]
+    fam = psi_family(mixes[0], 2)
+    # on A the sharpest power wins (most weight on QNLI); on B that costs QNLI
+    assert m["best_psi_power"] == 4.0
+    want_b = 0.2 * fam[4.0][0] + 0.8 * (1 - fam[4.0][1])
+    assert m["best_psi_family"] == pytest.approx(want_b)
+    assert m["psi_merge"] == pytest.approx(0.2 * 0.2 + 0.8 * 0.2)
+    assert m["uniform"] == pytest.approx(0.5)
+    assert m["best_search_on_selection_half"] >= 0.2 * fam[4.0][0] + 0.8 * fam[4.0][1] - 1e-12
+    assert res["mean"]["psi2"] == pytest.approx(0.2 * fam[2.0][0] + 0.8 * (1 - fam[2.0][1]))

@@ -6,7 +6,9 @@ import torch
 
 from tanbr_ray.moe.data import TaskSplit
 from tanbr_ray.moe.infer import make_batches, predict, prepare
-from tanbr_ray.moe.merge import FFN_KEYS, fisher_merge, regmean_merge, validate_x
+from tanbr_ray.moe.merge import FFN_KEYS, OPERATORS, ExpertStats, validate_x
+
+from .conftest import random_stats
 
 
 def _splits():
@@ -90,7 +92,7 @@ def test_top1_routed_to_a_single_expert_equals_that_expert(tiny_moe):
     assert not torch.allclose(top2, top1, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["dense", "oracle", "top1", "top2", "merged"])
+@pytest.mark.parametrize("mode", ["dense", "oracle", "top1", "top2", "soft", "merged"])
 def test_cache_equals_full_forward(tiny_moe, mode):
     with torch.no_grad():
         tiny_moe.adapted.fill_(1)  # adapted merged mode: overridden LayerNorms must sit above the cache
@@ -131,24 +133,111 @@ def test_merged_model_holds_one_ffn_per_layer(tiny_moe):
     assert tiny_moe.resident_bytes("oracle") - tiny_moe.resident_bytes("merged") == ffn_bytes // 2
 
 
-def test_static_merges():
-    torch.manual_seed(1)
-    ex = {k: torch.randn(2, 3, 4, 5) for k in ("w1", "w2")} | {k: torch.randn(2, 3, 4) for k in ("b1", "b2", "ln_w", "ln_b")}
-    equal_f = {k: torch.ones_like(v) for k, v in ex.items()}
-    f = fisher_merge(ex, equal_f)
-    assert torch.allclose(f["w1"], ex["w1"].mean(1), atol=1e-5)
-    only0 = {k: torch.zeros_like(v) for k, v in ex.items()}
-    for v in only0.values():
-        v[:, 0] = 1.0
-    assert torch.allclose(fisher_merge(ex, only0)["w2"], ex["w2"][:, 0], atol=1e-5)
-    # RegMean with identical Gram matrices is the simple average; it solves the joint least squares
-    eye = {"g1": torch.eye(5).expand(2, 3, 5, 5).clone(), "g2": torch.eye(5).expand(2, 3, 5, 5).clone()}
-    r = regmean_merge(ex, eye, alpha=1.0)
-    assert torch.allclose(r["w1"], ex["w1"].mean(1), atol=1e-5)
-    X = torch.randn(3, 50, 5)
-    G = torch.einsum("kni,knj->kij", X, X)
-    r = regmean_merge(ex, {"g1": G.expand(2, 3, 5, 5).clone(), "g2": G.expand(2, 3, 5, 5).clone()}, alpha=1.0)
-    W = r["w1"][0]
-    Xc, Y = X.reshape(-1, 5), torch.cat([X[k] @ ex["w1"][0, k].T for k in range(3)])
-    lstsq = torch.linalg.lstsq(Xc, Y).solution.T
-    assert torch.allclose(W, lstsq, atol=1e-3)
+def _reference_regmean(moe, x, alpha):
+    """RegMean written out in float64 from the raw Grams, as in Jin et al.'s code."""
+    st, w = moe.stats, torch.as_tensor(x, dtype=torch.float64)
+    out = {}
+    for wk, g in (("w1", "g1"), ("w2", "g2")):
+        G = st.grams[g].double() * st.tokens.double().view(1, -1, 1, 1)
+        d = torch.diag_embed(torch.diagonal(G, dim1=-2, dim2=-1))
+        G = alpha * G + (1 - alpha) * d
+        lhs = torch.einsum("k,mkij->mij", w, G)
+        rhs = torch.einsum("k,mkij,mkoj->mio", w, G, moe.experts[wk].double())
+        out[wk] = torch.linalg.solve(lhs, rhs).transpose(-1, -2)
+    return out
+
+
+@pytest.mark.parametrize("op", OPERATORS)
+def test_every_operator_gives_the_expert_at_a_vertex(tiny_moe_stats, op):
+    for e in range(2):
+        st = tiny_moe_stats.merged_state(np.eye(2)[e], op)
+        for k in FFN_KEYS:
+            assert torch.equal(st[k], tiny_moe_stats.experts[k][:, e]), (op, k)
+
+
+def test_uniform_x_gives_the_static_fisher_and_regmean(tiny_moe_stats):
+    moe = tiny_moe_stats
+    u = np.array([0.5, 0.5])
+    f = moe.merged_state(u, "fisher")
+    for k in FFN_KEYS:
+        F = moe.stats.fisher[k].float() + 1e-12
+        assert torch.allclose(f[k], (F * moe.experts[k]).sum(1) / F.sum(1), atol=1e-6), k
+        assert torch.equal(moe.static_state("fisher")[k], f[k])
+    r = moe.merged_state(u, "regmean")
+    ref = _reference_regmean(moe, u, moe.regmean_alpha)
+    for k in ("w1", "w2"):
+        assert torch.allclose(r[k].double(), ref[k], atol=1e-4, rtol=1e-3), k
+        assert torch.equal(moe.static_state("regmean")[k], r[k])
+    for k in ("b1", "b2", "ln_w", "ln_b"):  # biases and LayerNorms are x-averaged
+        assert torch.allclose(r[k], moe.experts[k].mean(1), atol=1e-6)
+    lin = moe.merged_state(u, "linear")
+    assert not torch.allclose(r["w1"], lin["w1"], atol=1e-3)  # the Grams matter
+
+
+def test_operators_weight_the_experts_by_x(tiny_moe_stats):
+    moe = tiny_moe_stats
+    x = np.array([0.3, 0.7])
+    f = moe.merged_state(x, "fisher")
+    F = moe.stats.fisher["w2"].float() + 1e-12
+    want = (0.3 * F[:, 0] * moe.experts["w2"][:, 0] + 0.7 * F[:, 1] * moe.experts["w2"][:, 1]) / (0.3 * F[:, 0] + 0.7 * F[:, 1])
+    assert torch.allclose(f["w2"], want, atol=1e-6)
+    r = moe.merged_state(x, "regmean")
+    ref = _reference_regmean(moe, x, moe.regmean_alpha)
+    assert torch.allclose(r["w2"].double(), ref["w2"], atol=1e-4, rtol=1e-3)
+    assert torch.allclose(r["b1"], 0.3 * moe.experts["b1"][:, 0] + 0.7 * moe.experts["b1"][:, 1], atol=1e-6)
+
+
+def test_regmean_solves_the_joint_least_squares(tiny_moe):
+    """With every expert seeing the same inputs X, RegMean (α = 1) is the least-squares fit of all
+    experts' outputs on X."""
+    moe = tiny_moe
+    M, K = moe.experts["w1"].shape[:2]
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(300, moe.bert_config.hidden_size, generator=g)
+    A = torch.randn(300, moe.bert_config.intermediate_size, generator=g)
+    grams = {"g1": (X.T @ X).expand(M, K, -1, -1).clone(), "g2": (A.T @ A).expand(M, K, -1, -1).clone()}
+    fisher = {k: torch.ones_like(v) for k, v in moe.experts.items()}
+    moe.set_stats(ExpertStats.from_raw(fisher, grams, torch.full((K,), 300.0)))
+    moe.regmean_alpha = 1.0
+    W = moe.merged_state([0.5, 0.5], "regmean")["w1"][0]
+    Y = torch.cat([X @ moe.experts["w1"][0, k].T for k in range(K)])
+    lstsq = torch.linalg.lstsq(X.repeat(K, 1), Y).solution.T
+    assert torch.allclose(W, lstsq, atol=2e-2)  # Grams are stored in fp16
+
+
+def test_operator_errors_are_clear(tiny_moe, tiny_moe_stats):
+    with pytest.raises(ValueError, match="merge operator: unknown 'avg'"):
+        tiny_moe_stats.merged_state([0.5, 0.5], "avg")
+    tiny_moe.set_stats(None)
+    with pytest.raises(ValueError, match="needs the experts' statistics"):
+        tiny_moe.merged_state([0.5, 0.5], "regmean")
+    assert torch.equal(tiny_moe.merged_state([0.0, 1.0], "regmean")["w1"], tiny_moe.experts["w1"][:, 1])
+    with pytest.raises(ValueError, match="fisher.w1 shaped"):
+        bad = random_stats(tiny_moe)
+        bad.fisher["w1"] = bad.fisher["w1"][:, :1]
+        tiny_moe.set_stats(bad)
+
+
+def test_soft_mode_with_one_hot_router_equals_the_oracle(tiny_moe):
+    b = make_batches(tiny_moe, _splits())[0]
+    e = tiny_moe.task_index(b.task)
+    with torch.no_grad():
+        tiny_moe.router_w.zero_()
+        tiny_moe.router_b.zero_()
+        tiny_moe.router_b[:, e] = 40.0
+        soft = tiny_moe(b.input_ids, b.attention_mask, b.token_type_ids, b.task, mode="soft")
+        oracle = tiny_moe(b.input_ids, b.attention_mask, b.token_type_ids, b.task, mode="oracle")
+        tiny_moe.router_b.zero_()
+        even = tiny_moe(b.input_ids, b.attention_mask, b.token_type_ids, b.task, mode="soft")
+        merged = tiny_moe(b.input_ids, b.attention_mask, b.token_type_ids, b.task, mode="merged", x=[0.5, 0.5], adapted=False)
+    assert torch.allclose(soft, oracle, atol=1e-5)
+    assert torch.allclose(even, merged, atol=1e-5)  # equal probabilities: the uniform linear merge
+    assert tiny_moe.resident_bytes("soft") == tiny_moe.resident_bytes("top1")
+
+
+def test_soft_weights_average_only_real_tokens(tiny_moe):
+    h = torch.randn(2, 5, tiny_moe.bert_config.hidden_size)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    p = tiny_moe.soft_weights(0, h, mask)
+    want = torch.softmax(tiny_moe.router_logits(0, h[0, :3]), -1).mean(0)
+    assert torch.allclose(p[0], want, atol=1e-6) and torch.allclose(p.sum(-1), torch.ones(2))

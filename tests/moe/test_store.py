@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from tanbr_ray.moe.config import MoEConfig, load_config
-from tanbr_ray.moe.store import CONFIG, WEIGHTS, load_moe, save_moe
+from tanbr_ray.moe.store import CONFIG, STATS, WEIGHTS, load_moe, save_moe
+
+from .conftest import random_stats
 
 
 def _roundtrip(tiny_moe, tiny_cfg, d):
-    tiny_moe.static_merges = {"fisher": tiny_moe.merged_state([0.2, 0.8])}
+    tiny_moe.set_stats(random_stats(tiny_moe))
     save_moe(tiny_moe, tiny_cfg, d, {"build_seconds": 1.5})
     return load_moe(d)
 
@@ -20,9 +22,26 @@ def test_save_load_round_trip(tiny_moe, tiny_cfg, tmp_path):
     assert cfg == tiny_cfg and meta["build"]["build_seconds"] == 1.5
     for k, v in tiny_moe.state_dict().items():
         assert torch.equal(v, moe.state_dict()[k]), k
-    assert torch.equal(moe.static_state("fisher")["w1"], tiny_moe.static_merges["fisher"]["w1"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG, WEIGHTS]  # no temp files left
-    assert len(meta["files"][WEIGHTS]["sha256"]) == 64
+    for name, t in tiny_moe.stats.tensors().items():
+        assert torch.equal(t, moe.stats.tensors()[name]), name
+    for op in ("fisher", "regmean"):  # the statistics survive exactly, so do the merges
+        for k, v in tiny_moe.merged_state([0.3, 0.7], op).items():
+            assert torch.equal(v, moe.merged_state([0.3, 0.7], op)[k]), (op, k)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG, WEIGHTS, STATS]  # no temp files left
+    assert len(meta["files"][WEIGHTS]["sha256"]) == 64 and len(meta["files"][STATS]["sha256"]) == 64
+
+
+def test_corrupt_statistics_are_refused_by_name(tiny_moe, tiny_cfg, tmp_path):
+    _roundtrip(tiny_moe, tiny_cfg, tmp_path)
+    s = tmp_path / STATS
+    data = bytearray(s.read_bytes())
+    data[-10] ^= 0xFF
+    s.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"stats\.safetensors: sha256 mismatch"):
+        load_moe(tmp_path)
+    s.unlink()
+    with pytest.raises(ValueError, match=r"stats\.safetensors: file missing"):
+        load_moe(tmp_path)
 
 
 def test_truncated_or_altered_weights_are_refused(tiny_moe, tiny_cfg, tmp_path):
@@ -62,3 +81,32 @@ def test_config_validation_names_field_and_file(tmp_path):
     p.write_text(json.dumps({"tasks": ["QNLI"], "train_examples": 10}))
     assert load_config(p).tasks == ["QNLI"]
     assert MoEConfig().key() != MoEConfig(lr=1e-4).key()
+    assert MoEConfig().key() == MoEConfig(merge_operator="regmean", regmean_alpha=0.5).key()  # applied at merge time
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"merge_operator": "average"}, "merge_operator"),
+        ({"regmean_alpha": -0.1}, "regmean_alpha"),
+        ({"tasks": ["SST-2", "MNLI"], "budget": 3}, "budget"),
+        ({"tasks": ["SST-2"], "expert_training": {"RTE": {"epochs": 2}}}, "expert_training"),
+        ({"tasks": ["SST-2", "RTE"], "expert_training": {"RTE": {"init_from": "MNLI"}}}, "init_from"),
+        ({"tasks": ["SST-2"], "expert_training": {"SST-2": {"epochs": 0}}}, "epochs"),
+        ({"tasks": ["RTE", "MNLI"], "expert_training": {"RTE": {"init_from": "MNLI"}, "MNLI": {"init_from": "RTE"}}}, "cycle"),
+    ],
+)
+def test_config_errors_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        MoEConfig(**kw)
+
+
+def test_expert_budgets_resolve_and_order():
+    from tanbr_ray.moe.config import default_config
+
+    cfg = default_config()
+    assert cfg.expert_settings("RTE").init_from == "MNLI" and cfg.expert_settings("RTE").epochs == 3
+    assert cfg.expert_settings("SST-2").epochs == cfg.epochs and cfg.expert_settings("CoLA").balanced
+    order = cfg.expert_order()
+    assert sorted(order) == sorted(cfg.tasks)
+    assert order.index("MNLI") < order.index("RTE") and order.index("QQP") < order.index("MRPC")
