@@ -31,3 +31,30 @@ def recovery_slots(per_slot_gap: np.ndarray, change: int, window: int) -> int | 
         if gap[s:s + window].mean() <= before:
             return s - change
     return None
+
+
+def paired_bootstrap(credit_a: np.ndarray, credit_b: np.ndarray, counts: np.ndarray, resamples: int = 2000,
+                     seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """Difference of two policies' pooled credit (Σ credit / Σ requests) on the same units (node-slots
+    with the same scored requests), and its 95 % bootstrap interval, resampling the units."""
+    a, b, n = (np.asarray(v, dtype=np.float64).ravel() for v in (credit_a, credit_b, counts))
+    if not (len(a) == len(b) == len(n)) or len(n) == 0:
+        raise ValueError("paired_bootstrap: need equally many units (> 0) for both policies and the counts")
+    diff = float((a - b).sum() / max(n.sum(), 1.0))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(n), size=(resamples, len(n)))
+    boot = (a[idx] - b[idx]).sum(1) / np.maximum(n[idx].sum(1), 1.0)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return diff, (float(lo), float(hi))
+
+
+def t_interval(values) -> tuple[float, tuple[float, float] | None]:
+    """Mean and 95 % Student-t interval (None with fewer than two values)."""
+    from scipy.stats import t
+
+    v = np.asarray(values, dtype=np.float64)
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, None
+    half = float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return m, (m - half, m + half)

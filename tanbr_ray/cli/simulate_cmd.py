@@ -30,7 +30,8 @@ def simulate(
     from tanbr_ray.moe import default_config, load_or_build, quick_config
     from tanbr_ray.sim.config import DEFAULT_CONFIG, QUICK_CONFIG, load_config
     from tanbr_ray.sim.loop import run_simulation
-    from tanbr_ray.sim.report import format_table, latency_ratios, write_results
+    from tanbr_ray.sim.report import format_paired, format_table, latency_ratios, write_results
+    from tanbr_ray.sim.seeds import paired_section, run_seeds, seeds_section
     from tanbr_ray.tracking import log_simulation
 
     if backend not in ("local", "ray"):
@@ -50,22 +51,39 @@ def simulate(
     if backend == "ray":
         from tanbr_ray.cluster.driver import run_ray_simulation
 
-        result = run_ray_simulation(cfg, moe_cfg, moe, progress=progress, address=address)
+        def run(c):
+            return run_ray_simulation(c, moe_cfg, moe, progress=progress, address=address)
     else:
-        result = run_simulation(cfg, moe, progress=progress)
+        def run(c):
+            return run_simulation(c, moe, progress=progress)
+    seeds = cfg.seed_list()
+    outs = run_seeds(cfg, run)
+    result = outs[0]
+    result.summary["seeds"] = seeds_section(outs, seeds)
+    result.summary["paired"] = paired_section(outs)
+    if len(outs) > 1:
+        for sd, o in zip(seeds, outs):
+            write_results(o, Path(cfg.out) / f"seed-{sd}")
     paths = write_results(result, cfg.out)
     header, rows = format_table(result.summary)
     s = result.summary
-    print_table(f"{cfg.name}: {cfg.slots} slots × {len(result.nodes)} nodes, {s['requests']} requests, "
-                f"schedule {cfg.schedule}", header, rows)
+    print_table(f"{cfg.name}: {cfg.slots} slots × {len(result.nodes)} nodes, {s['requests']} requests "
+                f"({cfg.scored_per_slot} scored per node-slot), schedule {cfg.schedule}, seed {seeds[0]}; "
+                f"headline: 2nd-half credit", header, rows)
     for line in latency_ratios(s):
         typer.echo(line)
     if s["policies"].get("Tanbr", {}).get("recovery_slots"):
         typer.echo(f"Tanbr: slots until its gap to the oracle is back to its level before each mix change: "
                    f"{s['policies']['Tanbr']['recovery_slots']} (None = not within the run, or no window before the change)")
-    typer.echo(f"{s['requests_simulated']} requests simulated ({s['model_forwards']} model forwards, "
-               f"{s['padded_tokens_per_real']:.2f} padded tokens per real one) in "
-               f"{s['wall_seconds']:.1f} s: {s['requests_per_second']:.0f} requests/s")
+    for line in format_paired(s):
+        typer.echo(line)
+    typer.echo(f"monitor error (total variation, second half): "
+               + ", ".join(f"{k} {v:.3f}" for k, v in s["monitor_error_tv"].items()))
+    walls = [o.summary["wall_seconds"] for o in outs]
+    typer.echo(f"per seed: {s['requests_simulated']} requests served and queued, {s['scored_requests']} scored exactly "
+               f"({s['model_forwards']} model forwards, {s['padded_tokens_per_real']:.2f} padded tokens per real one) "
+               f"in {s['wall_seconds']:.1f} s: {s['scored_requests_per_second']:.0f} scored requests/s"
+               + (f"; {len(outs)} seeds in {sum(walls):.0f} s" if len(outs) > 1 else ""))
     if "ray" in s:
         r = s["ray"]
         typer.echo(f"ray backend: {len(r['policies_on_cluster'])} policies on the cluster, {r['pushes']} pushes to "

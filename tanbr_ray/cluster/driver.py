@@ -1,8 +1,8 @@
 """`tanbr simulate --backend ray`: the simulation's slot loop driven through the cluster.
 
 Same workload, same monitors' psi, same scoring as the local backend; only steps 2-5 move: the
-RouterActor selects and learns (step 2, 5), merged weights are published and pushed to the Serve
-replicas with acknowledgements (step 3), and each node's requests are served by the replica holding
+decision leader selects and learns (step 2, 5), the mergers merge, and the merged weights are pushed
+to the Serve replicas with acknowledgements (step 3), and each node's requests are served by the replica holding
 that node's model, timed end to end (step 4). Policies without a router (Switch, Oracle, static
 merges) need the full MoE or no pushes and stay on the local evaluator.
 """
@@ -16,13 +16,13 @@ import numpy as np
 import ray
 
 from tanbr_ray.cluster import faults as fi
-from tanbr_ray.cluster.app import AppArgs, make_app
+from tanbr_ray.cluster.app import AppArgs, make_app, stop_router
+from tanbr_ray.cluster.decision_client import DecisionClient
+from tanbr_ray.cluster.decision_service import RouterSpec
 from tanbr_ray.cluster.edge import call_node
-from tanbr_ray.cluster.names import APP_NAME, NAMESPACE, edge_deployment
+from tanbr_ray.cluster.names import APP_NAME, LOOPBACK, NAMESPACE, edge_deployment
 from tanbr_ray.cluster.local import local_cluster
 from tanbr_ray.cluster.push import PushResult, push, summarize
-from tanbr_ray.cluster.router_actor import get_router
-from tanbr_ray.cluster.router_service import RouterSpec
 from tanbr_ray.moe import MoEConfig
 from tanbr_ray.sim.config import SimConfig
 from tanbr_ray.sim.fleet import Fleet, load_fleet
@@ -31,46 +31,50 @@ from tanbr_ray.sim.output import SimOutput
 
 
 class ActorRouter:
-    """SlotRouter over the RouterActor."""
+    """SlotRouter over the decision leader (whichever actor leads: a call fails over)."""
 
-    def __init__(self, actor, timing: dict):
-        self.actor, self.timing = actor, timing
+    def __init__(self, client: DecisionClient, timing: dict):
+        self.client, self.timing = client, timing
 
     def select_slot(self, t: int, psis: np.ndarray, budgets) -> np.ndarray:
         t0 = time.perf_counter()
-        xs = np.asarray(ray.get(self.actor.decide.remote(np.asarray(psis).tolist(), t)))
+        xs = np.asarray(self.client.call("decide", np.asarray(psis).tolist(), t))
         self.timing["select"] += time.perf_counter() - t0
         return xs
 
     def update_slot(self, t: int, feedback: list[tuple]) -> None:
         t0 = time.perf_counter()
-        ray.get(self.actor.update.remote([tuple(np.asarray(f).tolist() for f in fb) for fb in feedback], t))
+        self.client.call("update", [tuple(np.asarray(f).tolist() for f in fb) for fb in feedback], t)
         self.timing["update"] += time.perf_counter() - t0
 
 
 class ServeEdge:
     """EdgeServing over the Serve replicas: push with acks, then every node's requests at once."""
 
-    def __init__(self, sim: Simulation, actor, edges: dict, pushes: list[PushResult], timing: dict,
-                 policy: str = "", faults: list | None = None, checkpoint_dir: str | None = None):
-        self.sim, self.actor, self.edges, self.pushes, self.timing = sim, actor, edges, pushes, timing
+    def __init__(self, sim: Simulation, client: DecisionClient, edges: dict, pushes: list[PushResult], timing: dict,
+                 policy: str = "", faults: list | None = None, checkpoint_dir: str | None = None,
+                 router_name: str = ""):
+        self.sim, self.client, self.edges, self.pushes, self.timing = sim, client, edges, pushes, timing
         self.policy, self.faults, self.checkpoint_dir = policy, faults or [], checkpoint_dir
+        self.router_name = router_name
         self.served: dict[int, tuple[list[float], float]] = {}
         self.failed_requests = 0  # requests whose call failed (a replica died under them) and were re-sent
 
     def inject(self, t: int, phase: str) -> None:
         for f in self.faults:
             if (f.policy, f.slot, f.phase) == (self.policy, t, phase):
-                if f.action == "kill_router":
-                    f.report.update(fi.kill_router(self.actor))
+                if f.action == "kill_leader":
+                    f.report.update(fi.kill_leader(self.client))
+                elif f.action == "kill_merger":
+                    f.report.update(fi.kill_merger(self.router_name))
                 elif f.action == "kill_replica":
                     f.report.update(fi.kill_replica(edge_deployment(f.target)))
                 else:
                     f.report.update(fi.corrupt_checkpoint(self.checkpoint_dir))
-                    f.report.update(fi.kill_router(self.actor))
+                    f.report.update(fi.kill_leader(self.client))
 
     def push(self, t: int, specs) -> None:
-        r = push(self.actor, self.edges)
+        r = push(self.client.call("assignments"), self.edges)
         self.pushes.append(r)
         if r.stale:  # a live replica behind its node's version; an unreachable one is replaced, and its
             raise RuntimeError(f"slot {t}: push left replicas stale {r.stale}")  # successor pulls first
@@ -103,11 +107,15 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
                        progress: bool = True, address: str | None = None, on_slot=None,
                        checkpoint_dir: str | None = None, faults: list | None = None) -> SimOutput:
     """Start a local multi-node cluster (or join `address`, or use the Ray this process is connected
-    to), deploy the app, run the simulation on it. `faults` (faults.Fault) are injected on the way."""
+    to), deploy the app, run the simulation on it. `faults` (faults.Fault) are injected on the way.
+    With `checkpoint_dir` the decision leader has a standby."""
     from contextlib import nullcontext
 
     from ray import serve
 
+    if cfg.merge_operator not in (None, moe_cfg.merge_operator):
+        raise ValueError(f"merge_operator: the router actor merges with the model's operator "
+                         f"({moe_cfg.merge_operator!r}); --backend ray cannot use {cfg.merge_operator!r}")
     if cfg.bf16:
         raise ValueError("bf16: the cluster's replicas serve in fp32, so bf16 scoring would make the two "
                          "backends disagree; run --backend ray with bf16=false")
@@ -116,7 +124,8 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
     t0 = time.perf_counter()
     ctx = local_cluster(fleet) if address is None and not ray.is_initialized() else nullcontext()
     if address is not None:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
+                 **({"_node_ip_address": LOOPBACK} if address.startswith(LOOPBACK) else {}))
     with ctx:
         serve.start(proxy_location="Disabled")
         router_policies = [p for p in cfg.policies if p not in STATIC_SPECS]
@@ -125,7 +134,7 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
                                          tanbr=cfg.tanbr, threads=cfg.threads, checkpoint_dir=checkpoint_dir),
                        router_name=f"tanbr-router-sim-{cfg.seed}")
         serve.run(make_app(args, fleet, moe_cfg), name=APP_NAME, route_prefix=None)
-        actor = get_router(args.router_name)
+        client = DecisionClient(args.router_name, args.router.decision_actors())
         edges = {c.name: serve.get_deployment_handle(edge_deployment(c.name), app_name=APP_NAME) for c in fleet.classes}
         setup_s = time.perf_counter() - t0
         pushes: list[PushResult] = []
@@ -136,9 +145,9 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         def backend(sim: Simulation, name: str):
             if name in STATIC_SPECS:
                 return None, None
-            ray.get(actor.reset.remote(name))
-            edge_of[name] = ServeEdge(sim, actor, edges, pushes, timing, name, faults, checkpoint_dir)
-            return ActorRouter(actor, timing), edge_of[name]
+            client.call("reset", name)
+            edge_of[name] = ServeEdge(sim, client, edges, pushes, timing, name, faults, checkpoint_dir, args.router_name)
+            return ActorRouter(client, timing), edge_of[name]
 
         def slot_done(name, t, *scores):
             if name in edge_of:
@@ -148,10 +157,10 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
 
         try:
             out = run_simulation(cfg, moe, fleet, progress, slot_done, backend=backend)
-            final_state = ray.get(actor.state.remote())
+            final_state = client.wait_leader()
         finally:
             serve.delete(APP_NAME)
-            ray.kill(actor)
+            stop_router(args)
     s = out.summary
     s["backend"] = "ray"
     s["wall_seconds"] = time.perf_counter() - t0
@@ -160,7 +169,9 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         "cluster_setup_seconds": setup_s, "policies_on_cluster": router_policies, **summarize(pushes),
         "seconds": {"push": float(sum(p.seconds for p in pushes)), **timing},
         "failed_requests": int(sum(e.failed_requests for e in edge_of.values())),
-        "final_router_state": {k: final_state[k] for k in ("policy", "version", "slot", "updated_slot", "restored_from")},
+        "final_router_state": {k: final_state[k] for k in ("policy", "version", "slot", "updated_slot", "restored_from",
+                                                            "name", "term")},
+        "takeovers": final_state["takeovers"],
         "faults": [{"policy": f.policy, "slot": f.slot, "phase": f.phase, "action": f.action, **f.report}
                    for f in faults],
     }

@@ -210,6 +210,17 @@ def train_expert(moe: TaskMoE, cfg: MoEConfig, split: TaskSplit, held: TaskSplit
         return _loss(task, logits, b.labels, weight)
 
     per_epoch = max(1, len(batches) // ts.epochs)
+    probe = batches[:4]  # the same rows before and after, in eval mode: did the expert learn?
+
+    @torch.no_grad()
+    def probe_loss() -> float:
+        was = moe.training
+        moe.eval()
+        out = float(np.mean([loss_of(b).item() for b in probe]))
+        moe.train(was)
+        return out
+
+    before = probe_loss()
     moe.train()
     res = fit(list(P.values()) + list(head.parameters()), batches, loss_of, ts.lr, weight_decay=cfg.weight_decay,
               warmup_frac=cfg.warmup_frac, validate=None if held is None else (lambda: _dev_score(moe, cfg, held, P)),
@@ -219,7 +230,8 @@ def train_expert(moe: TaskMoE, cfg: MoEConfig, split: TaskSplit, held: TaskSplit
     with torch.no_grad():
         for k in FFN_KEYS:
             moe.experts[k][:, e].copy_(P[k])
-    return {"loss": res.loss, "steps": res.steps, "held_out": res.curve, "examples": len(train), "epochs": ts.epochs}
+    return {"loss": res.loss, "probe_loss_before": before, "probe_loss_after": probe_loss(), "steps": res.steps,
+            "held_out": res.curve, "examples": len(train), "epochs": ts.epochs, "init_from": ts.init_from}
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, BertConfig
 from tanbr_ray.moe.data import PAIR, TaskSplit, bucket_batches
 from tanbr_ray.moe.infer import _to_pred
 from tanbr_ray.moe.merge import FFN_KEYS
-from tanbr_ray.moe.model import DenseModel, TaskMoE
+from tanbr_ray.moe.model import DenseModel, MergedVersion, TaskMoE
 
 
 @dataclass
@@ -70,7 +70,7 @@ class EdgeModel:
             for name, data in pkg.tokenizer_files.items():
                 (Path(d) / Path(name).name).write_bytes(data)
             self.tokenizer = AutoTokenizer.from_pretrained(d)
-        self.model: DenseModel | None = None  # None until the first merged FFNs arrive
+        self.model: MergedVersion | None = None  # None until the first merged FFNs arrive
 
     def load_ffn(self, state: dict[str, torch.Tensor]) -> None:
         """Swap in merged FFNs: the new model is complete before it replaces the old one."""
@@ -81,7 +81,7 @@ class EdgeModel:
 
     @torch.no_grad()
     def predict(self, task: str, text_a: list[str], text_b: list[str] | None = None,
-                model: DenseModel | None = None) -> np.ndarray:
+                model: MergedVersion | None = None) -> np.ndarray:
         """Labels (class index) or scores (STS-B) for single-task requests, in request order; with
         this node's current model, or `model` (another FFN version on the same shell)."""
         model = model or self.model  # one version for the whole call, even if a push lands meanwhile

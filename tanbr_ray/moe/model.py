@@ -471,21 +471,19 @@ class DenseModel(nn.Module):
                 dm.attn[l].output.LayerNorm.bias.copy_(attn_ln[1][l])
         return dm.to(moe.device).eval()
 
-    def with_ffn(self, state: Mapping[str, torch.Tensor]) -> "DenseModel":
-        """A model whose MoE layers use these merged FFNs ([moe layers, ...] tensors, as
-        `TaskMoE.merged_state` gives them); everything else is shared with this one."""
+    def with_ffn(self, state: Mapping[str, torch.Tensor]) -> "MergedVersion":
+        """This shell served with other merged FFNs in its MoE layers ([moe layers, ...] tensors, as
+        `TaskMoE.merged_state` gives them), through `torch.func.functional_call`: nothing of the
+        shell is copied or edited, so a forward already running keeps the version it started with."""
+        params = {}
         for k in FFN_KEYS:
             want = (len(self.moe_layers), *self.ffn[self.moe_layers[0]][k].shape)
             if k not in state or tuple(state[k].shape) != want:
                 raise ValueError(f"merged FFN: {k} missing or shaped {getattr(state.get(k), 'shape', None)}, want {want}")
-        new = copy.copy(self)
-        new._modules = dict(self._modules)
-        ffn = nn.ModuleList(list(self.ffn))
-        for m, l in enumerate(self.moe_layers):
-            ffn[l] = nn.ParameterDict(
-                {k: nn.Parameter(state[k][m].detach().to(self.ffn[l][k]), requires_grad=False) for k in FFN_KEYS})
-        new._modules["ffn"] = ffn
-        return new
+            ref = self.ffn[self.moe_layers[0]][k]
+            for m, l in enumerate(self.moe_layers):
+                params[f"ffn.{l}.{k}"] = state[k][m].detach().to(device=ref.device, dtype=ref.dtype).contiguous()
+        return MergedVersion(self, params)
 
     def forward(self, input_ids, attention_mask, token_type_ids, task: str) -> torch.Tensor:
         key = task.replace("-", "_")
@@ -499,3 +497,19 @@ class DenseModel(nn.Module):
 
     def resident_bytes(self) -> int:
         return _param_bytes(self.parameters())
+
+
+class MergedVersion:
+    """One merged version on a shared DenseModel shell: the shell's forward with these FFN tensors."""
+
+    def __init__(self, shell: DenseModel, ffn_params: dict[str, torch.Tensor]):
+        self.shell, self.ffn_params = shell, ffn_params
+
+    def __call__(self, input_ids, attention_mask, token_type_ids, task: str) -> torch.Tensor:
+        return torch.func.functional_call(self.shell, self.ffn_params, (input_ids, attention_mask, token_type_ids, task))
+
+    def resident_bytes(self) -> int:
+        """The shell (everything but the MoE layers' FFNs) plus this version's FFNs."""
+        moe_keys = set(self.ffn_params)
+        shell = sum(p.numel() * p.element_size() for n, p in self.shell.named_parameters() if n not in moe_keys)
+        return int(shell + sum(t.numel() * t.element_size() for t in self.ffn_params.values()))

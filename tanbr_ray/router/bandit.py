@@ -58,6 +58,9 @@ class BanditConfig(BaseModel):
     batch_size: int = Field(64, ge=1, le=65536)
     history: int = Field(20000, ge=1, le=10_000_000, description="replay buffer capacity")
     full_covariance: bool = False
+    prior: float = Field(0.0, ge=0.0, le=100.0, description="scale c of the known-structure prior "
+                         "c * x_own(v)^(1-1/p) per task (0 = none, the paper's plain MLP)")
+    prior_power: float = Field(2.0, gt=1.0, le=100.0, description="p: for a mix psi the prior is maximal at x ∝ psi^p")
     seed: int = 0
 
 
@@ -74,14 +77,27 @@ class MLP(nn.Module):
 
 
 class NeuralUCB:
-    """Reward model f(x) -> R^V with a gradient-based confidence width."""
+    """Reward model f(x) -> R^V with a gradient-based confidence width.
 
-    def __init__(self, num_experts: int, num_tasks: int, config: BanditConfig | None = None):
+    With `prior` > 0, f(x) = prior(x) + MLP(x): prior_v(x) = c * x_{e(v)}^(1-1/p), e(v) task v's own
+    expert. For a mix psi, psi . prior is maximal at x ∝ psi^p (per expert, the mass of its tasks), so
+    the bandit starts at the sharpened ψ-merge and the MLP (its last layer zeroed) learns corrections
+    from the rewards. The prior has no parameters: the confidence width is the MLP's."""
+
+    def __init__(self, num_experts: int, num_tasks: int, config: BanditConfig | None = None,
+                 task_experts=None):
         self.config = c = config or BanditConfig()
         self.num_experts, self.num_tasks = num_experts, num_tasks
+        te = np.arange(num_tasks) % num_experts if task_experts is None else np.asarray(task_experts)
+        if te.shape != (num_tasks,) or te.min() < 0 or te.max() >= num_experts:
+            raise ValueError(f"task_experts: need one expert index in 0..{num_experts - 1} per task, got {te.tolist()}")
+        self.task_experts = torch.as_tensor(te, dtype=torch.long)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
             self.net = MLP(num_experts, num_tasks, c.width, c.depth).double()
+            if c.prior > 0:  # start exactly at the prior
+                torch.nn.init.zeros_(self.net.layers[-1].weight)
+                torch.nn.init.zeros_(self.net.layers[-1].bias)
         self.params = dict(self.net.named_parameters())
         self.num_params = sum(p.numel() for p in self.params.values())
         self.opt = torch.optim.Adam(self.net.parameters(), lr=c.lr)
@@ -97,10 +113,18 @@ class NeuralUCB:
         self.n_seen = 0
 
     # --- prediction ------------------------------------------------------------------------
+    def prior_of(self, X: torch.Tensor) -> torch.Tensor:
+        """(N, V) prior reward per task; zeros when the prior is off."""
+        c = self.config
+        if c.prior <= 0:
+            return torch.zeros(X.shape[0], self.num_tasks, dtype=X.dtype)
+        return c.prior * X[:, self.task_experts].clamp(min=0.0) ** (1.0 - 1.0 / c.prior_power)
+
     @single_threaded
     @torch.no_grad()
     def predict(self, xs: np.ndarray) -> np.ndarray:
-        return self.net(torch.as_tensor(xs, dtype=torch.float64)).numpy()
+        X = torch.as_tensor(xs, dtype=torch.float64)
+        return (self.prior_of(X) + self.net(X)).numpy()
 
     @single_threaded
     @torch.no_grad()
@@ -114,6 +138,7 @@ class NeuralUCB:
             width2 = ((g @ self.A_inv) * g).sum(1)
         else:
             mean, width2 = self._diag_forward(X, w)
+        mean = mean + self.prior_of(X) @ w
         return mean.numpy(), torch.sqrt(torch.clamp(width2, min=0.0)).numpy()
 
     def _diag_forward(self, X: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,8 +204,8 @@ class NeuralUCB:
         loss = torch.tensor(float("nan"))
         for _ in range(steps):
             idx = torch.randint(0, n, (min(self.config.batch_size, n),), generator=self.gen)
-            m = self.buf_m[idx]
-            loss = (m * (self.net(self.buf_x[idx]) - self.buf_r[idx]) ** 2).sum() / m.sum().clamp(min=1.0)
+            m, X = self.buf_m[idx], self.buf_x[idx]
+            loss = (m * (self.prior_of(X) + self.net(X) - self.buf_r[idx]) ** 2).sum() / m.sum().clamp(min=1.0)
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()

@@ -25,10 +25,11 @@ class Policy(ABC):
             raise ValueError(f"num_tasks: must be >= 1, got {num_tasks}")
         self.num_experts, self.num_tasks = num_experts, num_tasks
 
-    def select(self, psi, budget: int) -> np.ndarray:
-        """Merging weights for the next slot given the task-mix estimate psi and expert budget B."""
+    def select(self, psi, budget: int | None) -> np.ndarray:
+        """Merging weights for the next slot given the task-mix estimate psi and expert budget B
+        (None: no limit, B = K)."""
         psi = check_psi(psi, self.num_tasks)
-        budget = check_budget(budget, self.num_experts)
+        budget = check_budget(self.num_experts if budget is None else budget, self.num_experts)
         x = self._select(psi, budget)
         return check_x(x, self.num_experts, budget)
 

@@ -23,7 +23,7 @@ def make_policy(name: str, num_experts: int, num_tasks: int, seed: int = 0,
     cfg = tanbr or TanbrConfig()
     bandit = cfg.bandit.model_copy(update={"seed": seed})
     if name == "Tanbr":
-        return Tanbr(num_experts, num_tasks, cfg.model_copy(update={"bandit": bandit}), tasks)
+        return Tanbr(num_experts, num_tasks, cfg.model_copy(update={"bandit": bandit}), tasks, task_experts)
     if name == "Nucb":
         return NucbPolicy(num_experts, num_tasks, bandit, seed=seed)
     if name == "HOO":

@@ -24,10 +24,14 @@ from safetensors.torch import save as st_save
 from tanbr_ray.fileio import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, sha256_file
 from tanbr_ray.router.bandit import BanditConfig, NeuralUCB
 from tanbr_ray.router.monitor import MonitorConfig, TaskMonitor
-from tanbr_ray.router.policy import Policy
+from tanbr_ray.router.policy import Policy, default_task_experts
+from tanbr_ray.simplex import project_to_budget
 from tanbr_ray.router.tree import PartitionTree, TreeConfig
 
 STATE_FORMAT = 1
+
+
+PSI_POWERS = (0.5, 1.0, 2.0, 4.0)
 
 
 class TanbrConfig(BaseModel):
@@ -36,20 +40,24 @@ class TanbrConfig(BaseModel):
     tree: TreeConfig = Field(default_factory=TreeConfig)
     bandit: BanditConfig = Field(default_factory=BanditConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    psi_candidates: bool = Field(False, description="offer the ψ-family x ∝ psi^p (p in 0.5, 1, 2, 4; top-B) "
+                                 "beside the tree's points every slot")
 
 
 class Tanbr(Policy):
     name = "Tanbr"
 
     def __init__(self, num_experts: int, num_tasks: int, config: TanbrConfig | None = None,
-                 tasks: Sequence[str] | None = None):
+                 tasks: Sequence[str] | None = None, task_experts: Sequence[int] | None = None):
         super().__init__(num_experts, num_tasks)
         self.config = config or TanbrConfig()
         self.tasks = list(tasks) if tasks is not None else [f"task{v}" for v in range(num_tasks)]
         if len(self.tasks) != num_tasks:
             raise ValueError(f"tasks: {len(self.tasks)} names for {num_tasks} task types")
+        self.task_experts = np.asarray(task_experts if task_experts is not None
+                                       else default_task_experts(num_tasks, num_experts))
         self.tree = PartitionTree(num_experts, self.config.tree)
-        self.bandit = NeuralUCB(num_experts, num_tasks, self.config.bandit)
+        self.bandit = NeuralUCB(num_experts, num_tasks, self.config.bandit, self.task_experts)
         self.monitor = TaskMonitor(self.tasks, self.config.monitor)
         self.pending: dict[bytes, int] = {}  # played x -> leaf, until its reward arrives
         self.updates = 0
@@ -60,17 +68,33 @@ class Tanbr(Policy):
         psi = self.monitor.psi() if psi is None else psi
         return super().select(psi, self.num_experts if budget is None else budget)
 
+    def psi_family(self, psi: np.ndarray, budget: int) -> np.ndarray:
+        """x ∝ m^p, top-B, m the psi mass of each expert's tasks (p = 1 is ψ-merge)."""
+        m = np.bincount(self.task_experts, weights=psi, minlength=self.num_experts)
+        if m.sum() <= 0:
+            m = np.ones(self.num_experts)
+        return np.stack([project_to_budget(m**p / (m**p).sum(), budget) for p in PSI_POWERS])
+
+    def _leaf_of(self, x: np.ndarray) -> int:
+        return next((int(l) for l in self.tree.leaves if self.tree.contains(int(l), x)), -1)
+
     def _select(self, psi, budget):
         cands, leaf = self.tree.candidate_points(budget)
+        optimism = self.tree.optimism(leaf)
+        if self.config.psi_candidates:  # exact points, no cell optimism; a play visits the cell it lies in
+            fam = self.psi_family(psi, budget)
+            cands = np.concatenate([cands, fam])
+            leaf = np.concatenate([leaf, [self._leaf_of(x) for x in fam]]).astype(np.int64)
+            optimism = np.concatenate([optimism, np.zeros(len(fam))])
         mean, width = self.bandit.ucb(cands, psi)
-        i = int(np.argmax(mean + self.config.bandit.gamma * width + self.tree.optimism(leaf)))
+        i = int(np.argmax(mean + self.config.bandit.gamma * width + optimism))
         x = cands[i].copy()
         self.pending[x.tobytes()] = int(leaf[i])
         return x
 
     def _update(self, x, psi, rewards, mask):
         leaf = self.pending.pop(x.tobytes(), None)
-        if leaf is not None and self.tree.is_leaf(leaf):
+        if leaf is not None and leaf >= 0 and self.tree.is_leaf(leaf):
             self.tree.visit(leaf)
         self.bandit.observe(x, psi, rewards, mask)
         self.updates += 1
@@ -84,6 +108,7 @@ class Tanbr(Policy):
             "format": STATE_FORMAT,
             "policy": self.name,
             "num_experts": self.num_experts, "num_tasks": self.num_tasks, "tasks": self.tasks,
+            "task_experts": self.task_experts.tolist(),
             "config": self.config.model_dump(),
             "tree": self.tree.state_dict(),
             "monitor": self.monitor.state_dict(),
@@ -104,7 +129,8 @@ class Tanbr(Policy):
             raise ValueError(f"router state {blob_path}: missing or checksum mismatch")
         for tree_cfg in (state["config"].get("tree", {}), state["tree"].get("config", {})):
             tree_cfg.setdefault("probes", 0)  # written before leaves had probes: candidates were the centres
-        router = cls(state["num_experts"], state["num_tasks"], TanbrConfig(**state["config"]), state["tasks"])
+        router = cls(state["num_experts"], state["num_tasks"], TanbrConfig(**state["config"]), state["tasks"],
+                     state.get("task_experts"))
         router.tree = PartitionTree.from_state_dict(state["tree"])
         router.monitor = TaskMonitor.from_state_dict(state["monitor"])
         router.pending = {bytes.fromhex(k): int(v) for k, v in state["pending"].items()}

@@ -15,11 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tanbr_ray.fileio import read_yaml_mapping
 from tanbr_ray.router.tanbr import TanbrConfig
+from tanbr_ray.sim.queueing import QueueConfig
 from tanbr_ray.sim.workload import SCHEDULES
 
 DEFAULT_CONFIG = Path(__file__).parent / "data" / "simulate_default.yaml"
 QUICK_CONFIG = Path(__file__).parent / "data" / "simulate_quick.yaml"
-POLICIES = ("Tanbr", "Switch-top1", "Switch-top2", "Oracle", "Uniform", "psi-merge", "Nucb", "HOO",
+POLICIES = ("Tanbr", "Switch-top1", "Switch-top2", "Soft", "Oracle", "Uniform", "psi-merge", "Nucb", "HOO",
             "Fisher", "RegMean", "Random")
 
 
@@ -35,7 +36,10 @@ class SimConfig(BaseModel):
     slot_seconds: float = Field(10.0, gt=0.0)
     schedule: str = "stationary"
     switch_every: int | None = Field(None, ge=1)
-    pool_per_task: int = Field(150, ge=2, description="dev examples per task requests are drawn from")
+    pool_per_task: int = Field(400, ge=2, description="dev examples per task requests are drawn from (fewer if the task has fewer)")
+    scored_per_slot: int = Field(24, ge=1, le=100_000, description="requests per node-slot scored exactly "
+                                 "(rewards, accuracy); the rest are served, queued and monitored, not scored")
+    queue: QueueConfig = Field(default_factory=QueueConfig)
     label_fraction: float = Field(1.0, ge=0.0, le=1.0, description="share of requests labelled after the slot")
     label_free: bool = Field(False, description="reward = agreement with the full MoE (top-2) instead of labels")
     credit: Literal["accuracy", "balanced"] = Field(
@@ -43,13 +47,18 @@ class SimConfig(BaseModel):
         "answer; balanced = a correct answer of class y earns 1/(C p_y), p_y its share of the task's "
         "training labels, so the expected credit is the balanced accuracy (collapsing onto the majority "
         "class earns 1/C, as MCC and F1 would have it)")
-    fixed_candidates: int = Field(2, ge=0, le=1000, description="random fixed x tried per node for the best-in-hindsight")
-    regret_sample: int = Field(48, ge=0, description="requests per node that pick its best fixed x; 0 = all")
+    fixed_candidates: int = Field(50, ge=0, le=1000, description="random fixed x tried per node for the best-in-hindsight "
+                                  "(besides the ψ-family on the node's true mix)")
+    regret_sample: int = Field(24, ge=0, description="scored requests per node that pick its best fixed x; 0 = all")
     policies: list[str] = Field(default_factory=lambda: list(POLICIES))
+    merge_operator: Literal["linear", "fisher", "regmean"] | None = Field(
+        None, description="how every x-policy's x merges the experts; None = the model's own (MoEConfig.merge_operator)")
     tanbr: TanbrConfig = Field(default_factory=TanbrConfig)
     threads: int | None = Field(None, ge=1, description="torch threads; None = torch's default")
     bf16: bool = Field(False, description="score under bfloat16 autocast: faster, not bit-exact")
     seed: int = 0
+    seeds: int | list[int] | None = Field(None, description="several runs: a count (seed, seed+1, ...) or a list; "
+                                          "results report each policy's mean ± sd and Tanbr's paired differences")
     wandb: Literal["online", "offline", "disabled"] | None = None
     out: str = "results/simulate"
 
@@ -59,6 +68,22 @@ class SimConfig(BaseModel):
         if v not in SCHEDULES:
             raise ValueError(f"unknown schedule {v!r}; choose from {', '.join(SCHEDULES)}")
         return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if v is None:
+            return v
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"seeds: need at least one, got {v}")
+        if isinstance(v, list) and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"seeds: need a non-empty list of distinct seeds, got {v}")
+        return v
+
+    def seed_list(self) -> list[int]:
+        if self.seeds is None:
+            return [self.seed]
+        return list(range(self.seed, self.seed + self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
     @field_validator("policies")
     @classmethod

@@ -65,8 +65,9 @@ class PoolEvaluator:
     """Predictions for (spec, task, example index) over a fixed pool of dev examples."""
 
     def __init__(self, moe, pool: Mapping[str, object], batch_size: int = 32, progress: bool = False,
-                 bf16: bool = False):
+                 bf16: bool = False, merge_operator: str | None = None):
         self.moe = moe
+        self.merge_operator = merge_operator  # None: the model's own
         self.pool = dict(pool)
         self.bf16 = bf16  # bfloat16 autocast: ~2x faster on CPUs with bf16 units, logits move ~1e-3
         self.cache = moe.prepare(pool, batch_size=batch_size, progress=progress)
@@ -93,7 +94,8 @@ class PoolEvaluator:
             self._states.move_to_end(spec)
         else:
             if spec[0] == "merged":
-                self._states[spec] = self.moe.merged_state(np.frombuffer(spec[1], dtype=np.float64).copy())
+                x = np.frombuffer(spec[1], dtype=np.float64).copy()
+                self._states[spec] = self.moe.merged_state(x, self.merge_operator)
             else:
                 self._states[spec] = self.moe.static_state(spec[1])
             while len(self._states) > STATE_CACHE:

@@ -27,7 +27,8 @@ class NodeClass(BaseModel):
     bandwidth_mbps: float = Field(gt=0.0, description="link bandwidth for weight pushes and payloads")
     rtt_ms: float = Field(ge=0.0, le=10_000.0)
     storage_mbps: float = Field(400.0, gt=0.0, description="read rate for swapping experts in")
-    budget: int = Field(ge=1, description="B: experts with non-zero merging weight")
+    budget: int | None = Field(None, ge=1, description="B: experts with non-zero merging weight; None = all K "
+                               "(the router merges and pushes one FFN, so B limits a node only if it merges itself)")
     rate: float = Field(gt=0.0, le=1e6, description="mean requests per second (Poisson)")
     mix: dict[str, float] | None = Field(None, description="the class's task mix (else drawn per node)")
     replica_cpus: float = Field(0.25, gt=0.0, le=256.0, description="Ray CPUs per Serve replica of this class")
@@ -50,6 +51,8 @@ class Fleet(BaseModel):
 
     @model_validator(mode="after")
     def _unique(self) -> "Fleet":
+        if sum(c.count for c in self.classes) < 1:
+            raise ValueError("classes: the fleet has no nodes")
         names = [c.name for c in self.classes]
         if len(set(names)) != len(names):
             raise ValueError(f"classes: duplicate class names in {names}")
@@ -62,7 +65,7 @@ class Fleet(BaseModel):
     def check_model(self, num_experts: int, tasks: list[str]) -> None:
         """Budgets and mixes must fit the model being simulated."""
         for c in self.classes:
-            if c.budget > num_experts:
+            if c.budget is not None and c.budget > num_experts:
                 raise ValueError(f"fleet: class {c.name!r} has budget {c.budget} > {num_experts} experts")
             unknown = sorted(set(c.mix or {}) - set(tasks))
             if unknown:

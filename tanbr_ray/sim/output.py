@@ -10,22 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-#: Policy names as they appear in every output (results.json keys, CSV rows, W&B run names).
-POLICY_NAMES = (
-    "Tanbr",
-    "Switch-top1",
-    "Switch-top2",
-    "Oracle",
-    "Uniform",
-    "psi-merge",
-    "Nucb",
-    "HOO",
-    "Fisher",
-    "RegMean",
-    "Random",
-)
-
-
 @dataclass
 class PolicySeries:
     """Per-slot traces of one policy over the run.
@@ -42,6 +26,8 @@ class PolicySeries:
     choices: np.ndarray | None  # (slots, nodes, K) merging weights per node, or None
     latency_ms: np.ndarray  # (requests,) every request's latency
     resident_bytes: dict[str, int] = field(default_factory=dict)  # node -> resident model bytes
+    node_credit: np.ndarray | None = None  # (slots, nodes) credit summed over the scored sample
+    node_counts: np.ndarray | None = None  # (slots, nodes) scored requests
 
     @property
     def slots(self) -> int:

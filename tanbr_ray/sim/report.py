@@ -22,6 +22,8 @@ MB = 1e6  # decimal megabytes in every table and plot
 
 #: Scalar per-policy fields in the order they appear in policies.csv (extra scalars follow).
 SCALAR_FIELDS = (
+    "credit_second_half",
+    "credit",
     "score",
     "score_second_half",
     "latency_ms_p50",
@@ -67,36 +69,49 @@ def _fmt(value, scale: float = 1.0, digits: int = 1, suffix: str = "") -> str:
 
 
 def format_table(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and one row of strings per policy, for the CLI and summary.md (scores in percent)."""
-    header = [
-        "Policy",
-        "Score %",
-        "2nd half %",
-        "p50 ms",
-        "p95 ms",
-        "Resident MB",
-        "Pushed MB",
-        "Regret best-fixed",
-        "Regret oracle",
-        "Slope",
-    ]
+    """Header and one row of strings per policy, for the CLI and summary.md (percent). The headline
+    is the second-half per-request credit; with several seeds its mean ± sd over them comes next."""
+    seeds = (summary.get("seeds") or {}).get("policies", {})
+    multi = len((summary.get("seeds") or {}).get("list", [])) > 1
+    header = ["Policy", "Credit 2nd half %"] + (["mean ± sd over seeds"] if multi else []) + [
+        "Credit %", "GLUE 2nd half %", "p50 ms", "p95 ms", "Dropped", "Resident MB", "Pushed MB",
+        "Regret best-fixed", "Regret oracle", "Slope"]
     rows = []
     for name, p in summary.get("policies", {}).items():
+        sd = seeds.get(name, {})
+        spread = [f"{100 * sd['credit_second_half_mean']:.1f} ± {100 * sd['credit_second_half_sd']:.1f}"] if multi and sd else (
+            ["–"] if multi else [])
         rows.append(
-            [
-                str(name),
-                _fmt(p.get("score"), 100.0),
+            [str(name), _fmt(p.get("credit_second_half"), 100.0)] + spread + [
+                _fmt(p.get("credit"), 100.0),
                 _fmt(p.get("score_second_half"), 100.0),
-                _fmt(p.get("latency_ms_p50"), digits=2),
-                _fmt(p.get("latency_ms_p95"), digits=2),
-                _fmt(p.get("resident_bytes"), 1 / MB, 2),
-                _fmt(p.get("pushed_bytes"), 1 / MB, 2),
+                _fmt(p.get("latency_ms_p50"), digits=1),
+                _fmt(p.get("latency_ms_p95"), digits=1),
+                str(p.get("dropped_requests", "–")),
+                _fmt(p.get("resident_bytes"), 1 / MB, 1),
+                _fmt(p.get("pushed_bytes"), 1 / MB, 1),
                 _fmt(p.get("regret_vs_best_fixed"), digits=2),
                 _fmt(p.get("regret_vs_oracle"), digits=2),
                 _fmt(p.get("regret_slope"), digits=2),
             ]
         )
     return header, rows
+
+
+def format_paired(summary: dict) -> list[str]:
+    """Tanbr − each baseline, second-half credit in points, with the 95 % interval."""
+    paired = summary.get("paired") or {}
+    if not paired:
+        return []
+    n = len((summary.get("seeds") or {}).get("list", [1]))
+    lines = [f"Tanbr − baseline, 2nd-half credit in points (95 % bootstrap over node-slots, {n} seed(s)):"]
+    for name, d in paired.items():
+        lo, hi = d["ci95"]
+        mark = "above 0" if lo > 0 else ("below 0" if hi < 0 else "spans 0")
+        t = d.get("ci95_t_over_seeds")
+        tt = f"; t over seeds [{100 * t[0]:+.1f}, {100 * t[1]:+.1f}]" if t else ""
+        lines.append(f"  vs {name:12} {100 * d['diff_mean']:+.2f}  [{100 * lo:+.2f}, {100 * hi:+.2f}] {mark}{tt}")
+    return lines
 
 
 def latency_ratios(summary: dict, policy: str = "Tanbr") -> list[str]:
@@ -263,8 +278,8 @@ def _plot_score(out: SimOutput, path: Path) -> None:
     for i, c in enumerate(out.mix_changes):
         ax.axvline(c, color="black", linestyle="--", linewidth=0.9, label="mix change" if i == 0 else None)
     ax.set_xlabel("slot")
-    ax.set_ylabel(f"score % (moving average, {window} slots)")
-    ax.set_title("Fleet-wide score over time")
+    ax.set_ylabel(f"per-request credit % (moving average, {window} slots)")
+    ax.set_title("Fleet-wide credit of the scored sample over time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=3)
     _save(fig, path)

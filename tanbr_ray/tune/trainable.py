@@ -16,7 +16,7 @@ from tanbr_ray.sim.config import SimConfig, apply_overrides
 
 POLICY = "Tanbr"
 # Fields of the final Tanbr summary reported (prefixed `final/`) with the trial's last result.
-FINAL_FIELDS = ("score", "score_second_half", "regret_vs_best_fixed", "regret_vs_oracle", "regret_slope",
+FINAL_FIELDS = ("credit_second_half", "credit", "score", "score_second_half", "regret_vs_best_fixed", "regret_vs_oracle", "regret_slope",
                 "latency_ms_p50", "latency_ms_p95", "pushed_bytes", "push_seconds")
 
 _MOE_CACHE: dict[str, Any] = {}  # per worker process: trials that reuse a worker skip even the load

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tanbr_ray.moe import MoEConfig, load_or_build
+from tanbr_ray.moe.build import load_or_build_info
 from tanbr_ray.moe.config import TinyBase
 from tanbr_ray.moe.merge import FFN_KEYS
 from tanbr_ray.moe.store import save_moe
@@ -40,12 +41,13 @@ def ray_env():
 def tiny(tmp_path_factory, data_dir):
     """(config, models dir, model): experts pushed apart after the tiny build, then re-cached."""
     cfg, d = MoEConfig(**TINY), tmp_path_factory.mktemp("models")
-    moe = load_or_build(cfg, models_dir=d, progress=False, data_dir=data_dir)
+    built = load_or_build_info(cfg, models_dir=d, progress=False, data_dir=data_dir)
+    moe = built.moe
     torch.manual_seed(1)
     with torch.no_grad():
         for k in FFN_KEYS:
             moe.experts[k].add_(torch.randn_like(moe.experts[k]) * 0.5)
-    save_moe(moe, cfg, d / cfg.cache_dirname(), moe.build_info)
+    save_moe(moe, cfg, d / cfg.cache_dirname(), built.build_info)
     return cfg, d, load_or_build(cfg, models_dir=d, progress=False)
 
 

@@ -34,6 +34,9 @@ def test_build_stages_and_cache_reuse(built):
     moe, info = b.moe, b.build_info
     assert {"expert_SST-2", "expert_MNLI", "router", "expert_stats", "adaptation"} <= set(info["stages"])
     assert moe.adapted.item() == 1 and moe.stats is not None
+    for task, e in info["experts"].items():  # every tiny expert learned something on its own rows
+        assert e["probe_loss_after"] < e["probe_loss_before"], (task, e)
+        assert len(e["held_out"]) == e["epochs"]
     cache_dir = d / cfg.cache_dirname()
     assert b.cache_dir == cache_dir
     mtime = (cache_dir / "model.safetensors").stat().st_mtime_ns

@@ -33,10 +33,15 @@ def test_swap_shares_the_shell_and_keeps_running_models(tiny_moe):
     edge.load_ffn(tiny_moe.merged_state([0.5, 0.5]))
     old = edge.model
     edge.load_ffn(tiny_moe.merged_state([0.0, 1.0]))
-    assert edge.model is not old and edge.model.embeddings is old.embeddings
+    assert edge.model is not old and edge.model.shell is old.shell  # one shell, nothing copied
     l = tiny_moe.moe_layers[0]
-    assert not torch.equal(edge.model.ffn[l]["w1"], old.ffn[l]["w1"])
-    assert torch.equal(old.ffn[l]["w1"], tiny_moe.merged_state([0.5, 0.5])["w1"][0])
+    key = f"ffn.{l}.w1"
+    assert not torch.equal(edge.model.ffn_params[key], old.ffn_params[key])
+    assert torch.equal(old.ffn_params[key], tiny_moe.merged_state([0.5, 0.5])["w1"][0])
+    assert not edge.shell.ffn[l]["w1"].abs().sum()  # the shell itself is never written
+    sp = _splits()["SST-2"]
+    want = predict(tiny_moe, prepare(tiny_moe, {"SST-2": sp}), "merged", x=[0.5, 0.5])["SST-2"]
+    assert np.array_equal(edge.predict("SST-2", sp.text_a, model=old), want)  # the old version still serves
 
 
 def test_edge_model_refuses_bad_input(tiny_moe):

@@ -51,3 +51,32 @@ def test_seeded_determinism():
     a, b = _trained(False), _trained(False)
     xs = np.random.default_rng(5).dirichlet(np.ones(5), size=10)
     assert np.array_equal(a.ucb(xs, np.ones(3) / 3)[0], b.ucb(xs, np.ones(3) / 3)[0])
+
+
+def test_prior_starts_at_the_sharpened_psi_merge_and_the_mlp_learns_the_rest():
+    import numpy as np
+    import pytest
+
+    from tanbr_ray.router.bandit import BanditConfig, NeuralUCB
+    from tanbr_ray.router.tanbr import Tanbr, TanbrConfig
+
+    K = V = 4
+    b = NeuralUCB(K, V, BanditConfig(prior=0.3, prior_power=2.0, seed=1))
+    psi = np.array([0.6, 0.3, 0.1, 0.0])
+    from tanbr_ray.router.tree import TreeConfig
+
+    t = Tanbr(K, V, TanbrConfig(bandit=BanditConfig(prior=0.3, gamma=0.0), tree=TreeConfig(nu=0.0), psi_candidates=True))
+    fam = t.psi_family(psi, K)  # p = 0.5, 1, 2, 4
+    mean, _ = b.ucb(np.vstack([fam, np.full(K, 0.25)]), psi)
+    assert int(np.argmax(mean)) == 2  # x ∝ psi² is the prior's optimum for p = 2
+    assert np.allclose(b.predict(fam)[:, 3], 0.0)  # no expert weight, no prior for task 3
+    # an untrained Tanbr with the prior plays the sharpened point, and validates task_experts
+    x = t.select(psi, K)
+    assert np.allclose(x, fam[2])
+    with pytest.raises(ValueError, match="task_experts"):
+        NeuralUCB(K, V, BanditConfig(prior=0.1), task_experts=[0, 1, 2, 9])
+    # the residual learns: a reward the prior does not predict is fitted after a few observations
+    xs = np.eye(K)[0]
+    for _ in range(60):
+        b.observe(xs, psi, np.array([0.9, 0.1, 0.1, 0.1]))
+    assert abs(b.predict(xs[None])[0, 0] - 0.9) < 0.1 and b.predict(xs[None])[0, 0] != pytest.approx(0.3)

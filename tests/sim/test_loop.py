@@ -58,6 +58,7 @@ def test_every_policy_runs_and_reports(result):
     assert s["requests"] > 0 and s["requests_simulated"] == s["requests"] * len(POLICIES)
     # the full MoE is resident for routing policies; merged ones hold one FFN per layer
     assert s["policies"]["Switch-top2"]["resident_bytes"] > s["policies"]["Tanbr"]["resident_bytes"]
+    assert s["policies"]["Soft"]["resident_bytes"] == s["policies"]["Switch-top1"]["resident_bytes"]
     # a board cannot hold the full MoE: swapping experts in makes routing slower there
     assert s["policies"]["Switch-top2"]["latency_ms_p95"] > s["policies"]["Tanbr"]["latency_ms_p50"]
     by_class = {n: s["policies"][n]["latency_ms_p50_by_class"] for n in ("Switch-top2", "Tanbr")}

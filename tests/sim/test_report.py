@@ -38,6 +38,8 @@ def make_output(seed: int = 0) -> SimOutput:
             resident_bytes=resident,
         )
         policies[name] = {
+            "credit": 0.70 + 0.01 * i,
+            "credit_second_half": 0.71 + 0.01 * i,
             "score": 0.61 + 0.01 * i,
             "score_second_half": 0.62 + 0.01 * i,
             "scores": {"SST-2": 0.8 - 0.01 * i, "MNLI": 0.45 + 0.01 * i},
@@ -136,6 +138,21 @@ def test_format_table_rows_per_policy():
     assert header[0] == "Policy" and len(rows) == 3
     assert all(len(r) == len(header) and all(isinstance(c, str) for c in r) for r in rows)
     assert [r[0] for r in rows] == ["Tanbr", "Uniform", "Switch-top1"]
-    assert rows[0][1] == "61.0" and rows[2][2] == "64.0"  # fractions shown as percent, 1 decimal
+    assert header[1] == "Credit 2nd half %" and header[3] == "GLUE 2nd half %"  # the headline comes first
+    assert rows[0][1] == "71.0" and rows[2][2] == "72.0" and rows[1][3] == "63.0"  # percent, 1 decimal
     resident = out.summary["policies"]["Uniform"]["resident_bytes"] / 1e6
     assert math.isclose(float(rows[1][header.index("Resident MB")]), resident, abs_tol=0.01)
+
+
+def test_seeds_and_paired_lines():
+    from tanbr_ray.sim.report import format_paired
+
+    s = make_output().summary
+    s["seeds"] = {"list": [0, 1], "policies": {n: {"credit_second_half_mean": 0.7, "credit_second_half_sd": 0.01}
+                                               for n in s["policies"]}}
+    s["paired"] = {"Uniform": {"diff_mean": 0.021, "ci95": [0.005, 0.04], "ci95_t_over_seeds": None},
+                   "Switch-top1": {"diff_mean": -0.01, "ci95": [-0.03, 0.01], "ci95_t_over_seeds": [-0.1, 0.08]}}
+    header, rows = format_table(s)
+    assert header[2] == "mean ± sd over seeds" and rows[0][2] == "70.0 ± 1.0"
+    lines = format_paired(s)
+    assert "+2.10" in lines[1] and "above 0" in lines[1] and "spans 0" in lines[2] and "t over seeds" in lines[2]

@@ -1,0 +1,59 @@
+"""Several seeds of one scenario, and Tanbr's paired differences against every baseline.
+
+A comparison is only a result with its interval. Every policy of a seed serves and scores the same
+requests, so Tanbr − baseline is paired per node-slot; the interval resamples node-slots of the
+second half, pooled over the seeds (and a Student-t interval over the per-seed differences is given
+beside it once there are two seeds or more).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from tanbr_ray.sim.config import SimConfig
+from tanbr_ray.sim.output import SimOutput
+from tanbr_ray.stats import paired_bootstrap, t_interval
+
+REFERENCE = "Tanbr"
+
+
+def run_seeds(cfg: SimConfig, run: Callable[[SimConfig], SimOutput]) -> list[SimOutput]:
+    """`run` once per seed of `cfg.seed_list()` (each with `seed` set and `seeds` cleared)."""
+    return [run(cfg.model_copy(update={"seed": s, "seeds": None})) for s in cfg.seed_list()]
+
+
+def seeds_section(outs: list[SimOutput], seeds: list[int]) -> dict:
+    """Each policy's second-half credit per seed, mean and sd (ddof 1; 0 for one seed)."""
+    pols: dict = {}
+    for name in outs[0].summary["policies"]:
+        v = [o.summary["policies"][name]["credit_second_half"] for o in outs]
+        pols[name] = {"credit_second_half": v, "credit_second_half_mean": float(np.mean(v)),
+                      "credit_second_half_sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
+    return {"list": list(seeds), "policies": pols}
+
+
+def paired_section(outs: list[SimOutput], reference: str = REFERENCE) -> dict:
+    """{baseline: {diff_mean, ci95, per_seed, ci95_t_over_seeds}}: `reference` − baseline in
+    second-half credit (fractions)."""
+    if reference not in outs[0].series:
+        return {}
+    out = {}
+    for name in outs[0].series:
+        if name == reference:
+            continue
+        a, b, n, per_seed = [], [], [], []
+        for o in outs:
+            ref, base = o.series[reference], o.series[name]
+            half = ref.node_credit.shape[0] // 2
+            a.append(ref.node_credit[half:])
+            b.append(base.node_credit[half:])
+            n.append(ref.node_counts[half:])
+            per_seed.append(float((a[-1] - b[-1]).sum() / max(n[-1].sum(), 1)))
+        diff, ci = paired_bootstrap(np.concatenate(a), np.concatenate(b), np.concatenate(n))
+        _, t_ci = t_interval(per_seed)
+        out[name] = {"diff_mean": diff, "ci95": list(ci), "per_seed": per_seed,
+                     "ci95_t_over_seeds": None if t_ci is None else list(t_ci),
+                     "method": "bootstrap over second-half node-slots, pooled over seeds (2000 resamples)"}
+    return out
