@@ -27,7 +27,9 @@ def simulate(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Simulate Tanbr and every baseline on an edge fleet; write results JSON/CSV, PNGs and a summary."""
-    from tanbr_ray.moe import default_config, load_or_build, quick_config
+    from tanbr_ray.moe import default_config, quick_config
+    from tanbr_ray.moe.build import load_or_build_info
+    from tanbr_ray.moe.store import weights_checksum
     from tanbr_ray.sim.config import DEFAULT_CONFIG, QUICK_CONFIG, load_config
     from tanbr_ray.sim.loop import run_simulation
     from tanbr_ray.sim.report import format_paired, format_table, latency_ratios, write_results
@@ -47,7 +49,9 @@ def simulate(
         raise typer.BadParameter(str(exc)) from exc
     moe_cfg = quick_config() if cfg.model == "quick" else default_config()
     typer.echo(f"model: {moe_cfg.name} (built on first use, then reused from the models cache)")
-    moe = load_or_build(moe_cfg, cfg.models_dir, progress=progress, data_dir=cfg.data_dir)
+    built = load_or_build_info(moe_cfg, cfg.models_dir, progress=progress, data_dir=cfg.data_dir)
+    moe = built.moe
+    memo_dir = built.cache_dir / "predictions" / weights_checksum(built.cache_dir)[:16]
     if backend == "ray":
         from tanbr_ray.cluster.driver import run_ray_simulation
 
@@ -55,7 +59,7 @@ def simulate(
             return run_ray_simulation(c, moe_cfg, moe, progress=progress, address=address)
     else:
         def run(c):
-            return run_simulation(c, moe, progress=progress)
+            return run_simulation(c, moe, progress=progress, memo_dir=memo_dir)
     seeds = cfg.seed_list()
     outs = run_seeds(cfg, run)
     result = outs[0]

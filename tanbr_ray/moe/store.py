@@ -102,3 +102,8 @@ def _read_verified(path: Path, size: int, sha256: str) -> dict[str, torch.Tensor
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path}: unreadable safetensors ({e})") from e
+
+
+def weights_checksum(directory: str | os.PathLike) -> str:
+    """The sha256 its config records for a cached model's weights (names what was computed with it)."""
+    return str(read_meta(directory)["files"][WEIGHTS]["sha256"])

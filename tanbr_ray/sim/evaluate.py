@@ -19,6 +19,7 @@ import torch
 
 from tanbr_ray.moe.infer import _to_pred
 from tanbr_ray.moe.metrics import glue_score, request_credit
+from tanbr_ray.sim.memo import DiskMemo, entry_key
 
 STATE_CACHE = 8
 MAX_ROWS = 32  # rows per forward pass: batches of ~32 are the fastest per example on CPU
@@ -65,8 +66,10 @@ class PoolEvaluator:
     """Predictions for (spec, task, example index) over a fixed pool of dev examples."""
 
     def __init__(self, moe, pool: Mapping[str, object], batch_size: int = 32, progress: bool = False,
-                 bf16: bool = False, merge_operator: str | None = None):
+                 bf16: bool = False, merge_operator: str | None = None, memo: DiskMemo | None = None):
         self.moe = moe
+        self.disk = memo  # predictions of earlier runs of this model (None: this run only)
+        self.disk_hits = 0
         self.merge_operator = merge_operator  # None: the model's own
         self.pool = dict(pool)
         self.bf16 = bf16  # bfloat16 autocast: ~2x faster on CPUs with bf16 units, logits move ~1e-3
@@ -111,8 +114,18 @@ class PoolEvaluator:
         """Predictions of `spec` for (task, example) rows of any tasks (memoised)."""
         memo = self._memo.setdefault(spec, {})
         missing = sorted({(t, int(i)) for t, i in rows} - memo.keys(), key=lambda r: (self.width[r[0]][r[1]], r))
+        if missing and self.disk is not None:
+            keys = {r: entry_key(spec, *r) for r in missing}
+            found = {r: self.disk.get(k) for r, k in keys.items()}
+            memo.update({r: v for r, v in found.items() if v is not None})
+            self.disk_hits += sum(v is not None for v in found.values())
+            missing = [r for r in missing if found[r] is None]
         if missing:
-            memo.update(zip(missing, self._run(spec, missing)))
+            preds = self._run(spec, missing)
+            memo.update(zip(missing, preds))
+            if self.disk is not None:
+                for r, v in zip(missing, preds):
+                    self.disk.put(keys[r], float(v))
         return np.asarray([memo[(t, int(i))] for t, i in rows], dtype=np.float64)
 
     def prefetch(self, work: Sequence[tuple[Spec, Sequence[Row]]]) -> None:

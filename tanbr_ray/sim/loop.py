@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ from tanbr_ray.simplex import project_to_budget
 from tanbr_ray.sim.config import SimConfig
 from tanbr_ray.sim.evaluate import PoolEvaluator, Spec, merged_spec
 from tanbr_ray.sim.fleet import Fleet, NodeClass, load_fleet
+from tanbr_ray.sim.memo import DiskMemo
 from tanbr_ray.sim.output import PolicySeries, SimOutput
 from tanbr_ray.sim.queueing import interpolate_service, simulate_queue
 from tanbr_ray.sim.workload import Workload, generate
@@ -182,7 +184,8 @@ def estimate_mixes(wl: Workload, tasks: list[str], cfg: SimConfig) -> np.ndarray
 class Simulation:
     """Holds what every policy shares: the pool cache, the workload, psi-hat, costs, labels."""
 
-    def __init__(self, cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bool = True):
+    def __init__(self, cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bool = True,
+                 memo: DiskMemo | None = None):
         self.cfg, self.moe, self.progress = cfg, moe, progress
         self.fleet = fleet or load_fleet(cfg.fleet)
         self.tasks = list(moe.tasks)
@@ -193,7 +196,7 @@ class Simulation:
         # one pool for every seed (requests differ by seed, the examples they draw from do not), so
         # predictions memoised for one seed serve the next
         pool = {t: load_task(t, "dev", cfg.data_dir).head(cfg.pool_per_task, seed=0) for t in self.tasks}
-        self.ev = PoolEvaluator(moe, pool, progress=progress, bf16=cfg.bf16, merge_operator=cfg.merge_operator)
+        self.ev = PoolEvaluator(moe, pool, progress=progress, bf16=cfg.bf16, merge_operator=cfg.merge_operator, memo=memo)
         self.wl = generate(self.tasks, {t: len(pool[t]) for t in self.tasks}, [c.rate for _, c in self.nodes],
                            cfg.slot_seconds, cfg.slots, cfg.schedule, cfg.seed, cfg.switch_every,
                            [None if c.mix is None else np.asarray([c.mix.get(t, 0.0) for t in self.tasks])
@@ -423,16 +426,22 @@ Backend = Callable[["Simulation", str], "tuple[SlotRouter | None, EdgeServing | 
 
 
 def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bool = True,
-                   on_slot: SlotCallback | None = None, backend: Backend | None = None) -> SimOutput:
+                   on_slot: SlotCallback | None = None, backend: Backend | None = None,
+                   memo_dir: str | Path | None = None) -> SimOutput:
     """Run every configured policy over the same workload; return traces and the results summary.
 
     `on_slot(policy, slot, slot_score, running_score)` is called after every slot (Tune reports
     through it, so schedulers can stop bad trials early). `backend(sim, policy)` gives the router and
-    edge a policy runs on (None, None = this process); the Ray backend passes the cluster's."""
+    edge a policy runs on (None, None = this process); the Ray backend passes the cluster's.
+    `memo_dir` (a folder for this model's weights) keeps exact predictions across runs and seeds."""
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    sim = Simulation(cfg, moe, fleet, progress)
+    memo = None
+    if memo_dir is not None:
+        op = cfg.merge_operator or moe.merge_operator
+        memo = DiskMemo(memo_dir, f"{op}-{'bf16' if cfg.bf16 else 'fp32'}")
+    sim = Simulation(cfg, moe, fleet, progress, memo)
     runs = {}
     for name in tqdm(cfg.policies, desc="policies", disable=not progress):
         router, edge = backend(sim, name) if backend is not None else (None, None)
@@ -481,6 +490,8 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
         }
         series[name] = PolicySeries(name, r["credit"] / safe, reg_fixed, reg_oracle, r["pushed"], r["choices"],
                                     r["latency"], resident, r["node_credit"], r["node_counts"])
+    if memo is not None:
+        memo.save()
     wall = time.perf_counter() - t0
     total, scored = sim.wl.total_requests, sim.wl.scored_requests
     summary.update({
@@ -495,6 +506,7 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
         "scored_per_slot": cfg.scored_per_slot,
         "scored_requests_per_second": scored * len(runs) / wall,
         "model_forwards": int(sim.ev.forwards),
+        "memo_hits": int(sim.ev.disk_hits),
         "padded_tokens_per_real": sim.ev.padded_tokens / max(sim.ev.real_tokens, 1),
         "wall_seconds": wall,
         "requests_per_second": total * len(runs) / wall,

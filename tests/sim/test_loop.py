@@ -247,3 +247,100 @@ def test_balanced_credit_weights_classes_by_their_training_share(tiny_moe):
         assert np.isclose(b[k], a[k] * bal.class_weight[task][int(bal.ev.labels[task][i])])
     with pytest.raises(ValueError, match="credit"):
         _cfg(credit="f1")
+
+
+def test_disk_memo_reuses_predictions_and_refuses_a_corrupt_file(tiny_moe, tmp_path):
+    from tanbr_ray.sim.memo import DiskMemo
+
+    cfg = _cfg(policies=["Tanbr", "RegMean", "Oracle"])
+    first = run_simulation(cfg, tiny_moe, fleet=Fleet(**FLEET), progress=False, memo_dir=tmp_path)
+    again = run_simulation(cfg, tiny_moe, fleet=Fleet(**FLEET), progress=False, memo_dir=tmp_path)
+    assert first.summary["memo_hits"] == 0 and again.summary["memo_hits"] > 0
+    assert again.summary["model_forwards"] < first.summary["model_forwards"]
+    for name in cfg.policies:
+        assert again.summary["policies"][name]["credit"] == first.summary["policies"][name]["credit"]
+    f = next(tmp_path.glob("*.safetensors"))
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert DiskMemo(tmp_path, f.stem).refused and not DiskMemo(tmp_path, f.stem).table
+    third = run_simulation(cfg, tiny_moe, fleet=Fleet(**FLEET), progress=False, memo_dir=tmp_path)
+    assert third.summary["memo_hits"] == 0  # nothing trusted from the corrupt file
+    for name in cfg.policies:
+        assert third.summary["policies"][name]["credit"] == first.summary["policies"][name]["credit"]
+    assert not DiskMemo(tmp_path, f.stem).refused  # and the next save replaced it
+
+
+def test_scored_sample_is_a_subset_and_equals_the_full_forward(tiny_moe):
+    sim = Simulation(_cfg(slot_seconds=20, scored_per_slot=5), tiny_moe, Fleet(**FLEET), progress=False)
+    req = sim.wl.requests[1][2]
+    assert len(req.tasks) > 5 and len(req.scored) == 5 and len(np.unique(req.scored)) == 5
+    assert np.all(np.diff(req.arrivals) >= 0) and 0 <= req.arrivals[0] and req.arrivals[-1] < 20
+    rows = sim.rows(1, 2)
+    assert rows == [(sim.tasks[v], int(i)) for v, i in zip(req.tasks[req.scored], req.examples[req.scored])]
+    preds = sim.ev.predict_rows(("merged", np.array([0.3, 0.7]).tobytes()), rows)
+    for (task, i), p in zip(rows, preds):  # the cached, batched path equals the full forward of that row
+        b = make_batches(tiny_moe, {task: sim.ev.pool[task].subset([i])})[0]
+        with torch.no_grad():
+            logits = tiny_moe(b.input_ids, b.attention_mask, b.token_type_ids, task, mode="merged", x=[0.3, 0.7])
+        want = logits[0, 0].item() if task == "STS-B" else int(logits.argmax(-1)[0])
+        assert p == pytest.approx(want, abs=1e-4)
+    # the monitor sees every request, not only the scored ones
+    assert sum(len(r.heads) for r in sim.wl.requests[0]) > sum(len(r.scored) for r in sim.wl.requests[0])
+
+
+def test_scenario_inputs_are_checked_by_field():
+    from tanbr_ray.sim.workload import generate
+
+    with pytest.raises(ValueError, match="scored_per_slot"):
+        _cfg(scored_per_slot=0)
+    with pytest.raises(ValueError, match="seeds"):
+        _cfg(seeds=[])
+    with pytest.raises(ValueError, match="seeds"):
+        _cfg(seeds=0)
+    with pytest.raises(ValueError, match="rate"):
+        Fleet(classes=[dict(FLEET["classes"][0], rate=0)])
+    with pytest.raises(ValueError, match="rate"):
+        generate(["SST-2"], {"SST-2": 4}, [1.0, -1.0], 10, 2, "stationary", 0)
+    assert _cfg(seeds=3, seed=5).seed_list() == [5, 6, 7] and _cfg(seeds=[2, 9]).seed_list() == [2, 9]
+
+
+def test_seeds_and_paired_intervals_on_a_tiny_run(tiny_moe):
+    from tanbr_ray.sim.seeds import paired_section, run_seeds, seeds_section
+
+    cfg = _cfg(policies=["Tanbr", "Uniform", "RegMean"], seeds=2)
+    outs = run_seeds(cfg, lambda c: run_simulation(c, tiny_moe, fleet=Fleet(**FLEET), progress=False))
+    assert [o.config["seed"] for o in outs] == [0, 1]
+    seeds = seeds_section(outs, cfg.seed_list())
+    per = seeds["policies"]["Uniform"]["credit_second_half"]
+    assert len(per) == 2 and seeds["policies"]["Uniform"]["credit_second_half_mean"] == pytest.approx(np.mean(per))
+    paired = paired_section(outs)
+    assert set(paired) == {"Uniform", "RegMean"}
+    for name, d in paired.items():
+        lo, hi = d["ci95"]
+        assert lo <= d["diff_mean"] <= hi and len(d["per_seed"]) == 2 and d["ci95_t_over_seeds"] is not None
+        # the pooled difference is the credit difference over the same requests
+        tan = sum(o.series["Tanbr"].node_credit[1:].sum() for o in outs)
+        base = sum(o.series[name].node_credit[1:].sum() for o in outs)
+        n = sum(o.series["Tanbr"].node_counts[1:].sum() for o in outs)
+        assert d["diff_mean"] == pytest.approx((tan - base) / n)
+
+
+def test_pinned_tiny_run(tiny_moe):
+    """A deterministic tiny run (experts pushed apart so merges differ): a change of these numbers
+    is a change of behaviour — the workload, the scored sample, the policies or the scoring."""
+    import copy
+
+    from tanbr_ray.moe.merge import FFN_KEYS
+
+    moe = copy.deepcopy(tiny_moe)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for k in FFN_KEYS:
+            moe.experts[k].add_(torch.randn(moe.experts[k].shape, generator=g) * 0.5)
+    moe.set_stats(moe.stats)
+    out = run_simulation(_cfg(slots=4, policies=["Tanbr", "RegMean", "Uniform"]), moe, fleet=Fleet(**FLEET), progress=False)
+    got = {n: (p["credit"], p["credit_second_half"]) for n, p in out.summary["policies"].items()}
+    assert got["Tanbr"] == pytest.approx((30 / 76, 14 / 38))
+    assert got["RegMean"] == pytest.approx((29 / 76, 13 / 38))
+    assert got["Uniform"] == pytest.approx((27 / 76, 14 / 38))
