@@ -180,21 +180,33 @@ def _dev_score(moe: TaskMoE, cfg: MoEConfig, split: TaskSplit, state) -> float:
     return glue_score(split.task, pred, split.labels)
 
 
+@torch.no_grad()
+def transfer_init(moe: TaskMoE, task: str, source: str, label_map: list[list[int]] | None = None) -> None:
+    """Start `task`'s expert and head body from `source`'s trained ones; with `label_map`, each class
+    of the head's output layer starts as the mean of its source classes (bias + log of their count:
+    equal source logits then give the same probability mass)."""
+    e, src = moe.task_index(task), moe.task_index(source)
+    for k in FFN_KEYS:
+        moe.experts[k][:, e].copy_(moe.experts[k][:, src])
+    head, src_head = moe.heads[moe._hk(task)], moe.heads[moe._hk(source)]
+    head.fc.load_state_dict(src_head.fc.state_dict())
+    if label_map is not None:
+        for c, srcs in enumerate(label_map):
+            head.out.weight[c] = src_head.out.weight[srcs].mean(0)
+            head.out.bias[c] = src_head.out.bias[srcs].mean(0) + float(np.log(len(srcs)))
+
+
 def train_expert(moe: TaskMoE, cfg: MoEConfig, split: TaskSplit, held: TaskSplit | None = None,
                  progress: bool = True) -> dict:
     """Fine-tune expert k (all MoE layers) and head k on task k, with the task's own budget
     (`MoEConfig.expert_settings`). It may start from another task's trained expert and head body
-    (intermediate-task transfer: RTE from MNLI, MRPC from QQP); with a held-out slice of train it
-    keeps the best epoch. Returns the loss and the held-out scores per epoch."""
+    (intermediate-task transfer: RTE from MNLI, MRPC from QQP; with `label_map` its output layer too);
+    with a held-out slice of train it keeps the best epoch. Returns the loss and the held-out scores per epoch."""
     task, e = split.task, moe.task_index(split.task)
     ts = cfg.expert_settings(task)
     head = moe.heads[moe._hk(task)]
-    with torch.no_grad():
-        if ts.init_from is not None:
-            src = moe.task_index(ts.init_from)
-            for k in FFN_KEYS:
-                moe.experts[k][:, e].copy_(moe.experts[k][:, src])
-            head.fc.load_state_dict(moe.heads[moe._hk(ts.init_from)].fc.state_dict())
+    if ts.init_from is not None:
+        transfer_init(moe, task, ts.init_from, ts.label_map)
     P = {k: moe.experts[k][:, e].detach().clone().requires_grad_(True) for k in FFN_KEYS}
     head.requires_grad_(True)
     train = split.head(ts.examples, cfg.seed)

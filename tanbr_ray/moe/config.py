@@ -37,6 +37,8 @@ class ExpertTraining(BaseModel):
     lr: float | None = Field(None, gt=0, le=1)
     balanced: bool = Field(False, description="class-balanced loss (inverse class frequency)")
     init_from: str | None = Field(None, description="start from this task's trained expert (intermediate-task transfer)")
+    label_map: list[list[int]] | None = Field(None, description="with init_from: for each class of this task, the "
+                                             "source task's classes whose head outputs it starts from (their mean)")
 
 
 class ExpertSettings(BaseModel):
@@ -47,6 +49,7 @@ class ExpertSettings(BaseModel):
     lr: float
     balanced: bool
     init_from: str | None
+    label_map: list[list[int]] | None
 
 
 # Small GLUE tasks get several passes, class balance where the classes are skewed, and start from
@@ -54,8 +57,9 @@ class ExpertSettings(BaseModel):
 # with one pass over ≤ 4k rows CoLA, MRPC and RTE learned only their majority class.
 DEFAULT_EXPERT_TRAINING = {
     "CoLA": ExpertTraining(examples=8000, epochs=3, balanced=True),
-    "MRPC": ExpertTraining(epochs=2, init_from="QQP"),
-    "RTE": ExpertTraining(epochs=3, init_from="MNLI"),
+    "MRPC": ExpertTraining(epochs=2, init_from="QQP", label_map=[[0], [1]]),  # not/equivalent <- not/duplicate
+    # entailment <- entailment; not_entailment <- neutral, contradiction
+    "RTE": ExpertTraining(epochs=2, lr=1e-4, init_from="MNLI", label_map=[[0], [1, 2]]),
     "STS-B": ExpertTraining(epochs=2),
 }
 
@@ -121,6 +125,14 @@ class MoEConfig(BaseModel):
                 raise ValueError(f"expert_training: {t!r} is not one of this MoE's tasks {self.tasks}")
             if tr.init_from is not None and (tr.init_from not in self.tasks or tr.init_from == t):
                 raise ValueError(f"expert_training.{t}.init_from: {tr.init_from!r} must be another of the tasks {self.tasks}")
+            if tr.label_map is not None:
+                from tanbr_ray.moe.data import NUM_LABELS
+
+                src = NUM_LABELS.get(tr.init_from or "", 0)
+                if (tr.init_from is None or len(tr.label_map) != NUM_LABELS[t] or NUM_LABELS[t] < 2
+                        or any(not m or any(not 0 <= c < src for c in m) for m in tr.label_map)):
+                    raise ValueError(f"expert_training.{t}.label_map: needs init_from and, for each of {t}'s "
+                                     f"{NUM_LABELS[t]} classes, a non-empty list of source classes in 0..{src - 1}")
         self.expert_order()  # raises on a cycle
         if self.budget is not None and self.budget > len(self.tasks):
             raise ValueError(f"budget: {self.budget} exceeds the number of experts {len(self.tasks)}")
@@ -140,6 +152,7 @@ class MoEConfig(BaseModel):
             lr=tr.lr or self.lr,
             balanced=tr.balanced,
             init_from=tr.init_from,
+            label_map=tr.label_map,
         )
 
     def expert_order(self) -> list[str]:

@@ -521,4 +521,4 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
     })
     return SimOutput(summary, series, sim.tasks, [f"expert:{t}" for t in sim.tasks], [n for n, _ in sim.nodes],
                      {n: c.name for n, c in sim.nodes}, sim.wl.mix_changes, cfg.slot_seconds,
-                     cfg.model_dump())
+                     cfg.model_dump(), sim.wl.psi)

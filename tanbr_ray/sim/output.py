@@ -51,3 +51,4 @@ class SimOutput:
     mix_changes: list[int]  # slots where the task mix switches abruptly
     slot_seconds: float
     config: dict  # the simulation config as a JSON-able dict
+    true_mix: np.ndarray | None = None  # (slots, nodes, V) each node's true task mix

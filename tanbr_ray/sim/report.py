@@ -309,21 +309,26 @@ def _plot_choices(out: SimOutput, path: Path) -> None:
         first_of_class = {"node 0": 0}
     k = ch.shape[2]
     labels = list(out.experts) if len(out.experts) == k else [f"x_{i}" for i in range(k)]
-    fig, axes = plt.subplots(
-        len(first_of_class), 1, figsize=(10, 0.5 + (0.35 * k + 0.8) * len(first_of_class)), squeeze=False
-    )
+    mix = None if out.true_mix is None else np.asarray(out.true_mix, dtype=float)
+    cols = 1 if mix is None else 2
+    fig, axes = plt.subplots(len(first_of_class), cols, figsize=(6 * cols, 0.5 + (0.35 * k + 0.8) * len(first_of_class)),
+                             squeeze=False)
     im = None
-    for ax, (cls, i) in zip(axes[:, 0], first_of_class.items()):
-        im = ax.imshow(ch[:, i, :].T, aspect="auto", origin="lower", interpolation="nearest",
-                       cmap="viridis", vmin=0.0, vmax=1.0)
+    for row, (cls, i) in enumerate(first_of_class.items()):
         node = out.nodes[i] if i < len(out.nodes) else str(i)
-        ax.set_title(f"{s.name}: chosen x on {node} ({cls})", fontsize=9)
-        ax.set_yticks(range(k))
-        ax.set_yticklabels(labels, fontsize=7)
-        for c in out.mix_changes:
-            ax.axvline(c - 0.5, color="white", linestyle="--", linewidth=0.8)
-    axes[-1, 0].set_xlabel("slot")
-    fig.colorbar(im, ax=axes[:, 0].tolist(), label="merging weight")
+        panels = [(ch[:, i, :].T, f"{s.name}: x it got on {node} ({cls})", labels)]
+        if mix is not None:  # the true mix beside it: does x follow what the node serves?
+            panels.insert(0, (mix[:, i, :].T, f"true task mix of {node}", list(out.tasks)))
+        for ax, (data, title, ticks) in zip(axes[row], panels):
+            im = ax.imshow(data, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_title(title, fontsize=9)
+            ax.set_yticks(range(len(ticks)))
+            ax.set_yticklabels(ticks, fontsize=7)
+            for c in out.mix_changes:
+                ax.axvline(c - 0.5, color="white", linestyle="--", linewidth=0.8)
+    for ax in axes[-1]:
+        ax.set_xlabel("slot")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="share / merging weight")
     _save(fig, path)
 
 

@@ -74,3 +74,32 @@ def test_bench_model_schema(built, data_dir, tmp_path):
     # the same uniform linear merge scored two ways: the landscape's per-task table and the mode table agree in kind
     assert all(0 <= v <= 1 for v in res["landscape_by_operator"]["linear"]["uniform_per_task"].values())
     assert "merge landscape" in format_table(res)
+
+
+def test_transfer_init_copies_the_expert_and_maps_the_labels():
+    import torch
+    from transformers import BertConfig
+
+    from tanbr_ray.moe.build import transfer_init
+    from tanbr_ray.moe.merge import FFN_KEYS
+    from tanbr_ray.moe.model import TaskMoE
+
+    torch.manual_seed(0)
+    bc = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    moe = TaskMoE(bc, ["MNLI", "RTE"], None, 8, 0.0)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_()
+    transfer_init(moe, "RTE", "MNLI", [[0], [1, 2]])
+    for k in FFN_KEYS:
+        assert torch.equal(moe.experts[k][:, 1], moe.experts[k][:, 0])
+    rte, mnli = moe.heads["RTE"], moe.heads["MNLI"]
+    assert torch.equal(rte.fc.weight, mnli.fc.weight)
+    assert torch.allclose(rte.out.weight[1], mnli.out.weight[1:].mean(0))
+    h = torch.randn(5, 16)
+    with torch.no_grad():
+        p_rte = torch.softmax(rte.eval()(h), -1)[:, 0]
+        z = mnli.eval()(h)
+    # with the two non-entailment logits equal, RTE's entailment probability is MNLI's exactly
+    z_eq = torch.stack([z[:, 0], z[:, 1:].mean(1), z[:, 1:].mean(1)], 1)
+    assert torch.allclose(p_rte, torch.softmax(z_eq, -1)[:, 0], atol=1e-5)

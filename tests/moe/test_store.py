@@ -94,6 +94,8 @@ def test_config_validation_names_field_and_file(tmp_path):
         ({"tasks": ["SST-2", "RTE"], "expert_training": {"RTE": {"init_from": "MNLI"}}}, "init_from"),
         ({"tasks": ["SST-2"], "expert_training": {"SST-2": {"epochs": 0}}}, "epochs"),
         ({"tasks": ["RTE", "MNLI"], "expert_training": {"RTE": {"init_from": "MNLI"}, "MNLI": {"init_from": "RTE"}}}, "cycle"),
+        ({"tasks": ["RTE", "MNLI"], "expert_training": {"RTE": {"init_from": "MNLI", "label_map": [[0], [3]]}}}, "label_map"),
+        ({"tasks": ["RTE", "MNLI"], "expert_training": {"RTE": {"label_map": [[0], [1]]}}}, "label_map"),
     ],
 )
 def test_config_errors_name_the_field(kw, field):
@@ -105,7 +107,7 @@ def test_expert_budgets_resolve_and_order():
     from tanbr_ray.moe.config import default_config
 
     cfg = default_config()
-    assert cfg.expert_settings("RTE").init_from == "MNLI" and cfg.expert_settings("RTE").epochs == 3
+    assert cfg.expert_settings("RTE").init_from == "MNLI" and cfg.expert_settings("RTE").label_map == [[0], [1, 2]]
     assert cfg.expert_settings("SST-2").epochs == cfg.epochs and cfg.expert_settings("CoLA").balanced
     order = cfg.expert_order()
     assert sorted(order) == sorted(cfg.tasks)
