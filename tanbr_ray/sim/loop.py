@@ -181,6 +181,31 @@ def estimate_mixes(wl: Workload, tasks: list[str], cfg: SimConfig) -> np.ndarray
     return out
 
 
+@dataclass(frozen=True)
+class PolicyRun:
+    """What one policy did over the run (the loop's record; `run_simulation` summarises it)."""
+
+    node_credit: np.ndarray  # (slots, nodes) credit summed over each node-slot's scored sample
+    node_counts: np.ndarray  # (slots, nodes) scored requests
+    pushed: np.ndarray  # (slots,) bytes pushed
+    choices: np.ndarray | None  # (slots, nodes, K) x per node-slot; None for fixed serving modes
+    per_task: dict  # task -> (slots, examples, predictions) lists of the scored requests
+    latency: np.ndarray  # (served requests,) ms, queue wait included
+    latency_node: np.ndarray  # node of each latency
+    dropped: np.ndarray  # (nodes,) requests dropped past the queue timeout
+    backlog: np.ndarray  # (nodes,) requests unfinished at the end of the run
+    mode: str
+    push_seconds: float
+
+    @property
+    def credit(self) -> np.ndarray:
+        return self.node_credit.sum(1)
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self.node_counts.sum(1)
+
+
 class Simulation:
     """Holds what every policy shares: the pool cache, the workload, psi-hat, costs, labels."""
 
@@ -254,7 +279,7 @@ class Simulation:
 
     # --- one policy over the whole run ---------------------------------------------------------
     def run_policy(self, name: str, on_slot: SlotCallback | None = None, router: SlotRouter | None = None,
-                   edge: EdgeServing | None = None) -> dict:
+                   edge: EdgeServing | None = None) -> "PolicyRun":
         """Every slot of the run for one policy; `on_slot(name, t, slot_score, running_score)` after each.
 
         `router` (steps 2 and 5) and `edge` (steps 3 and 4) default to this process: the policy object
@@ -312,13 +337,12 @@ class Simulation:
                         float(credit_sum[:t + 1].sum() / max(counts[:t + 1].sum(), 1)))
         latency = self.queue_latency(mode) if not any(measured) else [
             (np.concatenate(m) if m else np.zeros(0), np.zeros(0, dtype=bool), 0) for m in measured]
-        return {"credit": credit_sum.sum(1), "counts": counts.sum(1), "node_credit": credit_sum, "node_counts": counts,
-                "pushed": pushed, "choices": choices, "per_task": per_task,
-                "latency": np.concatenate([l for l, _, _ in latency]),
-                "latency_node": np.concatenate([np.full(len(l), n) for n, (l, _, _) in enumerate(latency)]),
-                "dropped": np.asarray([int(d.sum()) for _, d, _ in latency]),
-                "backlog": np.asarray([b for _, _, b in latency]),
-                "mode": mode, "push_seconds": push_s}
+        return PolicyRun(
+            node_credit=credit_sum, node_counts=counts, pushed=pushed, choices=choices, per_task=per_task,
+            latency=np.concatenate([l for l, _, _ in latency]),
+            latency_node=np.concatenate([np.full(len(l), n) for n, (l, _, _) in enumerate(latency)]),
+            dropped=np.asarray([int(d.sum()) for _, d, _ in latency]),
+            backlog=np.asarray([b for _, _, b in latency]), mode=mode, push_seconds=push_s)
 
     def budget(self, cls: NodeClass) -> int:
         """B at a node: the class's, or K (the router merges centrally and pushes one FFN, so B limits
@@ -447,15 +471,15 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
         router, edge = backend(sim, name) if backend is not None else (None, None)
         runs[name] = sim.run_policy(name, on_slot, router, edge)
     best_credit = sim.best_fixed_credit()
-    counts = next(iter(runs.values()))["counts"]
+    counts = next(iter(runs.values())).counts
     safe = np.maximum(counts, 1)
-    oracle_credit = runs["Oracle"]["credit"] if "Oracle" in runs else sim.run_policy("Oracle")["credit"]
+    oracle_credit = runs["Oracle"].credit if "Oracle" in runs else sim.run_policy("Oracle").credit
     half = cfg.slots // 2
     summary = {"policies": {}}
     series = {}
     for name, r in runs.items():
         glue, glue2 = {}, {}
-        for task, (slot_l, ex_l, pred_l) in r["per_task"].items():
+        for task, (slot_l, ex_l, pred_l) in r.per_task.items():
             slot, ex, pred = (np.concatenate(a) if a else np.zeros(0) for a in (slot_l, ex_l, pred_l))
             ex = ex.astype(np.int64)
             late = slot >= half
@@ -463,33 +487,33 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
                 glue[task] = sim.task_metric(task, ex, pred)
             if late.any():
                 glue2[task] = sim.task_metric(task, ex[late], pred[late])
-        reg_fixed = (best_credit - r["credit"]) / safe
-        reg_oracle = (oracle_credit - r["credit"]) / safe
-        resident = {node: int(sim.costs.resident[r["mode"]]) for node, _ in sim.nodes}
-        lat = r["latency"]
+        reg_fixed = (best_credit - r.credit) / safe
+        reg_oracle = (oracle_credit - r.credit) / safe
+        resident = {node: int(sim.costs.resident[r.mode]) for node, _ in sim.nodes}
+        lat = r.latency
         summary["policies"][name] = {
-            "credit": float(r["credit"].sum() / max(r["counts"].sum(), 1)),
-            "credit_second_half": float(r["credit"][half:].sum() / max(r["counts"][half:].sum(), 1)),
+            "credit": float(r.credit.sum() / max(r.counts.sum(), 1)),
+            "credit_second_half": float(r.credit[half:].sum() / max(r.counts[half:].sum(), 1)),
             "score": float(np.mean(list(glue.values()))) if glue else float("nan"),
             "score_second_half": float(np.mean(list(glue2.values()))) if glue2 else float("nan"),
             "scores": glue,
             "scores_second_half": glue2,
             "latency_ms_p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "latency_ms_p95": float(np.percentile(lat, 95)) if len(lat) else float("nan"),
-            "latency_ms_p50_by_class": _p50_by_class(lat, r["latency_node"], sim.nodes),
-            "dropped_requests": int(r["dropped"].sum()),
-            "backlog_end": int(r["backlog"].sum()),
+            "latency_ms_p50_by_class": _p50_by_class(lat, r.latency_node, sim.nodes),
+            "dropped_requests": int(r.dropped.sum()),
+            "backlog_end": int(r.backlog.sum()),
             "resident_bytes": int(max(resident.values())),
-            "pushed_bytes": int(r["pushed"].sum()),
-            "pushed_bytes_per_slot": float(r["pushed"].mean()),
-            "push_seconds": float(r["push_seconds"]),
+            "pushed_bytes": int(r.pushed.sum()),
+            "pushed_bytes_per_slot": float(r.pushed.mean()),
+            "push_seconds": float(r.push_seconds),
             "regret_vs_best_fixed": float(reg_fixed.sum()),
             "regret_vs_oracle": float(reg_oracle.sum()),
             "regret_slope": loglog_slope(np.cumsum(reg_fixed), start_frac=0.5),
             "recovery_slots": [recovery_slots(reg_oracle, c, max(3, cfg.slots // 10)) for c in sim.wl.mix_changes],
         }
-        series[name] = PolicySeries(name, r["credit"] / safe, reg_fixed, reg_oracle, r["pushed"], r["choices"],
-                                    r["latency"], resident, r["node_credit"], r["node_counts"])
+        series[name] = PolicySeries(name, r.credit / safe, reg_fixed, reg_oracle, r.pushed, r.choices,
+                                    r.latency, resident, r.node_credit, r.node_counts)
     if memo is not None:
         memo.save()
     wall = time.perf_counter() - t0
