@@ -49,7 +49,7 @@ class CreditTable:
 
     One cache per task, so a candidate is run only on the tasks its mix holds."""
 
-    def __init__(self, moe, splits: Mapping, seed: int, progress: bool):
+    def __init__(self, moe, splits: Mapping, seed: int, progress: bool, screen_rows: int = 0):
         self.moe = moe
         self.caches: dict[str, EvalCache] = {t: prepare(moe, {t: s}) for t, s in tqdm(
             splits.items(), desc="landscape pool", disable=not progress, leave=False)}
@@ -59,20 +59,28 @@ class CreditTable:
             perm = rng.permutation(len(s))
             self.halves[t] = (np.sort(perm[: len(s) // 2]), np.sort(perm[len(s) // 2:]))
         self.labels = {t: np.asarray(s.labels) for t, s in splits.items()}
+        # the screen: the first `screen_rows` of half A, in a cache of their own (runs only those rows)
+        self.screen_idx = {t: self.halves[t][0][:screen_rows] for t in splits}
+        self.screen_caches = {t: prepare(moe, {t: s.subset(self.screen_idx[t])}) for t, s in splits.items()} if screen_rows else {}
         self.rows = 0
 
-    def credit(self, tasks, mode: str = "merged", state=None, half: int | None = None, rows: int | None = None) -> dict:
-        """{task: (credit on half A, credit on half B)}; with `half`, only that half (first `rows`)."""
+    def credit(self, tasks, mode: str = "merged", state=None) -> dict:
+        """{task: (credit on half A, credit on half B)} over the whole pool."""
         out = {}
         for t in tasks:
             c = request_credit(t, predict(self.moe, self.caches[t], mode, state=state)[t], self.labels[t])
             self.rows += len(c)
             a, b = self.halves[t]
-            if half is not None:
-                idx = (a, b)[half][:rows]
-                out[t] = float(c[idx].mean())
-            else:
-                out[t] = (float(c[a].mean()), float(c[b].mean()))
+            out[t] = (float(c[a].mean()), float(c[b].mean()))
+        return out
+
+    def screen(self, tasks, state) -> dict:
+        """{task: credit on the screening rows of half A} (only those rows run)."""
+        out = {}
+        for t in tasks:
+            p = predict(self.moe, self.screen_caches[t], "merged", state=state)[t]
+            self.rows += len(p)
+            out[t] = float(request_credit(t, p, self.labels[t][self.screen_idx[t]]).mean())
         return out
 
 
@@ -81,7 +89,7 @@ def _mix_value(table: dict, psi: dict[str, float], half: int) -> float:
 
 
 def landscape(moe, pool: CreditTable, mixes: list[np.ndarray], op: str, budget: int, random_candidates: int,
-              screen_rows: int, finalists: int, seed: int, progress: bool) -> dict:
+              finalists: int, seed: int, progress: bool) -> dict:
     """One operator's landscape: per mix uniform, x = ψ, x ∝ ψ², the ψ-family's best (p chosen on
     half A) and the best of a wider search (the family plus the best screened random x, chosen on
     half A), all scored on half B."""
@@ -90,7 +98,7 @@ def landscape(moe, pool: CreditTable, mixes: list[np.ndarray], op: str, budget: 
     uniform = pool.credit(tasks, state=moe.merged_state(np.full(K, 1.0 / K), op))
     rng = np.random.default_rng(seed + 7)
     randoms = [sample_x(rng, K, budget) for _ in range(random_candidates)]
-    screen = [pool.credit(tasks, state=moe.merged_state(x, op), half=0, rows=screen_rows)
+    screen = [pool.screen(tasks, moe.merged_state(x, op))
               for x in tqdm(randoms, desc=f"{op}: screen {random_candidates} random x", disable=not progress, leave=False)]
     per_mix = []
     for v, psi in tqdm(list(zip(mixes, psis)), desc=f"{op}: mixes", disable=not progress, leave=False):
@@ -225,9 +233,10 @@ def run_bench(
     del cache
     merge_ms, prep_ms = merge_timing(moe, operators, 5, seed)
     # 4. the landscape per operator, on a fresh pool split into selection / scoring halves
-    pool = CreditTable(moe, {t: s.head(landscape_examples, seed + 1) for t, s in dev.items()}, seed, progress)
+    pool = CreditTable(moe, {t: s.head(landscape_examples, seed + 1) for t, s in dev.items()}, seed, progress,
+                       screen_examples if random_candidates else 0)
     mix_vs = draw_mixes(K, mixes, seed + 11)
-    by_op = {op: landscape(moe, pool, mix_vs, op, budget, random_candidates, screen_examples, finalists, seed, progress)
+    by_op = {op: landscape(moe, pool, mix_vs, op, budget, random_candidates, finalists, seed, progress)
              for op in tqdm(operators, desc="landscape per operator", disable=not progress)}
     refs_tab = {
         "static_regmean": lambda: pool.credit(tasks, state=moe.static_state("regmean")) if moe.stats is not None else None,

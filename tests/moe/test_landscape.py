@@ -40,15 +40,17 @@ class _FakePool:
     """Credit of x on task v: x_v on half A; on half B, x_v for SST-2 but 1 - x_v for QNLI (so a
     choice made on A can lose on B)."""
 
-    def credit(self, tasks, mode="merged", state=None, half=None, rows=None):
-        tab = {t: (float(state[i]), float(state[i] if t == "SST-2" else 1 - state[i]))
-               for i, t in enumerate(["SST-2", "QNLI"]) if t in tasks}
-        return {t: v[half] for t, v in tab.items()} if half is not None else tab
+    def credit(self, tasks, mode="merged", state=None):
+        return {t: (float(state[i]), float(state[i] if t == "SST-2" else 1 - state[i]))
+                for i, t in enumerate(["SST-2", "QNLI"]) if t in tasks}
+
+    def screen(self, tasks, state):
+        return {t: v[0] for t, v in self.credit(tasks, state=state).items()}
 
 
 def test_landscape_chooses_on_half_a_and_scores_on_half_b():
     mixes = [np.array([0.2, 0.8])]
-    res = landscape(_FakeMoE(), _FakePool(), mixes, "linear", budget=2, random_candidates=3, screen_rows=4,
+    res = landscape(_FakeMoE(), _FakePool(), mixes, "linear", budget=2, random_candidates=3,
                     finalists=1, seed=0, progress=False)
     m = res["mixes"][0]
     fam = psi_family(mixes[0], 2)
