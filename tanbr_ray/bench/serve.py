@@ -61,15 +61,11 @@ async def load(url: str, bodies: list[dict], concurrency: int, timeout_s: float 
             "latency_ms_p50": float(np.percentile(a, 50)), "latency_ms_p99": float(np.percentile(a, 99))}
 
 
-def timed_pushes(pushes: int, router_name: str) -> dict:
+def timed_pushes(pushes: int, router_name: str, decision_actors: int = 1) -> dict:
     """Close `pushes` slots under the Random policy (every node gets a new x) and time each push."""
-    import ray
-    from ray import serve
+    from tanbr_ray.cluster.decision_client import DecisionClient
+    from tanbr_ray.cluster.push import PushResult, summarize
 
-    from tanbr_ray.cluster.names import APP_NAME, NAMESPACE
-    from tanbr_ray.cluster.push import summarize
-
-    router = ray.get_actor(router_name, namespace=NAMESPACE)
-    ray.get(router.reset.remote("Random"))
-    ingress = serve.get_app_handle(APP_NAME)
-    return summarize([ingress.close_slot.remote().result() for _ in range(pushes)])
+    client = DecisionClient(router_name, decision_actors)
+    client.call("reset", "Random")
+    return summarize([PushResult(**client.call("close_slot")) for _ in range(pushes)])

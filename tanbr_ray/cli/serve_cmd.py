@@ -1,4 +1,4 @@
-"""`tanbr serve`: the edge service (router actor, one Serve deployment per node class, HTTP ingress)
+"""`tanbr serve`: the edge service (decision actors, mergers, one Serve deployment per node class, HTTP ingress)
 on a local multi-node Ray cluster — the same app `serve deploy deployments/*.yaml` runs."""
 
 from __future__ import annotations
@@ -73,16 +73,14 @@ def bench_serve(
     del moe
     t0 = time.perf_counter()
     with local_service(args, "127.0.0.1", port) as url:
-        from ray import serve
+        from tanbr_ray.cluster.decision_client import DecisionClient
 
-        from tanbr_ray.cluster.names import APP_NAME
-
-        serve.get_app_handle(APP_NAME).close_slot.remote().result()  # every node gets its first model
+        DecisionClient(args.router_name, args.router.decision_actors()).call("close_slot")  # every node gets a model
         setup = time.perf_counter() - t0
         typer.echo(f"service up in {setup:.1f} s on {url}; {requests} requests at concurrency {concurrency}")
         asyncio.run(bench.load(url, bodies[: min(64, requests)], concurrency))  # warm-up: models loaded
         out = {"load": asyncio.run(bench.load(url, bodies, concurrency)), "setup_seconds": setup, "model": model}
-        out["push"] = bench.timed_pushes(pushes, args.router_name) if pushes else {}
+        out["push"] = bench.timed_pushes(pushes, args.router_name, args.router.decision_actors()) if pushes else {}
     ld, pu = out["load"], out["push"]
     typer.echo(f"load: {ld['requests']} requests, concurrency {ld['concurrency']}: {ld['errors']} errors, "
                f"p50 {ld['latency_ms_p50']:.1f} ms, p99 {ld['latency_ms_p99']:.1f} ms, "
@@ -100,55 +98,71 @@ def bench_reliability(
     model: str = typer.Option("quick", "--model", help="default | quick."),
     concurrency: int = typer.Option(8, "--concurrency", min=1, max=64),
     gap: float = typer.Option(6.0, "--gap", min=1.0, max=120.0, help="Quiet seconds around each fault."),
+    pair_gap: float = typer.Option(20.0, "--pair-gap", min=1.0, max=300.0,
+                                   help="Seconds between killing the leader and then its successor."),
     slot_seconds: float = typer.Option(3.0, "--slot-seconds", min=0.5, max=60.0),
     port: int = typer.Option(8766, "--port", help="Loopback port for the service."),
     json_path: Optional[Path] = typer.Option(Path("results/bench_reliability.json"), "--json"),
     plot_path: Optional[Path] = typer.Option(Path("results/bench_reliability.png"), "--plot"),
 ) -> None:
-    """Router kill, replica kill and corrupt checkpoint under HTTP load; malformed requests and configs."""
+    """Leader, merger, leader+standby, replica and corrupt-checkpoint faults under HTTP load;
+    malformed requests and configs."""
     import os
     import tempfile
 
     from tanbr_ray.bench import reliability as rb
     from tanbr_ray.bench import serve as bench
     from tanbr_ray.cluster.app import AppArgs
+    from tanbr_ray.cluster.names import LOOPBACK
     from tanbr_ray.cluster.service import local_service
     from tanbr_ray.moe import load_or_build
 
     tmp = Path(tempfile.mkdtemp(prefix="tanbr-reliability-"))
     args = AppArgs(model=model, slot_seconds=slot_seconds,
-                   router={"policy": "Tanbr", "checkpoint_dir": str(tmp / "checkpoints"), "sample_per_slot": 8},
+                   router={"policy": "Tanbr", "checkpoint_dir": str(tmp / "checkpoints"), "sample_per_slot": 8,
+                           "standby": True, "mergers": 2},
                    api={"rate_limit_per_s": 1e6, "rate_burst": 1_000_000})
     moe = load_or_build(args.moe(), args.models_dir, progress=True)
     bodies = bench.request_bodies(list(moe.tasks), 400, os.environ.get("TANBR_DATA_DIR"))
     del moe
-    with local_service(args, "127.0.0.1", port) as url:
-        typer.echo(f"service up on {url}; load at concurrency {concurrency}, faults every ~{gap:.0f} s")
+    t0 = time.perf_counter()
+    with local_service(args, LOOPBACK, port) as url:
+        typer.echo(f"service up in {time.perf_counter() - t0:.1f} s on {url}; load at concurrency {concurrency}, "
+                   f"a fault every ~{gap:.0f} s")
         load = rb.LoadThread(url, bodies, concurrency)
         load.start()
         try:
-            faults = rb.run_faults(url, args.router_name, args.router.checkpoint_dir, load, gap)
+            raw = rb.run_faults(url, args.router_name, args.router.decision_actors(), args.router.checkpoint_dir,
+                                load, gap, pair_gap)
         finally:
             load.stop.set()
             load.join()
-        if plot_path:
-            rb.plot_timeline(load, faults, plot_path)
-        out = {"faults": faults, "load": rb.load_summary(load, faults), "malformed": rb.malformed(url, tmp / "configs"),
-               "model": model, "slot_seconds": slot_seconds}
-    rows = [[f["fault"], f"{f['recovery_seconds']:.2f}" if "recovery_seconds" in f else "–",
-             f"{f['seconds_to_next_decision']:.2f}",
-             str(f.get("slots_lost", "–")), str(f["client_errors_in_window"]), str(f["requests_resent"]),
-             str(f["requests_in_window"])] for f in faults]
-    print_table("Faults under load", ["fault", "recovery s", "to next decision s", "slots lost", "errors in window",
-                                      "re-sent", "requests in window"], rows)
-    ld, mf = out["load"], out["malformed"]
+        rows = rb.summarize_faults(load, raw, slot_seconds)
+        faults_raw = [f for f in raw if "name" in f]
+        ticks = faults_raw[0]["ticks"] if faults_raw else []
+        out = {"faults": rows, "malformed": rb.malformed(url, tmp / "configs"), "load": rb.load_summary(load, raw),
+               "weights_lateness_all_slots": rb.weights_lateness(ticks),
+               "takeovers": faults_raw[0]["takeovers"] if faults_raw else [],
+               "final_state": raw[-1].get("final_state"), "model": model, "slot_seconds": slot_seconds,
+               "concurrency": concurrency, "window_s": rb.WINDOW_S}
+    if plot_path:
+        rb.plot_timeline(load, raw, plot_path)
+    fmt = lambda v: "–" if v != v else f"{v:.2f}"  # noqa: E731 - nan prints as a dash
+    print_table("Faults under load", ["fault", "kill → next decision s", "kill → first served s", "slots lost",
+                                      "errors in window", "errors outside", "weights late max s", "requests in window"],
+                [[r["name"], fmt(r["kill_to_next_decision_s"]), fmt(r["kill_to_first_served_s"]), str(r["slots_lost"]),
+                  str(r["errors_in_window"]), str(r["errors_outside_window"]), fmt(r["weights_late_max_s"]),
+                  str(r["requests_in_window"])] for r in rows])
+    ld, mf, wl = out["load"], out["malformed"], out["weights_lateness_all_slots"]
     typer.echo(f"load: {ld['requests']} requests at concurrency {ld['concurrency']}: p50 {ld['latency_ms_p50']:.1f} ms, "
                f"p99 {ld['latency_ms_p99']:.1f} ms, {ld['errors']} errors ({ld['errors_outside_fault_windows']} "
-               f"outside fault windows)")
-    typer.echo(f"malformed: {mf['refused_4xx']}/{mf['requests']} requests refused with 4xx, {mf['5xx']} 5xx, "
-               f"good request answered after {mf['good_request_after_each']}/{mf['requests']}; "
+               f"outside fault windows); weights late over {wl['slots']} slots: p50 {wl['p50_s']:.2f} s, "
+               f"max {wl['max_s']:.2f} s")
+    typer.echo(f"malformed: {mf['4xx']}/{mf['sent']} requests refused with 4xx, {mf['5xx']} 5xx, "
+               f"good request answered after {mf['good_request_after_each']}/{mf['sent']}; "
                f"{mf['configs_refused']}/{mf['configs']} malformed configs refused with a ValueError")
     if json_path:
         write_json(json_path, out)
+        typer.echo(f"wrote {json_path}")
     if plot_path:
         typer.echo(f"wrote {plot_path}")

@@ -1,1 +1,2 @@
-"""Ray layer: router actor, Serve edge deployments, ingress, driver and cluster-config checks."""
+"""Ray layer: decision actors (leader + standby), mergers, Serve edge deployments, ingress, driver and
+cluster-config checks."""

@@ -1,4 +1,5 @@
-"""The Serve application: the router actor, one edge deployment per node class, the HTTP ingress.
+"""The Serve application: the mergers and decision actors, one edge deployment per node class, the
+HTTP ingress.
 
 `build_app(args)` is the import path `serve deploy deployments/*.yaml` uses (args validated by
 AppArgs), and `tanbr serve` / `tanbr simulate --backend ray` build the same app. Each class's
@@ -13,8 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tanbr_ray.cluster.api import ApiSettings
-from tanbr_ray.cluster.router_service import RouterSpec
-from tanbr_ray.cluster.names import ROUTER_NAME, edge_deployment, edge_resource
+from tanbr_ray.cluster.decision_service import RouterSpec
+from tanbr_ray.cluster.names import APP_NAME, ROUTER_NAME, edge_deployment, edge_resource
 from tanbr_ray.moe import MoEConfig, default_config, quick_config
 from tanbr_ray.moe.config import load_config as load_moe_config
 from tanbr_ray.sim.fleet import Fleet, load_fleet
@@ -57,25 +58,53 @@ def build_app(args: dict):
     return make_app(args)
 
 
+def start_router(a: AppArgs, fleet: Fleet, moe_cfg: MoEConfig):
+    """The mergers (each loads the model), then the decision actors (model-free, given the model's
+    meta), all named after `router_name`, detached; returns the model's meta once one leads."""
+    from tanbr_ray.cluster.decision_actor import start_decision
+    from tanbr_ray.cluster.merger import start_mergers
+
+    r = a.router
+    meta = start_mergers(a.router_name, r.mergers, moe_cfg.model_dump(mode="json"), a.models_dir, a.data_dir,
+                         r.threads, r.sample_per_slot)
+    live = {"slot_seconds": a.slot_seconds, "app": APP_NAME, "edges": [edge_deployment(c.name) for c in fleet.classes]}
+    start_decision(r.model_dump(mode="json"), meta.model_dump(), fleet.model_dump(mode="json"), a.router_name, live)
+    return meta
+
+
+def stop_router(a: AppArgs) -> None:
+    """Kill the decision actors and mergers for good (they are detached: nothing else ends them)."""
+    import ray
+
+    from tanbr_ray.cluster.names import NAMESPACE, decision_name, merger_name
+
+    names = [decision_name(a.router_name, i) for i in range(a.router.decision_actors())]
+    names += [merger_name(a.router_name, i) for i in range(a.router.mergers)]
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            pass
+
+
 def make_app(args: dict | AppArgs, fleet: Fleet | None = None, moe_cfg: MoEConfig | None = None):
-    """Start (or reuse) the router actor, then bind the edge deployments and the ingress. `fleet` and
-    `moe_cfg` override the args' files (the simulation passes the objects it already holds)."""
+    """Start (or reuse) the mergers and decision actors, then bind the edge deployments and the ingress.
+    `fleet` and `moe_cfg` override the args' files (the simulation passes the objects it already holds)."""
     from tanbr_ray.cluster.edge import EdgeNode
     from tanbr_ray.cluster.ingress import Ingress
-    from tanbr_ray.cluster.router_actor import start_router
 
     a = parse_args(args)
     fleet = fleet or a.load_fleet()
     moe_cfg = moe_cfg or a.moe()
-    start_router(a.router.model_dump(mode="json"), moe_cfg.model_dump(mode="json"), fleet.model_dump(mode="json"),
-                 a.models_dir, a.data_dir, name=a.router_name, detached=True)
+    meta = start_router(a, fleet, moe_cfg)
+    n_dec, n_merge = a.router.decision_actors(), a.router.mergers
     edges = {}
     for c in fleet.classes:
         opts = {"num_cpus": c.replica_cpus, "resources": {edge_resource(c.name): 1}}
         if c.replica_memory_mb:
             opts["memory"] = c.replica_memory_mb * 2**20
         edges[c.name] = EdgeNode.options(name=edge_deployment(c.name), num_replicas=c.count, ray_actor_options=opts).bind(
-            c.name, a.router_name, a.threads, a.router.sample_per_slot)
+            c.name, a.router_name, a.threads, a.router.sample_per_slot, n_dec, n_merge)
     nodes = {node: cls.name for node, cls in fleet.nodes()}
-    return Ingress.bind(edges, nodes, a.router_name, a.api.model_dump(), a.slot_seconds)
+    return Ingress.bind(edges, nodes, meta.tasks, a.router_name, n_dec, a.api.model_dump())
 

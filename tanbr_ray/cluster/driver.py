@@ -21,7 +21,7 @@ from tanbr_ray.cluster.decision_client import DecisionClient
 from tanbr_ray.cluster.decision_service import RouterSpec
 from tanbr_ray.cluster.edge import call_node
 from tanbr_ray.cluster.names import APP_NAME, LOOPBACK, NAMESPACE, edge_deployment
-from tanbr_ray.cluster.local import local_cluster
+from tanbr_ray.cluster.local import local_cluster, pin_loopback
 from tanbr_ray.cluster.push import PushResult, push, summarize
 from tanbr_ray.moe import MoEConfig
 from tanbr_ray.sim.config import SimConfig
@@ -124,8 +124,9 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
     t0 = time.perf_counter()
     ctx = local_cluster(fleet) if address is None and not ray.is_initialized() else nullcontext()
     if address is not None:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False,
-                 **({"_node_ip_address": LOOPBACK} if address.startswith(LOOPBACK) else {}))
+        if address.startswith(LOOPBACK):
+            pin_loopback()
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     with ctx:
         serve.start(proxy_location="Disabled")
         router_policies = [p for p in cfg.policies if p not in STATIC_SPECS]

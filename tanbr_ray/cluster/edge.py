@@ -1,11 +1,14 @@
 """Edge deployments: one Serve deployment per node class, one replica per node of that class.
 
-A replica holds only merged models, never the experts: the shell (EdgePackage) it fetched from the
-router once, plus the merged FFNs of the node it serves. Which node a replica serves is Serve's
+A replica holds only merged models, never the experts: the shell (EdgePackage) it fetched from a
+merger once, plus the merged FFNs of the node it serves. Which node a replica serves is Serve's
 model multiplexing: a request carries its node as the multiplexed model id, Serve routes it to the
-replica already holding that node's model, and the loader pulls the node's current version from the
-router when a replica takes a node on (a new or restarted replica included). Pushes arrive by
-`broadcast("sync", assignments)`; every replica answers with the versions it now holds.
+replica already holding that node's model, and the loader pulls the node's current (version, x) from
+the decision leader when a replica takes a node on (a new or restarted replica included). Pushes
+arrive by `broadcast("sync", assignments)`; every replica answers with the versions it now holds.
+Weights come from the pushed object-store ref, or, when that ref died with its owner (a decision
+leader that was killed), from any merger. A new version with the same x (a takeover re-stamps every
+node) only relabels the model it holds.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from ray import serve
 
 from ray.serve.exceptions import BackPressureError
 
-from tanbr_ray.cluster.names import NAMESPACE, ROUTER_NAME
+from tanbr_ray.cluster.decision_client import DecisionClient
+from tanbr_ray.cluster.merger_pool import GONE as WEIGHTS_GONE
+from tanbr_ray.cluster.merger_pool import MergerPool
+from tanbr_ray.cluster.names import ROUTER_NAME
 from tanbr_ray.moe.edge import EdgeModel
 
 RETRIES = 5
@@ -41,25 +47,31 @@ async def call_node(handle, node: str, items: list, min_version: int = 0) -> tup
             await asyncio.sleep(0.2 * (attempt + 1))
 
 
+REPORTS_KEPT = 4  # per-slot reports kept, so a slot closed again after a takeover gets the same report
+
+
 class NodeModel:
-    """The model a replica serves for one node: (version, dense model); swapped whole, never edited."""
+    """The model a replica serves for one node: (version, x, dense model); swapped whole, never edited."""
 
     def __init__(self, node: str):
-        self.node, self.version, self.model = node, -1, None
+        self.node, self.version, self.x, self.model = node, -1, None, None
 
 
 @serve.deployment(max_ongoing_requests=16)
 class EdgeNode:
-    def __init__(self, node_class: str, router_name: str = ROUTER_NAME, threads: int = 1, sample_per_slot: int = 32):
+    async def __init__(self, node_class: str, router_name: str = ROUTER_NAME, threads: int = 1,
+                       sample_per_slot: int = 32, decision_actors: int = 1, mergers: int = 1):
         self.node_class, self.sample_per_slot = node_class, sample_per_slot
-        self.router = ray.get_actor(router_name, namespace=NAMESPACE)
-        pkg_ref = ray.get(self.router.package.remote())[0]
-        self.edge = EdgeModel(ray.get(pkg_ref), threads=threads)
+        self.decision = DecisionClient(router_name, decision_actors)
+        self.mergers = MergerPool(router_name, mergers)
+        self.edge = EdgeModel(await self.mergers.package(), threads=threads)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.loaded: weakref.WeakValueDictionary[str, NodeModel] = weakref.WeakValueDictionary()
         self.heads: dict[str, list[str]] = {}
         self.sample: dict[str, list] = {}
+        self.reports: dict[int, dict] = {}
         self.locks: dict[str, asyncio.Lock] = {}
+        self.weights_refetched = 0
 
     @serve.multiplexed(max_num_models_per_replica=1)
     async def node_model(self, node: str) -> NodeModel:
@@ -68,18 +80,25 @@ class EdgeNode:
         self.loaded[node] = nm
         return nm
 
-    async def _refresh(self, nm: NodeModel, version: int | None = None, ref=None) -> None:
+    async def _refresh(self, nm: NodeModel, assignment: tuple | None = None) -> None:
         """Fetch and build the node's model, then swap it in whole (a request already running keeps
         the model it started with; none ever sees a half-written one)."""
         async with self.locks.setdefault(nm.node, asyncio.Lock()):
-            if ref is None:
-                version, refs = await self.router.pull.remote(nm.node)
-                ref = refs[0]
+            if assignment is None:
+                assignment = await self.decision.call_async("pull", nm.node)
+            version, x, refs = assignment
             if version == nm.version:
                 return
-            state = await ref
+            if nm.model is not None and nm.x == list(x):  # same merge, new stamp: relabel
+                nm.version = version
+                return
+            try:
+                state = await refs[0]
+            except WEIGHTS_GONE:  # the ref died with its owner: any merger makes the same weights
+                state = await self.mergers.merged(x)
+                self.weights_refetched += 1
             model = await asyncio.to_thread(self.edge.shell.with_ffn, state)
-            nm.version, nm.model = version, model
+            nm.version, nm.x, nm.model = version, list(x), model
 
     async def infer(self, items: list[tuple[str, str, str | None]], min_version: int = 0) -> dict:
         """Serve (head, text_a, text_b) requests for the node named by the multiplexed model id."""
@@ -108,21 +127,29 @@ class EdgeNode:
             out[idx] = self.edge.predict(head, a, b, model=model)
         return out.tolist()
 
-    async def sync(self, assignments: dict[str, tuple[int, list]]) -> dict:
+    async def sync(self, assignments: dict[str, tuple[int, list, list]]) -> dict:
         """A push: bring every node this replica holds to its assigned version; ack what it holds."""
         for node, nm in list(self.loaded.items()):
             if node in assignments and assignments[node][0] != nm.version:
-                version, refs = assignments[node]
-                await self._refresh(nm, version, refs[0])
+                await self._refresh(nm, assignments[node])
         return self.status()
 
-    def report(self) -> dict:
-        """What this replica served since the last report (heads per node, a sample for rewards)."""
-        out = {"replica": self.replica, "heads": self.heads, "sample": self.sample}
+    def report(self, slot: int | None = None) -> dict:
+        """What this replica served since the last report (heads per node, a sample for rewards).
+        With a slot id the answer is kept: asked again for the same slot (a new leader closing the
+        slot its predecessor died in), it answers the same, so nothing is counted twice or lost."""
+        if slot is not None and slot in self.reports:
+            return self.reports[slot]
+        out = {"replica": self.replica, "heads": self.heads, "sample": self.sample, "slot": slot}
         self.heads, self.sample = {}, {}
+        if slot is not None:
+            self.reports[slot] = out
+            for old in sorted(self.reports)[:-REPORTS_KEPT]:
+                del self.reports[old]
         return out
 
     def status(self) -> dict:
         return {"replica": self.replica, "class": self.node_class, "ray_node": ray.get_runtime_context().get_node_id(),
                 "nodes": {node: nm.version for node, nm in self.loaded.items()},
+                "weights_refetched": self.weights_refetched,
                 "resident_bytes": sum(nm.model.resident_bytes() for nm in self.loaded.values() if nm.model)}

@@ -1,5 +1,6 @@
-"""Fault injection for the reliability tests and `tanbr bench reliability`: kill the router actor, kill
-an edge replica, corrupt the router's newest checkpoint. Each returns what it measured."""
+"""Fault injection for the reliability tests and `tanbr bench reliability`: kill the decision leader
+(the standby takes over), kill a merger (the others serve), kill an edge replica (Serve replaces it),
+corrupt the newest checkpoint. Each returns what it measured."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from typing import Literal
 import ray
 
 from tanbr_ray.cluster.checkpoint import CheckpointStore
-from tanbr_ray.cluster.names import APP_NAME
+from tanbr_ray.cluster.decision_client import DecisionClient
+from tanbr_ray.cluster.names import APP_NAME, NAMESPACE, merger_name
 
-Action = Literal["kill_router", "kill_replica", "corrupt_checkpoint"]
+Action = Literal["kill_leader", "kill_merger", "kill_replica", "corrupt_checkpoint"]
 
 
 @dataclass
@@ -29,29 +31,41 @@ class Fault:
     report: dict = field(default_factory=dict)
 
 
-def wait_alive(actor, timeout_s: float = 120.0) -> float:
-    """Seconds until the (restarting) actor answers again."""
-    t0 = time.perf_counter()
-    while True:
-        try:
-            ray.get(actor.state.remote(), timeout=timeout_s)
-            return time.perf_counter() - t0
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"router actor not back after {timeout_s:.0f} s") from None
+def kill_leader(client: DecisionClient, wait: bool = True, timeout_s: float = 120.0) -> dict:
+    """Kill the decision leader's process (Ray restarts it as the standby); with `wait`, block until
+    the successor leads and has published."""
+    before = client.state()
+    if before is None:
+        raise RuntimeError("no decision leader to kill")
+    t_wall, t0 = time.time(), time.perf_counter()
+    ray.kill(client.handle(before["name"]), no_restart=False)
+    rep = {"killed": before["name"], "t_kill_wall": t_wall, "term_before": before["term"],
+           "updated_slot_before": before["updated_slot"], "decided_slot_before": before["decided_slot"],
+           "version_before": before["version"]}
+    if not wait:
+        return rep
+    after = client.wait_leader(since=t_wall, timeout_s=timeout_s)
+    recovery = time.perf_counter() - t0
+    took = after["takeovers"][-1]
+    if len(client.names) > 1:  # and the killed one back as the standby, so a second fault finds one
+        deadline = time.monotonic() + timeout_s
+        while len([s for s in client.states(timeout_s=2.0) if s["role"] in ("standby", "leader")]) < len(client.names):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{before['name']} not back as the standby after {timeout_s:.0f} s")
+            time.sleep(0.05)
+    return {**rep, "recovery_seconds": recovery, "standby_back_s": time.perf_counter() - t0,
+            "new_leader": after["name"],
+            "term_after": after["term"], "takeover_at_s": took["at"] - t_wall,
+            "restore_s": took["restore_s"], "publish_s": took["publish_s"],
+            "updated_slot_after": took["updated_slot"], "decided_slot_after": took["decided_slot"],
+            "restored_from": took["restored_from"], "refused_checkpoints": took["refused_checkpoints"]}
 
 
-def kill_router(actor) -> dict:
-    """Kill the router process; Ray restarts it and it restores its newest valid checkpoint."""
-    before = ray.get(actor.state.remote())
-    t0 = time.perf_counter()
-    ray.kill(actor, no_restart=False)
-    time.sleep(0.2)
-    recovery = wait_alive(actor)
-    after = ray.get(actor.state.remote())
-    return {"recovery_seconds": time.perf_counter() - t0, "restart_to_answer_seconds": recovery,
-            "updated_slot_before": before["updated_slot"], "updated_slot_after": after["updated_slot"],
-            "decided_slot_before": before["decided_slot"], "decided_slot_after": after["decided_slot"],
-            "restored_from": after["restored_from"], "refused_checkpoints": after["refused_checkpoints"]}
+def kill_merger(router_name: str, index: int = 0) -> dict:
+    """Kill one merger's process; Ray restarts it while the others answer."""
+    name = merger_name(router_name, index)
+    ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=False)
+    return {"killed": name, "t_kill_wall": time.time()}
 
 
 def replica_actors(deployment: str) -> list[str]:
@@ -66,7 +80,7 @@ def kill_replica(deployment: str) -> dict:
     if not names:
         raise ValueError(f"no live replica of {deployment!r}")
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-    return {"killed": names[0]}
+    return {"killed": names[0], "t_kill_wall": time.time()}
 
 
 def corrupt_checkpoint(checkpoint_dir: str | Path) -> dict:

@@ -1,20 +1,17 @@
-"""The HTTP ingress deployment: the FastAPI front (api.py) over the edge deployments, plus the live
-slot clock that closes each slot (reports -> router -> push)."""
+"""The HTTP ingress deployment: the FastAPI front (api.py) over the edge deployments. It only routes
+requests: the slot clock and the learning step run in the decision leader (decision_actor.py), so a
+router failure never stalls or restarts the front."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import time
 
-import ray
 from ray import serve
 
 from tanbr_ray.cluster.api import ApiSettings, make_api
+from tanbr_ray.cluster.decision_client import DecisionClient
 from tanbr_ray.cluster.edge import call_node
-from tanbr_ray.cluster.push import PushResult, push_async
-from tanbr_ray.cluster.names import NAMESPACE
 from tanbr_ray.moe.data import PAIR
 
 log = logging.getLogger(__name__)
@@ -23,22 +20,17 @@ log = logging.getLogger(__name__)
 @serve.deployment(num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Ingress:
-    async def __init__(self, edges: dict, node_classes: dict[str, str], router_name: str, api: dict,
-                       slot_seconds: float):
+    def __init__(self, edges: dict, node_classes: dict[str, str], heads: list[str], router_name: str,
+                 decision_actors: int, api: dict):
         self.edges, self.node_classes = edges, node_classes
-        self.router = ray.get_actor(router_name, namespace=NAMESPACE)
-        st = await self.router.state.remote()
-        self.heads = list(st["tasks"])
+        self.decision = DecisionClient(router_name, decision_actors)
+        self.heads = list(heads)
         self.pair_heads = {h for h in self.heads if PAIR[h]}
         self.nodes = list(node_classes)
         self._next = itertools.cycle(self.nodes)
         self.settings = ApiSettings(**api)
-        self.slot_seconds = slot_seconds
-        self.last_push: PushResult | None = None
-        self.slots = st["updated_slot"] + 1  # the next live slot to close (continues a restored router)
         self.failed_requests = 0
-        # async __init__: the clock runs on the replica's own event loop
-        self.clock = asyncio.get_running_loop().create_task(self._slot_clock()) if slot_seconds > 0 else None
+        self.last_state: dict | None = None  # the leader's, kept for /healthz while a takeover is under way
 
     def __serve_build_asgi_app__(self):
         return make_api(self, self.settings)
@@ -52,42 +44,27 @@ class Ingress:
         answer = {"score": float(p)} if head == "STS-B" else {"label": int(p)}
         return {**answer, "node": out["node"], "model_version": out["model_version"]}
 
+    async def _leader_state(self) -> dict | None:
+        st = await self.decision.state_async(timeout_s=2.0)
+        if st is not None:
+            self.last_state = st
+        return st
+
     async def state(self) -> dict:
-        st = await self.router.state.remote()
+        st = await self._leader_state()
+        if st is None:
+            raise RuntimeError("no decision leader right now (a takeover is under way)")  # a 503
+        st = {k: v for k, v in st.items() if k != "ticks"}
         st["replicas"] = []
         for resp in [h.broadcast("status") for h in self.edges.values()]:
             st["replicas"] += [r for r in await resp.results_async(timeout_s=10, return_exceptions=True)
                                if isinstance(r, dict)]
-        st["slots_closed"] = self.slots
         st["requests_resent"] = self.failed_requests
-        if self.last_push is not None:
-            st["last_push"] = vars(self.last_push)
         return st
 
     async def health(self) -> dict:
-        return {"ok": True, "nodes": len(self.nodes), "heads": self.heads, "slots_closed": self.slots}
-
-    # --- live slots -------------------------------------------------------------------------------
-    async def close_slot(self) -> PushResult:
-        """Collect what every replica served, let the router learn and decide, push the new weights."""
-        reports = []
-        for resp in [h.broadcast("report") for h in self.edges.values()]:
-            reports += [r for r in await resp.results_async(timeout_s=30, return_exceptions=True) if isinstance(r, dict)]
-        await self.router.live_step.remote(reports, self.slots)
-        self.last_push = await push_async(self.router, self.edges)
-        self.slots += 1
-        return self.last_push
-
-    async def _slot_clock(self) -> None:
-        """Close a slot every slot_seconds; the first right away, so every node has a model early."""
-        wait = 0.0
-        while True:
-            t0 = time.monotonic()
-            await asyncio.sleep(wait)
-            wait = self.slot_seconds
-            try:
-                r = await self.close_slot()
-                log.info("slot %d closed in %.2fs: push %.3fs, %d replicas, stale %s",
-                         self.slots, time.monotonic() - t0, r.seconds, r.replicas, r.stale)
-            except Exception:  # noqa: BLE001 - a failed slot must not stop the clock
-                log.exception("closing slot %d failed", self.slots)
+        """Serving does not depend on the decision leader: ok while it is replaced, with the last count."""
+        fresh = await self._leader_state()
+        st = fresh or self.last_state or {}
+        return {"ok": True, "nodes": len(self.nodes), "heads": self.heads,
+                "slots_closed": st.get("slots_closed", 0), "leader": fresh["name"] if fresh else None}

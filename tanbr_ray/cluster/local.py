@@ -1,6 +1,7 @@
-"""A multi-node Ray cluster on one machine for the demo and the tests: a head (router actor, ingress)
-and one Ray node per edge class carrying that class's custom resource — the same resources that
-cluster.yaml declares on real machines, so the deployments are pinned the same way."""
+"""A multi-node Ray cluster on one machine for the demo, the tests and the benches: a head (decision
+actors, mergers, ingress) and one Ray node per edge class carrying that class's custom resource — the
+same resources that cluster.yaml declares on real machines, so the deployments are pinned the same way.
+Every node advertises 127.0.0.1, so no cluster traffic leaves the loopback interface."""
 
 from __future__ import annotations
 
@@ -8,10 +9,24 @@ import math
 import os
 from contextlib import contextmanager
 
-from tanbr_ray.cluster.names import HEAD_RESOURCE, NAMESPACE, edge_resource
+from tanbr_ray.cluster.names import HEAD_RESOURCE, LOOPBACK, NAMESPACE, edge_resource
 from tanbr_ray.sim.fleet import Fleet
 
 OBJECT_STORE_MB = 512  # per node; the head holds every published version, replicas map theirs zero-copy
+
+
+def pin_loopback() -> None:
+    """Keep this process's Ray on 127.0.0.1. Ray 2.60 rewrites a loopback address given to a driver
+    (`ray.init(address="127.0.0.1:port")`) into the host's interface address, which a cluster bound to
+    loopback does not listen on; its only switch for that is RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read
+    when ray_constants is imported, so it is set in the environment (child processes) and, if Ray is
+    already imported, on the constant itself."""
+    import sys
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 @contextmanager
@@ -21,14 +36,16 @@ def local_cluster(fleet: Fleet, head_cpus: int = 2, object_store_mb: int = OBJEC
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    pin_loopback()
     store = object_store_mb * 2**20
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": head_cpus, "resources": {HEAD_RESOURCE: 1}, "object_store_memory": 2 * store,
-        "include_dashboard": False})
+        "include_dashboard": False, "node_ip_address": LOOPBACK})
     try:
         for c in fleet.classes:
             cluster.add_node(num_cpus=max(1, math.ceil(c.count * c.replica_cpus)),
-                             resources={edge_resource(c.name): c.count}, object_store_memory=store)
+                             resources={edge_resource(c.name): c.count}, object_store_memory=store,
+                             node_ip_address=LOOPBACK)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
         yield cluster

@@ -1,9 +1,19 @@
 """Names every process of the cluster agrees on (kept import-free: edge replicas start faster)."""
 
-ROUTER_NAME = "tanbr-router"
+ROUTER_NAME = "tanbr-router"  # the base name: the decision actors and the mergers are named after it
 NAMESPACE = "tanbr"
 APP_NAME = "tanbr"
 HEAD_RESOURCE = "tanbr_head"
+LOOPBACK = "127.0.0.1"  # the local cluster's nodes, the tests and the benches use this address only
+
+
+def decision_name(router_name: str, index: int) -> str:
+    """The decision actors: index 0 leads first, index 1 is the standby."""
+    return f"{router_name}-decision-{index}"
+
+
+def merger_name(router_name: str, index: int) -> str:
+    return f"{router_name}-merger-{index}"
 
 
 def edge_resource(class_name: str) -> str:

@@ -1,8 +1,8 @@
 """Weight pushes with acknowledgements: every replica must report the assigned version, or be retried.
 
-The router has already put each distinct merged FFN set into the object store; a push broadcasts the
-(version, ref) assignments to every replica of every class, collects each replica's ack (the versions
-it now holds) and re-broadcasts while some replica failed or still holds a stale version.
+The decision leader has had each distinct x merged once into the object store; a push broadcasts the
+(version, x, [ref]) assignments to every replica of every class, collects each replica's ack (the
+versions it now holds) and re-broadcasts while some replica failed or still holds a stale version.
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ def stale_of(acks: list, assignments: dict) -> tuple[list[str], list[str]]:
     return stale, errors
 
 
-async def push_async(router, edges: dict, retries: int = 3, timeout_s: float = 30.0) -> PushResult:
-    """Broadcast the router's current assignments to every edge deployment until all replicas ack."""
+async def push_async(assignments: dict, edges: dict, retries: int = 3, timeout_s: float = 30.0) -> PushResult:
+    """Broadcast node -> (version, x, [ref]) to every edge deployment until all replicas ack."""
     t0 = time.perf_counter()
-    assignments = await router.assignments.remote()
     for attempt in range(1, retries + 2):
         responses = [h.broadcast("sync", assignments) for h in edges.values()]
         acks = []
@@ -51,7 +50,7 @@ async def push_async(router, edges: dict, retries: int = 3, timeout_s: float = 3
             break
         await asyncio.sleep(0.05 * attempt)
     return PushResult(time.perf_counter() - t0, len(acks), attempt, stale, errors,
-                      {node: v for node, (v, _) in assignments.items()})
+                      {node: a[0] for node, a in assignments.items()})
 
 
 def summarize(results: list[PushResult]) -> dict:
@@ -66,6 +65,6 @@ def summarize(results: list[PushResult]) -> dict:
             "push_errors": int(sum(len(r.errors) for r in results))}
 
 
-def push(router, edges: dict, retries: int = 3, timeout_s: float = 30.0) -> PushResult:
+def push(assignments: dict, edges: dict, retries: int = 3, timeout_s: float = 30.0) -> PushResult:
     """The same, from synchronous code (the simulation driver)."""
-    return asyncio.run(push_async(router, edges, retries, timeout_s))
+    return asyncio.run(push_async(assignments, edges, retries, timeout_s))

@@ -1,4 +1,4 @@
-"""Router durability without Ray: atomic checksummed checkpoints, restore, exactly-once slot calls."""
+"""Decision durability without Ray: atomic checksummed checkpoints, restore, exactly-once slot calls."""
 
 import json
 
@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from tanbr_ray.cluster.checkpoint import CheckpointStore
-from tanbr_ray.cluster.router_service import RouterService, RouterSpec
+from tanbr_ray.cluster.decision_service import DecisionService, ModelMeta, RouterSpec
+
+
+def _meta(moe) -> ModelMeta:
+    return ModelMeta(name="tiny", tasks=list(moe.tasks), num_experts=moe.num_experts,
+                     task_experts=[moe.expert_of[t] for t in moe.tasks], merge_operator=moe.merge_operator)
+
+
+def RouterService(spec, moe, fleet):  # noqa: N802 - the decision side of the old router, given the model's meta
+    return DecisionService(spec, _meta(moe), fleet)
 
 
 def test_store_publishes_whole_checkpoints_and_prunes(tmp_path):
@@ -53,7 +62,7 @@ def _run(svc, slots, rng, start=0):
         svc.update(_feedback(svc, xs, rng), slot=t)
 
 
-def _same_state(a: RouterService, b: RouterService):
+def _same_state(a: DecisionService, b: DecisionService):
     assert a.slot == b.slot and a.updated_slot == b.updated_slot
     for x, y in zip(a.policy.bandit.tensors().values(), b.policy.bandit.tensors().values()):
         assert torch.equal(x, y)
@@ -102,3 +111,51 @@ def test_checkpointing_refuses_policies_it_cannot_persist(tiny, fleet, tmp_path)
         RouterService(RouterSpec(policy="Random", checkpoint_dir=str(tmp_path)), moe, fleet)
     with pytest.raises(ValueError, match="not a router policy"):
         RouterService(RouterSpec(policy="Switch-top2"), moe, fleet)
+
+
+def test_a_standby_restoring_the_checkpoints_replays_exactly_once(tiny, fleet, tmp_path):
+    """Takeover by a second service on the same checkpoints: a replayed update is a no-op, and the run
+    continues exactly as an uninterrupted one."""
+    _, _, moe = tiny
+    ref = RouterService(RouterSpec(policy="Tanbr"), moe, fleet)
+    _run(ref, 5, np.random.default_rng(0))
+
+    spec = RouterSpec(policy="Tanbr", checkpoint_dir=str(tmp_path))
+    leader = RouterService(spec, moe, fleet)
+    standby = DecisionService(spec, _meta(moe), fleet, restore=False)  # warm, restores only when it takes over
+    assert standby.restored_from is None and standby.decided_slot == -1
+    rng = np.random.default_rng(0)
+    _run(leader, 3, rng)
+    xs = leader.decide(np.full((3, 2), 0.5), slot=3)
+    fb = _feedback(leader, xs, rng)
+    assert leader.update(fb, slot=3)  # applied, checkpointed ... then the leader dies
+    assert standby.restore() and standby.updated_slot == 3 and standby.slot == 4
+    assert not standby.update(fb, slot=3)  # the update replayed after failover is applied once
+    assert standby.slot == 4
+    assert np.array_equal(standby.decide(np.full((3, 2), 0.5), slot=3), xs)  # a replayed decide re-answers
+    _run(standby, 5, rng, start=4)
+    _same_state(ref, standby)
+
+
+def test_live_update_observes_and_learns_once_per_slot(tiny, fleet, tmp_path):
+    _, _, moe = tiny
+    svc = RouterService(RouterSpec(policy="Tanbr", checkpoint_dir=str(tmp_path)), moe, fleet)
+    assert not svc.live_update(0, [], {})  # nothing decided yet: nothing to learn from
+    svc.decide(None, 0)
+    reports = [{"heads": {"board-0": ["SST-2"] * 5}, "sample": {"board-0": [("SST-2", "fine", None, 1.0)]}}]
+    assert DecisionService.samples_of(reports) == {"board-0": [("SST-2", "fine", None, 1.0)]}
+    rewards = {"board-0": ([1.0, 0.0], [True, False])}
+    assert svc.live_update(0, reports, rewards) and svc.slot == 1
+    psi = svc.monitors[0].psi()
+    assert not svc.live_update(0, reports, rewards)  # the same slot again (a new leader): not counted twice
+    assert svc.slot == 1 and np.array_equal(svc.monitors[0].psi(), psi) and psi[0] > 0.5
+
+
+def test_router_spec_standby_needs_checkpoints(tmp_path):
+    assert RouterSpec().decision_actors() == 1
+    assert RouterSpec(checkpoint_dir=str(tmp_path)).decision_actors() == 2
+    assert RouterSpec(checkpoint_dir=str(tmp_path), standby=False).decision_actors() == 1
+    with pytest.raises(ValueError, match="standby"):
+        RouterSpec(standby=True)
+    with pytest.raises(ValueError, match="mergers"):
+        RouterSpec(mergers=0)

@@ -1,6 +1,7 @@
 """Fault injection on the cluster (tiny scenario, one local multi-node cluster for the module): the
-run completes through a router kill, a replica kill and a corrupt newest checkpoint; router state
-equals an uninterrupted run's except for exactly the slots the fault destroyed."""
+run completes through a decision-leader kill (the standby takes over), a merger kill, a kill of the
+standby that had taken over, a replica kill and a corrupt newest checkpoint; the router's choices
+equal an uninterrupted run's except for exactly the slots a fault destroyed."""
 
 import numpy as np
 import pytest
@@ -32,18 +33,27 @@ def uninterrupted(tiny, fleet, cfg):
     return run_simulation(cfg, tiny[2], fleet=fleet, progress=False)
 
 
-def test_router_and_replica_kills_lose_nothing(cluster, tiny, fleet, cfg, uninterrupted, tmp_path):
-    faults = [Fault("Tanbr", 1, "kill_router"), Fault("Tanbr", 2, "kill_replica", target="board")]
+def test_leader_merger_standby_and_replica_kills_lose_nothing(cluster, tiny, fleet, cfg, uninterrupted, tmp_path):
+    faults = [Fault("Tanbr", 1, "kill_leader"),  # mid-slot: decided, served after the takeover
+              Fault("Tanbr", 2, "kill_merger"), Fault("Tanbr", 2, "kill_replica", target="board"),
+              Fault("Tanbr", 2, "kill_leader", phase="end")]  # the standby that took over, after its update
     out = run_ray_simulation(cfg, tiny[0], tiny[2], fleet=fleet, progress=False, checkpoint_dir=str(tmp_path),
                              faults=faults)
     r = out.summary["ray"]
-    kill = r["faults"][0]
-    assert kill["restored_from"] and kill["refused_checkpoints"] == []
-    assert kill["updated_slot_after"] == kill["updated_slot_before"] == 0  # nothing lost, nothing repeated
-    assert kill["decided_slot_after"] == kill["decided_slot_before"] == 1
-    assert kill["recovery_seconds"] < 30
-    assert r["faults"][1]["killed"].startswith("SERVE_REPLICA::tanbr#edge_board#")
+    first, merger, replica, second = r["faults"]
+    for kill in (first, second):
+        assert kill["restored_from"] and kill["refused_checkpoints"] == []
+        assert kill["new_leader"] != kill["killed"] and kill["term_after"] > kill["term_before"]
+        assert kill["recovery_seconds"] < 30
+    # the standby took over, then the restarted first leader took over from it
+    assert second["killed"] == first["new_leader"] and second["new_leader"] == first["killed"]
+    assert first["updated_slot_after"] == first["updated_slot_before"] == 0  # nothing lost, nothing repeated
+    assert first["decided_slot_after"] == first["decided_slot_before"] == 1
+    assert second["updated_slot_after"] == second["updated_slot_before"] == 2
+    assert merger["killed"].endswith("-merger-0")
+    assert replica["killed"].startswith("SERVE_REPLICA::tanbr#edge_board#")
     assert r["final_router_state"]["slot"] == SLOTS and r["stale_replicas"] == 0
+    assert [t["term"] for t in r["takeovers"]][-1] == r["final_router_state"]["term"]
     a, b = uninterrupted.series["Tanbr"], out.series["Tanbr"]
     assert np.array_equal(a.score, b.score) and np.array_equal(a.choices, b.choices)
 

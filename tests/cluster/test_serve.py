@@ -1,5 +1,6 @@
-"""The Serve app on a local multi-node cluster: replicas pinned per class, HTTP on its own loopback
-port, live slots pushing merged weights that every replica acknowledges, bad input refused."""
+"""The Serve app on a local multi-node cluster: every node and the HTTP proxy on 127.0.0.1 only,
+replicas pinned per class, live slots (clocked by the decision leader) pushing merged weights that
+every replica acknowledges, the leader replaced by its standby under traffic, bad input refused."""
 
 import socket
 import time
@@ -8,9 +9,13 @@ import httpx
 import pytest
 import ray
 
+from tanbr_ray.cluster import faults as fi
 from tanbr_ray.cluster.app import AppArgs
-from tanbr_ray.cluster.names import NAMESPACE
+from tanbr_ray.cluster.decision_client import DecisionClient
+from tanbr_ray.cluster.names import NAMESPACE, decision_name, merger_name
 from tanbr_ray.cluster.service import local_service
+
+ROUTER = "tanbr-router-test"
 
 
 def _free_port() -> int:
@@ -20,12 +25,41 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def url(tiny, fleet):
+def url(tiny, fleet, tmp_path_factory):
     cfg, models, _ = tiny
-    args = AppArgs(models_dir=str(models), slot_seconds=1.0, router={"policy": "Tanbr", "sample_per_slot": 8},
-                   router_name="tanbr-router-test")
+    args = AppArgs(models_dir=str(models), slot_seconds=1.0, router_name=ROUTER,
+                   router={"policy": "Tanbr", "sample_per_slot": 8,
+                           "checkpoint_dir": str(tmp_path_factory.mktemp("ckpt"))})
     with local_service(args, "127.0.0.1", _free_port(), fleet=fleet, moe_cfg=cfg, ready_timeout_s=240) as u:
         yield u
+
+
+def _external_ip() -> str | None:
+    """This machine's address on its default route (what Ray would advertise unpinned)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: no packet is sent for a UDP connect
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+def test_every_address_is_loopback(url):
+    from ray import serve
+
+    assert url.startswith("http://127.0.0.1:")
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert len(nodes) == 3 and {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    assert serve.status().proxies and all(serve.status().proxies)  # the proxy is up ...
+    controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    assert ray.get(controller.get_http_config.remote()).host == "127.0.0.1"  # ... bound to loopback
+    ip, port = _external_ip(), int(url.rsplit(":", 1)[1])
+    if ip is not None:  # the same port on the machine's own address: nothing listens there
+        with socket.socket() as s:
+            s.settimeout(2)
+            assert s.connect_ex((ip, port)) != 0
 
 
 def _infer(url, body, **kw):
@@ -89,6 +123,25 @@ def test_bad_input_is_refused_and_service_keeps_serving(url, content, body, stat
     assert _infer(url, {"text_a": "great", "head": "SST-2"}).status_code == 200
 
 
-def test_router_actor_is_named_in_its_namespace(url):
-    actor = ray.get_actor("tanbr-router-test", namespace=NAMESPACE)
-    assert ray.get(actor.state.remote())["policy"] == "Tanbr"
+def test_decision_actors_and_mergers_are_named_in_their_namespace(url):
+    roles = sorted(ray.get(ray.get_actor(decision_name(ROUTER, i), namespace=NAMESPACE).role.remote())["role"]
+                   for i in range(2))
+    assert roles == ["leader", "standby"]
+    for i in range(2):
+        assert ray.get(ray.get_actor(merger_name(ROUTER, i), namespace=NAMESPACE).ready.remote())["load_model_s"] >= 0
+
+
+def test_leader_killed_under_traffic_standby_takes_over(url):
+    client = DecisionClient(ROUTER, 2)
+    rep = fi.kill_leader(client)
+    assert rep["new_leader"] != rep["killed"] and rep["recovery_seconds"] < 15
+    assert rep["updated_slot_after"] >= rep["updated_slot_before"]  # no slot lost
+    closed = httpx.get(f"{url}/healthz", timeout=10).json()["slots_closed"]
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/healthz", timeout=10).json()["slots_closed"] < closed + 2:  # the new leader clocks
+        assert time.monotonic() < deadline, "slots stopped closing after the takeover"
+        assert _infer(url, {"text_a": "a fine film", "head": "SST-2"}).status_code == 200
+    st = httpx.get(f"{url}/v1/state", timeout=30).json()
+    assert st["name"] == rep["new_leader"] and st["role"] == "leader" and st["term"] == rep["term_after"]
+    held = [v for r in st["replicas"] for v in r["nodes"].values()]
+    assert held and min(held) > rep["version_before"]  # every replica serves a version issued after the kill

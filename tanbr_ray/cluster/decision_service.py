@@ -1,34 +1,36 @@
-"""The central router's logic, Ray-free: policy, full MoE, one monitor per node, weight versions.
+"""The decision state, Ray-free and model-free: policy, one monitor per node, weight versions, slot ids,
+checkpoints.
 
-The RouterActor (router_actor.py) hosts one of these and adds the object store. Per slot:
-`decide` (psi per node -> x per node under its budget -> merge once per distinct x -> a new version for
-the nodes whose x changed), then after the slot `update` with the nodes' per-task rewards. Live
-serving feeds `observe` with what each node served, so psi comes from the node monitors; the
-simulation passes its own psi-hat, computed by the same monitors, so both backends choose alike.
+It imports no model code (no MoE, no transformers), so the actor that hosts it (decision_actor.py)
+starts in about a second and a standby can hold a warm copy; merging and the label-free reference
+predictions live in the mergers (merger.py), which hold the experts. What it needs to know about the
+model comes in a `ModelMeta` (tasks, number of experts, each task's expert).
+
+Per slot: `decide` (psi per node -> x per node under its budget -> a new version for the nodes whose
+x changed), then after the slot `update` with the nodes' per-task rewards. Live serving feeds
+`observe` with what each node served, so psi comes from the node monitors; the simulation passes its
+own psi-hat, computed by the same monitors, so both backends choose alike.
 
 Durability: with `checkpoint_dir`, every decide/update/reset ends with an atomic checksummed
 checkpoint (policy state incl. bandit network, A and RNG; monitors; versions; the slot ids done), and
-a new service restores the newest valid one. Calls carry slot ids, so a call retried after a crash
-is applied exactly once: nothing lost, nothing repeated.
+`restore` loads the newest valid one. Calls carry slot ids, so a call retried after a crash or a
+takeover is applied exactly once: nothing lost, nothing repeated.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tanbr_ray.moe.data import PAIR, TaskSplit
-from tanbr_ray.moe.edge import EdgePackage, edge_package
-from tanbr_ray.moe.infer import _to_pred, make_batches
-from tanbr_ray.router import TaskMonitor, registry
 from tanbr_ray.cluster.checkpoint import CheckpointStore
 from tanbr_ray.fileio import read_json
+from tanbr_ray.router import TaskMonitor, registry
 from tanbr_ray.router.tanbr import Tanbr, TanbrConfig
 from tanbr_ray.sim.fleet import Fleet
 
@@ -38,7 +40,7 @@ CHECKPOINTABLE = ("Tanbr", "Uniform", "psi-merge")
 
 
 class RouterSpec(BaseModel):
-    """What the router actor is built from (validated: it crosses process boundaries as a dict)."""
+    """What the decision actors and mergers are built from (validated: it crosses process boundaries)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -49,6 +51,43 @@ class RouterSpec(BaseModel):
     sample_per_slot: int = Field(32, ge=0, le=10_000, description="served requests scored label-free per node")
     checkpoint_dir: str | None = Field(None, description="checkpoint every slot here; restore on start")
     checkpoint_keep: int = Field(3, ge=2, le=1000)
+    mergers: int = Field(2, ge=1, le=16, description="merger actors, each holding the experts (stateless)")
+    standby: bool | None = Field(None, description="a standby decision actor that takes over when the leader "
+                                                   "dies; needs checkpoint_dir; None = on when checkpoint_dir is set")
+
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _expand(cls, v: str | None) -> str | None:
+        return None if v is None else os.path.expanduser(v)
+
+    @model_validator(mode="after")
+    def _standby_needs_checkpoints(self) -> "RouterSpec":
+        if self.standby and not self.checkpoint_dir:
+            raise ValueError("router.standby: needs router.checkpoint_dir (the standby restores from it)")
+        return self
+
+    def decision_actors(self) -> int:
+        """1 (a leader) or 2 (leader + standby)."""
+        return 2 if (self.standby is None and self.checkpoint_dir) or self.standby else 1
+
+
+class ModelMeta(BaseModel):
+    """What the decision side knows of the model: a merger reads it from the MoE once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    tasks: list[str] = Field(min_length=1)
+    num_experts: int = Field(ge=1)
+    task_experts: list[int]
+    merge_operator: str
+
+    @model_validator(mode="after")
+    def _one_expert_per_task(self) -> "ModelMeta":
+        if len(self.task_experts) != len(self.tasks) or not all(0 <= e < self.num_experts for e in self.task_experts):
+            raise ValueError(f"model meta: task_experts {self.task_experts} do not fit {len(self.tasks)} tasks and "
+                             f"{self.num_experts} experts")
+        return self
 
 
 @dataclass
@@ -57,27 +96,28 @@ class Assignment:
     x: np.ndarray
 
 
-def x_key(x: np.ndarray) -> bytes:
+def x_key(x) -> bytes:
     return np.asarray(x, dtype=np.float64).tobytes()
 
 
-class RouterService:
-    def __init__(self, spec: RouterSpec, moe, fleet: Fleet):
+class DecisionService:
+    def __init__(self, spec: RouterSpec, meta: ModelMeta, fleet: Fleet, restore: bool = True):
         if spec.threads:
+            import torch  # the bandit's network only
+
             torch.set_num_threads(spec.threads)
-        self.spec, self.moe, self.fleet = spec, moe, fleet
-        self.tasks = list(moe.tasks)
-        fleet.check_model(moe.num_experts, self.tasks)
+        self.spec, self.meta, self.fleet = spec, meta, fleet
+        self.tasks = list(meta.tasks)
+        fleet.check_model(meta.num_experts, self.tasks)
         self.nodes = fleet.nodes()
         self.node_index = {name: n for n, (name, _) in enumerate(self.nodes)}
-        self.task_experts = np.asarray([moe.expert_of[t] for t in self.tasks])
+        self.task_experts = np.asarray(meta.task_experts)
         self.version = 0
-        self.slot = 0
         self.store = CheckpointStore(spec.checkpoint_dir, spec.checkpoint_keep) if spec.checkpoint_dir else None
         self.restored_from: str | None = None
         self.refused: list[str] = []  # checkpoints refused at restore (corrupt), newest first
         self._reset(spec.policy)
-        if self.store is not None and not self.restore():
+        if restore and self.store is not None and not self.restore():
             self.checkpoint()
 
     def reset(self, policy: str) -> None:
@@ -94,18 +134,14 @@ class RouterService:
             raise ValueError(f"policy: {policy!r} cannot be checkpointed; with checkpoint_dir use one of "
                              f"{', '.join(CHECKPOINTABLE)}")
         self.policy_name = policy
-        self.policy = registry.make_policy(policy, self.moe.num_experts, len(self.tasks), self.spec.seed,
+        self.policy = registry.make_policy(policy, self.meta.num_experts, len(self.tasks), self.spec.seed,
                                            self.spec.tanbr, self.task_experts, tasks=self.tasks)
         self.monitors = [TaskMonitor(self.tasks, self.spec.tanbr.monitor) for _ in self.nodes]
         self.assign: dict[str, Assignment] = {}
-        self.weights: dict[bytes, dict[str, torch.Tensor]] = {}
         self.last_psi = np.zeros((len(self.nodes), len(self.tasks)))
-        self.slot = 0
+        self.slot = 0  # updates applied
         self.decided_slot = self.updated_slot = -1  # the slot ids done (a retried call is a no-op)
         self.last_xs: np.ndarray | None = None
-
-    def package(self) -> EdgePackage:
-        return edge_package(self.moe)
 
     # --- per slot ------------------------------------------------------------------------------
     def decide(self, psis: np.ndarray | None = None, slot: int | None = None) -> np.ndarray:
@@ -126,29 +162,50 @@ class RouterService:
             self.version += 1
             for name in changed:
                 self.assign[name] = Assignment(self.version, xs[self.node_index[name]])
-        self._merge()
         self.decided_slot = self.decided_slot + 1 if slot is None else slot
         self.last_xs = xs
         self.checkpoint()
         return xs
 
-    def _merge(self) -> None:
-        live = {x_key(a.x) for a in self.assign.values()}
-        self.weights = {k: w for k, w in self.weights.items() if k in live}
-        for a in self.assign.values():  # merge once per distinct x
-            if x_key(a.x) not in self.weights:
-                self.weights[x_key(a.x)] = self.moe.merged_state(a.x)
-
-    def update(self, feedback: list[tuple], slot: int | None = None) -> None:
+    def update(self, feedback: list[tuple], slot: int | None = None) -> bool:
         """(x, psi, per-task reward, observed mask) per node, in node order, after the slot.
-        `slot` identifies the call: a slot already learned from is not learned from twice."""
+        `slot` identifies the call: a slot already learned from is not learned from twice (False)."""
         if slot is not None and slot <= self.updated_slot:
-            return
+            return False
         for x, psi, r, mask in feedback:
             self.policy.update(np.asarray(x), np.asarray(psi), np.asarray(r), observed=np.asarray(mask, dtype=bool))
         self.slot += 1
         self.updated_slot = self.updated_slot + 1 if slot is None else slot
         self.checkpoint()
+        return True
+
+    def live_update(self, slot: int, reports: list[dict], rewards: dict[str, tuple]) -> bool:
+        """Close live slot `slot` in one step (one checkpoint): what each replica served feeds the node
+        monitors, then each node's label-free reward (computed by a merger) updates the policy.
+        Exactly-once by slot id: a slot already closed is not observed or learned from again."""
+        if slot <= self.updated_slot or not self.assign:
+            return False
+        for rep in reports:
+            for node, heads in rep.get("heads", {}).items():
+                self.observe(node, heads)
+        for m in self.monitors:
+            m.end_slot()
+        feedback = []
+        for n, (node, _) in enumerate(self.nodes):
+            a = self.assign.get(node)
+            if a is not None and node in rewards:
+                r, mask = rewards[node]
+                feedback.append((a.x, self.last_psi[n], np.asarray(r), np.asarray(mask, dtype=bool)))
+        return self.update(feedback, slot)  # checkpoints (monitors included) even with no feedback
+
+    @staticmethod
+    def samples_of(reports: list[dict]) -> dict[str, list]:
+        """node -> the served (head, text_a, text_b, prediction) rows the replicas sampled."""
+        samples: dict[str, list] = {}
+        for rep in reports:
+            for node, rows in rep.get("sample", {}).items():
+                samples.setdefault(node, []).extend(rows)
+        return samples
 
     # --- durability -----------------------------------------------------------------------------
     def checkpoint(self) -> Path | None:
@@ -169,6 +226,8 @@ class RouterService:
 
     def restore(self) -> bool:
         """Load the newest valid checkpoint (refusing corrupt ones with the file named); False if none."""
+        if self.store is None:
+            return False
         path, self.refused = self.store.latest()
         for err in self.refused:
             log.error("refused checkpoint: %s", err)
@@ -186,11 +245,10 @@ class RouterService:
         self.monitors = [TaskMonitor.from_state_dict(m) for m in st["monitors"]]
         # Versions issued after this checkpoint were lost with the newer ones (at most keep - 1, plus one
         # decide in flight): jump past them and re-stamp every node, so no replica mistakes a lost
-        # version's weights for the restored ones; each node is re-synced once.
+        # version's weights for the restored ones. A replica that holds the same x only relabels.
         self.version += self.spec.checkpoint_keep + 1
         for a in self.assign.values():
             a.version = self.version
-        self._merge()
         self.restored_from = path.name
         return True
 
@@ -198,40 +256,22 @@ class RouterService:
     def observe(self, node: str, heads: list[str]) -> None:
         self.monitors[self._node(node)].observe_many(heads)
 
-    def end_slot(self) -> None:
-        for m in self.monitors:
-            m.end_slot()
-
-    @torch.no_grad()
-    def label_free_rewards(self, node: str, sample: list[tuple[str, str, str | None, float]]) -> tuple[np.ndarray, np.ndarray]:
-        """Per-task agreement of the node's served predictions with the full MoE (top-2) on a sample
-        of (head, text_a, text_b, prediction): the reward when no labels come back."""
-        self._node(node)
-        r, mask = np.zeros(len(self.tasks)), np.zeros(len(self.tasks), dtype=bool)
-        for v, task in enumerate(self.tasks):
-            rows = [s for s in sample if s[0] == task][: self.spec.sample_per_slot]
-            if not rows:
-                continue
-            split = TaskSplit(task, [s[1] for s in rows], [s[2] for s in rows] if PAIR[task] else None, np.zeros(len(rows)))
-            ref = np.zeros(len(rows))
-            for b in make_batches(self.moe, [split]):
-                ref[b.index] = _to_pred(task, self.moe(b.input_ids, b.attention_mask, b.token_type_ids, task, mode="top2"))
-            r[v] = float(np.mean(np.abs(ref - np.asarray([s[3] for s in rows])) < 1e-6))
-            mask[v] = True
-        return r, mask
-
     # --- queries ---------------------------------------------------------------------------------
     def _node(self, node: str) -> int:
         if node not in self.node_index:
             raise ValueError(f"unknown node {node!r}; nodes: {list(self.node_index)}")
         return self.node_index[node]
 
-    def weights_for(self, node: str) -> tuple[int, dict[str, torch.Tensor]]:
+    def assignment(self, node: str) -> Assignment:
         a = self.assign.get(node)
         if a is None:
             self._node(node)
             raise RuntimeError(f"node {node!r} has no model yet (no slot decided)")  # not ready: a 503
-        return a.version, self.weights[x_key(a.x)]
+        return a
+
+    def distinct_xs(self) -> dict[bytes, np.ndarray]:
+        """One x per distinct merge the nodes need (each is merged once)."""
+        return {x_key(a.x): a.x for a in self.assign.values()}
 
     def state(self) -> dict:
         return {

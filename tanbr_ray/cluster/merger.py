@@ -1,0 +1,105 @@
+"""The merger: a Ray actor that holds the full MoE and does the heavy, stateless work.
+
+Given x it returns the merged FFNs (the caller owns the result object, so the weights outlive the
+merger that made them); it hands edge replicas the dense shell; it scores served requests against the
+full MoE (the label-free reward). Nothing in it depends on the slot, so several run side by side
+(`RouterSpec.mergers`) and any of them answers any call; a dead one is restarted by Ray while the
+others serve (merger_pool.py fails over).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import numpy as np
+import ray
+import torch
+
+from tanbr_ray.cluster.decision_service import ModelMeta, x_key
+from tanbr_ray.cluster.names import NAMESPACE, merger_name
+from tanbr_ray.moe import MoEConfig, load_or_build
+from tanbr_ray.moe.data import PAIR, TaskSplit
+from tanbr_ray.moe.edge import edge_package
+from tanbr_ray.moe.infer import _to_pred, make_batches
+
+CACHE = 16  # merged x kept per merger (a slot's distinct x are few; a re-publish hits the cache)
+
+
+class Merger:
+    def __init__(self, moe_config: dict, models_dir: str | None = None, data_dir: str | None = None,
+                 threads: int | None = None, sample_per_slot: int = 32):
+        t0 = time.perf_counter()
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = MoEConfig(**moe_config)
+        self.moe = load_or_build(self.cfg, models_dir, progress=False, data_dir=data_dir)
+        self.sample_per_slot = sample_per_slot
+        self.pkg_ref: ray.ObjectRef | None = None
+        self.cache: OrderedDict[bytes, dict[str, torch.Tensor]] = OrderedDict()
+        self.merges = 0
+        self.started = {"load_model_s": time.perf_counter() - t0,
+                        "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
+
+    def ready(self) -> dict:
+        return self.started
+
+    def meta(self) -> dict:
+        m = self.moe
+        return ModelMeta(name=self.cfg.name, tasks=list(m.tasks), num_experts=m.num_experts,
+                         task_experts=[m.expert_of[t] for t in m.tasks],
+                         merge_operator=m.merge_operator).model_dump()
+
+    def package(self) -> list:
+        """[ref] to the EdgePackage (in a list so callers get the ref, not the value)."""
+        if self.pkg_ref is None:
+            self.pkg_ref = ray.put(edge_package(self.moe))
+        return [self.pkg_ref]
+
+    @ray.method(num_returns=2)
+    def merge(self, x: list[float]) -> tuple[dict, dict]:
+        """(a small receipt, the merged FFNs of x with the model's operator). The caller awaits the
+        receipt and passes the weights' ref on, so the weights never travel through it."""
+        k = x_key(x)
+        if k not in self.cache:
+            self.cache[k] = self.moe.merged_state(np.asarray(x, dtype=np.float64))
+            self.merges += 1
+            while len(self.cache) > CACHE:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(k)
+        return {"merges": self.merges}, self.cache[k]
+
+    @torch.no_grad()
+    def rewards(self, samples: dict[str, list]) -> dict[str, tuple[list[float], list[bool]]]:
+        """node -> (per-task agreement of the node's served predictions with the full MoE (top-2), mask)
+        on a sample of (head, text_a, text_b, prediction): the reward when no labels come back."""
+        tasks = list(self.moe.tasks)
+        out = {}
+        for node, sample in samples.items():
+            r, mask = np.zeros(len(tasks)), np.zeros(len(tasks), dtype=bool)
+            for v, task in enumerate(tasks):
+                rows = [s for s in sample if s[0] == task][: self.sample_per_slot]
+                if not rows:
+                    continue
+                split = TaskSplit(task, [s[1] for s in rows], [s[2] for s in rows] if PAIR[task] else None,
+                                  np.zeros(len(rows)))
+                ref = np.zeros(len(rows))
+                for b in make_batches(self.moe, [split]):
+                    logits = self.moe(b.input_ids, b.attention_mask, b.token_type_ids, task, mode="top2")
+                    ref[b.index] = _to_pred(task, logits)
+                r[v] = float(np.mean(np.abs(ref - np.asarray([s[3] for s in rows])) < 1e-6))
+                mask[v] = True
+            out[node] = (r.tolist(), mask.tolist())
+        return out
+
+
+def start_mergers(router_name: str, n: int, moe_config: dict, models_dir: str | None, data_dir: str | None,
+                  threads: int | None, sample_per_slot: int, detached: bool = True) -> ModelMeta:
+    """Create (or reuse) the n named mergers, wait until each has loaded the model; the model's meta."""
+    cls = ray.remote(Merger)
+    actors = [cls.options(name=merger_name(router_name, i), namespace=NAMESPACE, get_if_exists=True,
+                          lifetime="detached" if detached else None, num_cpus=0, max_restarts=-1,
+                          max_task_retries=0).remote(moe_config, models_dir, data_dir, threads, sample_per_slot)
+              for i in range(n)]
+    ray.get([a.ready.remote() for a in actors])
+    return ModelMeta(**ray.get(actors[0].meta.remote()))
