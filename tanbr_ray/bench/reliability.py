@@ -133,15 +133,14 @@ def run_faults(url: str, router_name: str, decision_actors: int, checkpoint_dir:
             if i:
                 time.sleep(max(0.0, fault["kills"][0]["t_kill"] + pair_gap_s - time.time()))
             fault["kills"].append(_kill(action, client, router_name, checkpoint_dir))
+        # the slot log lives in the actors (a killed one loses its own): read it once the window is over
+        time.sleep(max(0.0, fault["kills"][-1]["t_kill"] + WINDOW_S - time.time()))
+        states = client.states()
+        fault["takeovers"] = sorted((t for s in states for t in s["takeovers"]), key=lambda t: t["at"])
+        fault["ticks"] = sorted((t for s in states for t in s["ticks"]), key=lambda t: t["scheduled"])
         out.append(fault)
     time.sleep(gap_s)
     final = _leader(client)
-    states = client.states()
-    takeovers = sorted((t for s in states for t in s["takeovers"]), key=lambda t: t["at"])
-    ticks = sorted((t for s in states for t in s["ticks"]), key=lambda t: t["scheduled"])
-    for fault in out:
-        fault["takeovers"] = takeovers
-        fault["ticks"] = ticks
     out.append({"final_state": {k: final[k] for k in ("name", "term", "slot", "updated_slot", "decided_slot",
                                                        "version", "merger_failovers")}})
     return out

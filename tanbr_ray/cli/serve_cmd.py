@@ -139,10 +139,11 @@ def bench_reliability(
             load.join()
         rows = rb.summarize_faults(load, raw, slot_seconds)
         faults_raw = [f for f in raw if "name" in f]
-        ticks = faults_raw[0]["ticks"] if faults_raw else []
+        ticks = list({(t["term"], t["slot"]): t for f in faults_raw for t in f["ticks"]}.values())
+        takeovers = list({t["at"]: t for f in faults_raw for t in f["takeovers"]}.values())
         out = {"faults": rows, "malformed": rb.malformed(url, tmp / "configs"), "load": rb.load_summary(load, raw),
                "weights_lateness_all_slots": rb.weights_lateness(ticks),
-               "takeovers": faults_raw[0]["takeovers"] if faults_raw else [],
+               "takeovers": sorted(takeovers, key=lambda t: t["at"]),
                "final_state": raw[-1].get("final_state"), "model": model, "slot_seconds": slot_seconds,
                "concurrency": concurrency, "window_s": rb.WINDOW_S}
     if plot_path:

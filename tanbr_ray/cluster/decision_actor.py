@@ -37,6 +37,7 @@ from tanbr_ray.sim.fleet import Fleet
 
 log = logging.getLogger(__name__)
 GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+LAG_SLOTS = 4  # observed slots the background learner may fall behind before it counts the oldest unscored
 
 
 class DecisionActor:
@@ -59,6 +60,10 @@ class DecisionActor:
         self.term: int | None = None
         self.position = "starting"
         self.refs: dict[bytes, ray.ObjectRef] = {}
+        self._reports_kept: dict[int, list] = {}
+        self._learner: asyncio.Future | None = None
+        self.unscored_slots = 0  # live slots counted without feedback because scoring fell behind
+        self.learn_seconds: deque[float] = deque(maxlen=50)
         self.published = False
         self.ticks: deque[dict] = deque(maxlen=200)
         self.takeovers: list[dict] = []
@@ -80,7 +85,8 @@ class DecisionActor:
         self.snapshot = {**self.svc.state(), "name": self.name, "role": self.position, "term": self.term,
                          "published": self.published, "slots_closed": self.svc.decided_slot + 1,
                          "started": self.started, "takeovers": self.takeovers, "ticks": list(self.ticks),
-                         "merger_failovers": self.pool.failovers, "last_push": self.last_push}
+                         "merger_failovers": self.pool.failovers, "last_push": self.last_push,
+                         "unscored_slots": self.unscored_slots, "learn_seconds": list(self.learn_seconds)}
 
     def _check_leader(self) -> None:
         """Fencing: act only while this actor holds the newest term."""
@@ -124,8 +130,9 @@ class DecisionActor:
                     await asyncio.sleep(0.05)
                     continue
                 if cur.leader not in (None, self.name) and await self._leads(cur):
-                    await self._watch(cur)
-                    continue
+                    if not await self._watch(cur):
+                        continue  # the lead changed hands some other way: look again
+                    # Ray's actor-death signal: the leader is gone, claim the next term now
                 # the named leader is dead, not leading, or a previous incarnation of this actor
                 if self.election.claim(cur.term + 1, self.name):
                     await self._lead(cur.term + 1, f"term {cur.term} leader {cur.leader} gone")
@@ -141,20 +148,21 @@ class DecisionActor:
             return False
         return role["term"] == cur.term
 
-    async def _watch(self, cur: Term) -> None:
-        """Return when the leader of `cur` dies (Ray fails the open call) or stops leading."""
+    async def _watch(self, cur: Term) -> bool:
+        """Hold a call open on the leader of `cur`: True when Ray fails it (the leader died), False
+        when the leader stepped down or a newer term appeared."""
         try:
             call = asyncio.ensure_future(ray.get_actor(cur.leader, namespace=NAMESPACE).watch.remote(cur.term))
         except ValueError:
-            return
+            return True
         while True:
             done, _ = await asyncio.wait({call}, timeout=1.0)
             if done:
-                return
+                return isinstance(call.exception(), GONE)
             now = self.election.current()
             if now is None or now.term != cur.term:
                 call.cancel()
-                return
+                return False
 
     async def _lead(self, term: int, why: str) -> None:
         """Take the lead: restore the newest checkpoint, re-publish, and (live) close a slot at once."""
@@ -168,10 +176,14 @@ class DecisionActor:
             self._step_down("restore failed")  # the next term goes to an actor that can restore
             raise
         t1 = time.perf_counter()
-        try:
-            await self._publish()
-        except Exception:  # noqa: BLE001 - no merger up yet: the first slot re-publishes
-            log.exception("%s: publishing at takeover failed", self.name)
+        clocked = bool(self.live and self.live["slot_seconds"] > 0)
+        if clocked:  # the slot closed at once below publishes (a replica pulling meanwhile publishes too)
+            self.published = True
+        else:
+            try:
+                await self._publish()
+            except Exception:  # noqa: BLE001 - no merger up yet: the next decide re-publishes
+                log.exception("%s: publishing at takeover failed", self.name)
         rec = {"term": term, "why": why, "at": at, "restored_from": self.svc.restored_from,
                "refused_checkpoints": self.svc.refused, "decided_slot": self.svc.decided_slot,
                "updated_slot": self.svc.updated_slot, "restore_s": t1 - t0,
@@ -179,7 +191,7 @@ class DecisionActor:
         self.takeovers.append(rec)
         log.warning("%s leads term %d (%s): %s", self.name, term, why, rec)
         self._snap()
-        if self.live and self.live["slot_seconds"] > 0:
+        if clocked:
             asyncio.ensure_future(self._clock(term))
 
     def watch(self, term: int) -> bool:
@@ -199,18 +211,20 @@ class DecisionActor:
         return self.snapshot
 
     # --- weights ----------------------------------------------------------------------------------
-    async def _publish(self) -> None:
-        """One merge per distinct x (on whichever mergers answer); the refs are owned here."""
+    async def _publish(self, only: set[bytes] | None = None) -> None:
+        """One merge per distinct x (on whichever mergers answer); the refs are owned here. `only`:
+        merge just these now (the rest on demand: a replica holding the same x only relabels)."""
         async with self._publish_lock:
             need = self.svc.distinct_xs()
-            missing = [k for k in need if k not in self.refs]
+            missing = [k for k in need if k not in self.refs and (only is None or k in only)]
             refs = await asyncio.gather(*(self.pool.merged_ref(need[k]) for k in missing))
             self.refs = {**{k: r for k, r in self.refs.items() if k in need}, **dict(zip(missing, refs))}
             self.published = True
 
     def _assignments(self) -> dict[str, tuple[int, list, list]]:
-        """node -> (version, x, [ref to its merged FFNs])."""
-        return {node: (a.version, a.x.tolist(), [self.refs[x_key(a.x)]]) for node, a in self.svc.assign.items()}
+        """node -> (version, x, [ref to its merged FFNs, or None: not merged yet, a replica that needs
+        it asks a merger])."""
+        return {node: (a.version, a.x.tolist(), [self.refs.get(x_key(a.x))]) for node, a in self.svc.assign.items()}
 
     async def _assignments_async(self) -> dict:
         self._check_leader()
@@ -288,20 +302,54 @@ class DecisionActor:
                 log.warning("reports: %s", exc)
         return reports
 
+    async def _learn(self) -> None:
+        """Background learner: score every observed live slot not learned from yet (its replicas'
+        reports, kept per slot id here and at the edges; a merger's label-free scores) and apply one
+        update per slot id. Scoring runs outside the step lock, so slots keep being decided meanwhile;
+        when it falls more than LAG_SLOTS behind, the oldest slots are counted without feedback."""
+        term = self.term
+        while self.term == term and self.svc.updated_slot < self.svc.observed_slot:
+            u = self.svc.updated_slot + 1
+            if self.svc.observed_slot - u >= LAG_SLOTS:
+                async with self._step_lock:
+                    self._check_leader()
+                    self.svc.live_learn(u, {})
+                    self.unscored_slots += 1
+                continue
+            reports = self._reports_kept.get(u)
+            if reports is None:
+                reports = await self._reports(u)
+            samples = DecisionService.samples_of(reports)
+            t0 = time.time()
+            rewards = await self.pool.call("rewards", samples) if samples else {}
+            async with self._step_lock:
+                self._check_leader()
+                self.svc.live_learn(u, rewards)
+                self.learn_seconds.append(time.time() - t0)
+                self._snap()
+        self._reports_kept = {k: v for k, v in self._reports_kept.items() if k > self.svc.updated_slot}
+
+    def _start_learner(self) -> None:
+        if self._learner is None or self._learner.done():
+            self._learner = asyncio.ensure_future(self._learn())
+
     async def _close_slot(self, scheduled: float) -> dict:
-        """Close the slot being served (learn from it), decide the next one, publish and push it."""
+        """Close the slot being served: what it served feeds the monitors, the next slot is decided,
+        merged and pushed; the closed slot (and any a predecessor died before learning from) is then
+        scored and learned from in the background, so no decision waits for the scoring."""
         async with self._step_lock:
             self._check_leader()
             s, t0 = self.svc.decided_slot, time.time()
-            if s >= 0 and s > self.svc.updated_slot and self.svc.assign:
-                reports = await self._reports(s)
-                samples = DecisionService.samples_of(reports)
-                rewards = await self.pool.call("rewards", samples) if samples else {}
+            if s >= 0 and s > self.svc.observed_slot and self.svc.assign:
+                self._reports_kept[s] = reports = await self._reports(s)
                 self._check_leader()
-                self.svc.live_update(s, reports, rewards)
-            self.svc.decide(None, s + 1)
+                self.svc.live_observe(s, reports)
+            before = {n: x_key(a.x) for n, a in self.svc.assign.items()}
+            self.svc.decide(None, s + 1)  # checkpoints the observation too
             decided = time.time()
-            await self._publish()
+            # merge now only what some node did not hold before (after a takeover every node is
+            # re-stamped, mostly with the same x: those replicas relabel, nothing to merge)
+            await self._publish({x_key(a.x) for n, a in self.svc.assign.items() if before.get(n) != x_key(a.x)})
             assignments = self._assignments()
             self._snap()
         push = await push_async(assignments, self._edge_handles())
@@ -311,6 +359,9 @@ class DecisionActor:
                            "decided": decided, "pushed": time.time(), "push_s": push.seconds,
                            "stale": len(push.stale), "errors": len(push.errors),
                            "versions": {n: v for n, (v, _, _) in assignments.items()}})
+        self._start_learner()
+        if any(r[0] is None for _, _, r in assignments.values()):
+            asyncio.ensure_future(self._publish())  # the rest, for replicas that take a node on later
         self._snap()
         return out
 

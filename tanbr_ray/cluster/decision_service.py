@@ -37,6 +37,7 @@ from tanbr_ray.sim.fleet import Fleet
 log = logging.getLogger(__name__)
 # policies whose whole state a checkpoint holds (the others draw from RNGs they do not persist)
 CHECKPOINTABLE = ("Tanbr", "Uniform", "psi-merge")
+HISTORY = 8  # slots whose (x, psi) are kept: live learning of a slot runs after the next one is decided
 
 
 class RouterSpec(BaseModel):
@@ -141,6 +142,8 @@ class DecisionService:
         self.last_psi = np.zeros((len(self.nodes), len(self.tasks)))
         self.slot = 0  # updates applied
         self.decided_slot = self.updated_slot = -1  # the slot ids done (a retried call is a no-op)
+        self.observed_slot = -1  # live: the last slot whose served heads fed the monitors
+        self.history: dict[int, tuple[list, list]] = {}  # slot -> (x per node, psi per node) it was decided with
         self.last_xs: np.ndarray | None = None
 
     # --- per slot ------------------------------------------------------------------------------
@@ -164,6 +167,9 @@ class DecisionService:
                 self.assign[name] = Assignment(self.version, xs[self.node_index[name]])
         self.decided_slot = self.decided_slot + 1 if slot is None else slot
         self.last_xs = xs
+        self.history[self.decided_slot] = (xs.tolist(), psis.tolist())
+        for old in sorted(self.history)[:-HISTORY]:
+            del self.history[old]
         self.checkpoint()
         return xs
 
@@ -179,24 +185,33 @@ class DecisionService:
         self.checkpoint()
         return True
 
-    def live_update(self, slot: int, reports: list[dict], rewards: dict[str, tuple]) -> bool:
-        """Close live slot `slot` in one step (one checkpoint): what each replica served feeds the node
-        monitors, then each node's label-free reward (computed by a merger) updates the policy.
-        Exactly-once by slot id: a slot already closed is not observed or learned from again."""
-        if slot <= self.updated_slot or not self.assign:
+    def live_observe(self, slot: int, reports: list[dict]) -> bool:
+        """What each replica served in live slot `slot` feeds the node monitors (psi for the next
+        decision). Not checkpointed on its own: the decision that follows checkpoints both.
+        Exactly-once by slot id: a slot already observed is not counted again."""
+        if slot <= self.observed_slot or slot <= self.updated_slot:
             return False
         for rep in reports:
             for node, heads in rep.get("heads", {}).items():
                 self.observe(node, heads)
         for m in self.monitors:
             m.end_slot()
+        self.observed_slot = slot
+        return True
+
+    def live_learn(self, slot: int, rewards: dict[str, tuple]) -> bool:
+        """Each node's label-free reward for live slot `slot` (a merger scored it) updates the policy,
+        with the x and psi that slot was decided with. It runs after the next slot is decided, so the
+        next decision never waits for the scoring. Exactly-once by slot id."""
+        if slot <= self.updated_slot:
+            return False
+        xs, psis = self.history.get(slot, ([], []))
         feedback = []
         for n, (node, _) in enumerate(self.nodes):
-            a = self.assign.get(node)
-            if a is not None and node in rewards:
+            if n < len(xs) and node in rewards:
                 r, mask = rewards[node]
-                feedback.append((a.x, self.last_psi[n], np.asarray(r), np.asarray(mask, dtype=bool)))
-        return self.update(feedback, slot)  # checkpoints (monitors included) even with no feedback
+                feedback.append((np.asarray(xs[n]), np.asarray(psis[n]), np.asarray(r), np.asarray(mask, dtype=bool)))
+        return self.update(feedback, slot)  # checkpoints even with no feedback
 
     @staticmethod
     def samples_of(reports: list[dict]) -> dict[str, list]:
@@ -217,6 +232,7 @@ class DecisionService:
         state = {
             "policy": self.policy_name, "version": self.version, "slot": self.slot,
             "decided_slot": self.decided_slot, "updated_slot": self.updated_slot,
+            "observed_slot": self.observed_slot, "history": {str(k): v for k, v in self.history.items()},
             "last_xs": None if self.last_xs is None else self.last_xs.tolist(),
             "last_psi": self.last_psi.tolist(),
             "assign": {n: [a.version, a.x.tolist()] for n, a in self.assign.items()},
@@ -239,6 +255,8 @@ class DecisionService:
             self.policy = Tanbr.load(path / "policy")
         self.version, self.slot = int(st["version"]), int(st["slot"])
         self.decided_slot, self.updated_slot = int(st["decided_slot"]), int(st["updated_slot"])
+        self.observed_slot = int(st.get("observed_slot", -1))
+        self.history = {int(k): (v[0], v[1]) for k, v in st.get("history", {}).items()}
         self.last_xs = None if st["last_xs"] is None else np.asarray(st["last_xs"])
         self.last_psi = np.asarray(st["last_psi"])
         self.assign = {n: Assignment(int(v), np.asarray(x)) for n, (v, x) in st["assign"].items()}
@@ -276,7 +294,7 @@ class DecisionService:
     def state(self) -> dict:
         return {
             "policy": self.policy_name, "version": self.version, "slot": self.slot, "tasks": self.tasks,
-            "decided_slot": self.decided_slot, "updated_slot": self.updated_slot,
+            "decided_slot": self.decided_slot, "updated_slot": self.updated_slot, "observed_slot": self.observed_slot,
             "restored_from": self.restored_from, "refused_checkpoints": self.refused,
             "nodes": {name: {"class": cls.name, "budget": cls.budget,
                              "x": self.assign[name].x.tolist() if name in self.assign else None,

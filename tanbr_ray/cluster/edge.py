@@ -92,9 +92,13 @@ class EdgeNode:
             if nm.model is not None and nm.x == list(x):  # same merge, new stamp: relabel
                 nm.version = version
                 return
-            try:
-                state = await refs[0]
-            except WEIGHTS_GONE:  # the ref died with its owner: any merger makes the same weights
+            state = None
+            if refs[0] is not None:  # None: the leader merges it on demand only
+                try:
+                    state = await refs[0]
+                except WEIGHTS_GONE:  # the ref died with its owner (a killed leader)
+                    pass
+            if state is None:  # any merger makes the same weights
                 state = await self.mergers.merged(x)
                 self.weights_refetched += 1
             model = await asyncio.to_thread(self.edge.shell.with_ffn, state)

@@ -41,6 +41,7 @@ class Merger:
         self.started = {"load_model_s": time.perf_counter() - t0,
                         "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
 
+    @ray.method(concurrency_group="merge")
     def ready(self) -> dict:
         return self.started
 
@@ -56,7 +57,7 @@ class Merger:
             self.pkg_ref = ray.put(edge_package(self.moe))
         return [self.pkg_ref]
 
-    @ray.method(num_returns=2)
+    @ray.method(num_returns=2, concurrency_group="merge")
     def merge(self, x: list[float]) -> tuple[dict, dict]:
         """(a small receipt, the merged FFNs of x with the model's operator). The caller awaits the
         receipt and passes the weights' ref on, so the weights never travel through it."""
@@ -69,6 +70,7 @@ class Merger:
         self.cache.move_to_end(k)
         return {"merges": self.merges}, self.cache[k]
 
+    @ray.method(concurrency_group="score")
     @torch.no_grad()
     def rewards(self, samples: dict[str, list]) -> dict[str, tuple[list[float], list[bool]]]:
         """node -> (per-task agreement of the node's served predictions with the full MoE (top-2), mask)
@@ -96,7 +98,8 @@ class Merger:
 def start_mergers(router_name: str, n: int, moe_config: dict, models_dir: str | None, data_dir: str | None,
                   threads: int | None, sample_per_slot: int, detached: bool = True) -> ModelMeta:
     """Create (or reuse) the n named mergers, wait until each has loaded the model; the model's meta."""
-    cls = ray.remote(Merger)
+    # merges never wait behind a slot's scoring (a few seconds of full-MoE forwards under load)
+    cls = ray.remote(concurrency_groups={"merge": 1, "score": 1})(Merger)
     actors = [cls.options(name=merger_name(router_name, i), namespace=NAMESPACE, get_if_exists=True,
                           lifetime="detached" if detached else None, num_cpus=0, max_restarts=-1,
                           max_task_retries=0).remote(moe_config, models_dir, data_dir, threads, sample_per_slot)

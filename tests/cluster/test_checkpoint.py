@@ -137,18 +137,27 @@ def test_a_standby_restoring_the_checkpoints_replays_exactly_once(tiny, fleet, t
     _same_state(ref, standby)
 
 
-def test_live_update_observes_and_learns_once_per_slot(tiny, fleet, tmp_path):
+def test_live_slots_observe_and_learn_once_per_slot_id(tiny, fleet, tmp_path):
+    """Live order: slot 0 is observed, slot 1 decided, then slot 0 learned from with the x and psi it was
+    decided with; each step is a no-op when replayed (a new leader closing the same slot)."""
     _, _, moe = tiny
-    svc = RouterService(RouterSpec(policy="Tanbr", checkpoint_dir=str(tmp_path)), moe, fleet)
-    assert not svc.live_update(0, [], {})  # nothing decided yet: nothing to learn from
-    svc.decide(None, 0)
+    spec = RouterSpec(policy="Tanbr", checkpoint_dir=str(tmp_path))
+    svc = RouterService(spec, moe, fleet)
+    xs0 = svc.decide(None, 0)
     reports = [{"heads": {"board-0": ["SST-2"] * 5}, "sample": {"board-0": [("SST-2", "fine", None, 1.0)]}}]
     assert DecisionService.samples_of(reports) == {"board-0": [("SST-2", "fine", None, 1.0)]}
-    rewards = {"board-0": ([1.0, 0.0], [True, False])}
-    assert svc.live_update(0, reports, rewards) and svc.slot == 1
+    assert svc.live_observe(0, reports)
     psi = svc.monitors[0].psi()
-    assert not svc.live_update(0, reports, rewards)  # the same slot again (a new leader): not counted twice
-    assert svc.slot == 1 and np.array_equal(svc.monitors[0].psi(), psi) and psi[0] > 0.5
+    assert psi[0] > 0.5 and not svc.live_observe(0, reports)  # replayed: not counted twice
+    assert np.array_equal(svc.monitors[0].psi(), psi)
+    svc.decide(None, 1)
+    standby = DecisionService(spec, _meta(moe), fleet, restore=False)
+    assert standby.restore() and standby.observed_slot == 0 and standby.updated_slot == -1  # 0 not learned yet
+    assert np.array_equal(standby.history[0][0], xs0)  # ... but what it was decided with is kept
+    rewards = {"board-0": ([1.0, 0.0], [True, False])}
+    assert standby.live_learn(0, rewards) and standby.slot == 1
+    assert not standby.live_learn(0, rewards) and standby.slot == 1  # replayed after failover: applied once
+    assert not standby.live_observe(0, reports)
 
 
 def test_router_spec_standby_needs_checkpoints(tmp_path):
