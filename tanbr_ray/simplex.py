@@ -106,3 +106,15 @@ def project_rows_to_budget(xs: np.ndarray, budget: int) -> np.ndarray:
     rows = np.arange(xs.shape[0])[:, None]
     out[rows, order] = xs[rows, order]
     return out / out.sum(axis=1, keepdims=True)
+
+
+PSI_POWERS = (0.5, 1.0, 2.0, 4.0)
+
+
+def psi_family(mass: np.ndarray, budget: int, powers=PSI_POWERS) -> dict[float, np.ndarray]:
+    """The ψ-family: x ∝ mass^p, top-B renormalised, per power p (p = 1 is ψ-merge; p > 1 sharpens
+    towards the dominant experts). `mass` is the request share each expert serves; all zero → uniform."""
+    m = np.asarray(mass, dtype=np.float64)
+    if m.sum() <= 0:
+        m = np.ones_like(m)
+    return {p: project_to_budget(m**p / (m**p).sum(), budget) for p in powers}

@@ -21,11 +21,10 @@ from tanbr_ray.moe.data import load_task
 from tanbr_ray.moe.infer import EvalCache, batch_latency, predict, prepare, score
 from tanbr_ray.moe.merge import OPERATORS
 from tanbr_ray.moe.metrics import METRIC, glue_score, majority_prediction, request_credit
-from tanbr_ray.simplex import project_to_budget
+from tanbr_ray.simplex import PSI_POWERS, psi_family
 
 BENCH_MODES = ("dense", "merged", "top1", "top2", "soft", "oracle")
 BATCH_SIZES = (1, 8, 32)
-PSI_POWERS = (0.5, 1.0, 2.0, 4.0)
 MIN_TASK_SHARE = 0.01  # tasks under 1 % of a mix are dropped from it (ψ renormalised)
 
 
@@ -37,11 +36,6 @@ def draw_mixes(K: int, n: int, seed: int) -> list[np.ndarray]:
         v = np.where(v >= MIN_TASK_SHARE, v, 0.0)
         out.append(v / v.sum())
     return out
-
-
-def psi_family(psi: np.ndarray, budget: int) -> dict[float, np.ndarray]:
-    """x ∝ ψ^p, top-B renormalised, for each power p (p > 1 sharpens towards the dominant tasks)."""
-    return {p: project_to_budget(psi**p / (psi**p).sum(), budget) for p in PSI_POWERS}
 
 
 class CreditTable:

@@ -25,13 +25,10 @@ from tanbr_ray.fileio import atomic_write_bytes, atomic_write_json, read_json, s
 from tanbr_ray.router.bandit import BanditConfig, NeuralUCB
 from tanbr_ray.router.monitor import MonitorConfig, TaskMonitor
 from tanbr_ray.router.policy import Policy, default_task_experts
-from tanbr_ray.simplex import project_to_budget
+from tanbr_ray.simplex import psi_family
 from tanbr_ray.router.tree import PartitionTree, TreeConfig
 
 STATE_FORMAT = 1
-
-
-PSI_POWERS = (0.5, 1.0, 2.0, 4.0)
 
 
 class TanbrConfig(BaseModel):
@@ -71,9 +68,7 @@ class Tanbr(Policy):
     def psi_family(self, psi: np.ndarray, budget: int) -> np.ndarray:
         """x ∝ m^p, top-B, m the psi mass of each expert's tasks (p = 1 is ψ-merge)."""
         m = np.bincount(self.task_experts, weights=psi, minlength=self.num_experts)
-        if m.sum() <= 0:
-            m = np.ones(self.num_experts)
-        return np.stack([project_to_budget(m**p / (m**p).sum(), budget) for p in PSI_POWERS])
+        return np.stack(list(psi_family(m, budget).values()))
 
     def _leaf_of(self, x: np.ndarray) -> int:
         return next((int(l) for l in self.tree.leaves if self.tree.contains(int(l), x)), -1)

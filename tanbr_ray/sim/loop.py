@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from tanbr_ray.moe.data import NUM_LABELS, load_task
 from tanbr_ray.moe.infer import interleaved_latency, mode_forward
 from tanbr_ray.router import Policy, TaskMonitor, registry
-from tanbr_ray.simplex import project_to_budget
+from tanbr_ray.simplex import project_to_budget, psi_family
 from tanbr_ray.sim.config import SimConfig
 from tanbr_ray.sim.evaluate import PoolEvaluator, Spec, merged_spec
 from tanbr_ray.sim.fleet import Fleet, NodeClass, load_fleet
@@ -48,7 +48,6 @@ MODE_OF_SPEC = {"top1": "top1", "top2": "top2", "soft": "soft", "oracle": "oracl
 
 
 SERVICE_BATCHES = (1, 4, 16)
-PSI_POWERS = (0.5, 1.0, 2.0, 4.0)  # the ψ-family x ∝ ψ^p of the best-fixed comparator
 
 
 @dataclass
@@ -75,10 +74,6 @@ class Costs:
         compute = interpolate_service(list(SERVICE_BATCHES), self.batch_ms[mode])
         swap = self.swap_s(mode, node)
         return lambda b: compute(b) * node.slowdown + swap
-
-    def latency_ms(self, mode: str, node: NodeClass) -> float:
-        """A lone request on an idle node (no queue): batch-1 service + RTT."""
-        return self.service(mode, node)(1) * 1e3 + node.rtt_ms
 
 
 def measure_costs(moe, runs: int = 5, seq_len: int = 64) -> Costs:
@@ -231,6 +226,7 @@ class Simulation:
         self.labelled = [[rng.random(len(r.scored)) < cfg.label_fraction for r in slot] for slot in self.wl.requests]
         self.costs = measure_costs(moe)
         self.class_weight = class_weights(self.tasks, cfg.data_dir) if cfg.credit == "balanced" else {}
+        self._queues: dict[str, list] = {}  # mode -> queue_latency (same arrivals for every policy)
 
     # --- serving ---------------------------------------------------------------------------
     def rows(self, t: int, n: int) -> list[tuple[str, int]]:
@@ -351,7 +347,10 @@ class Simulation:
 
     def queue_latency(self, mode: str) -> list[tuple[np.ndarray, np.ndarray, int]]:
         """Per node, over the whole run: (latency ms of served requests, dropped mask, backlog at the
-        end) of all its requests, scored or not, through its queue."""
+        end) of all its requests, scored or not, through its queue. It depends only on the serving
+        mode (every policy sees the same arrivals), so it is computed once per mode."""
+        if mode in self._queues:
+            return self._queues[mode]
         out = []
         for n, (_, cls) in enumerate(self.nodes):
             arrivals = np.concatenate([t * self.cfg.slot_seconds + self.wl.requests[t][n].arrivals
@@ -359,6 +358,7 @@ class Simulation:
             q = simulate_queue(arrivals, self.costs.service(mode, cls), self.cfg.queue,
                                end_s=self.cfg.slots * self.cfg.slot_seconds)
             out.append((q.latency_s[~q.dropped] * 1e3 + cls.rtt_ms, q.dropped, q.backlog_end))
+        self._queues[mode] = out
         return out
 
     def fixed_candidates(self, n: int) -> list[np.ndarray]:
@@ -369,7 +369,7 @@ class Simulation:
         budget = self.budget(self.nodes[n][1])
         mix = self.wl.psi[:, n].mean(0)
         mass = np.bincount(self.task_experts, weights=mix, minlength=self.K)
-        xs = [project_to_budget(mass**p / (mass**p).sum(), budget) for p in PSI_POWERS]
+        xs = list(psi_family(mass, budget).values())
         xs.append(registry.make_policy("Uniform", self.K, self.V, task_experts=self.task_experts).select(mix, budget))
         xs += [np.eye(self.K)[k] for k in np.flatnonzero(mass >= 0.05)]
         rng = np.random.default_rng([self.cfg.seed + 2, n])

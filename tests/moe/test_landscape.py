@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from tanbr_ray.bench.model import MIN_TASK_SHARE, PSI_POWERS, draw_mixes, landscape, psi_family
+from tanbr_ray.bench.model import MIN_TASK_SHARE, draw_mixes, landscape
+from tanbr_ray.simplex import PSI_POWERS, psi_family
 from tanbr_ray.moe.merge import validate_x
 
 TASKS = ["SST-2", "QNLI", "QQP", "MNLI"]
