@@ -10,8 +10,9 @@ One interface, `Merger(experts, stats)(x, op)`, behind a registry of operators (
   (Jin et al., the per-model-coefficient form of their code).
 
 At x uniform, fisher and regmean are the static merges of the literature; at x = e_k every operator
-returns expert k exactly. A regmean merge precomputes G_k W_kᵀ once per Merger, then costs one
-Cholesky solve per layer and linear (measured: the naive einsum per merge was 11 s for 8 experts).
+returns expert k exactly. A regmean merge precomputes G_k W_kᵀ and fp32 Grams once per Merger, then costs one
+matrix-vector product and one Cholesky solve per layer and linear (measured for 8 experts: the naive
+einsum was 11 s, converting fp16 Grams per merge 0.83 s p50, this form — see `tanbr bench model`).
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ class Merger:
         self.stats = stats
         self.alpha = float(alpha)
         self._rhs: dict[str, torch.Tensor] | None = None  # G̃_k W_kᵀ per linear, built on first regmean merge
+        self._grams: dict[str, torch.Tensor] | None = None  # raw fp32 Grams [M, K, n·n], with _rhs
 
     @property
     def num_experts(self) -> int:
@@ -156,9 +158,8 @@ class Merger:
             out[k] = ((f * t[:, nz]).sum(1) / f.sum(1)).to(t.dtype)
         return out
 
-    def _gram(self, g: str, m: int, nz: np.ndarray) -> torch.Tensor:
-        """Raw Grams of layer m for the experts nz, off-diagonals shrunk by α: [len(nz), n, n] fp32."""
-        G = self.stats.grams[g][m, nz].float() * self.stats.tokens[nz].to(self.stats.grams[g].device).view(-1, 1, 1)
+    def _shrink(self, G: torch.Tensor) -> torch.Tensor:
+        """Off-diagonals × α, in place. Linear in G, so shrinking Σ x_k G_k equals Σ x_k shrunk G_k."""
         if self.alpha < 1.0:
             d = torch.diagonal(G, dim1=-2, dim2=-1).clone()
             G.mul_(self.alpha)
@@ -166,30 +167,35 @@ class Merger:
         return G
 
     @torch.no_grad()
-    def _prepare_regmean(self) -> dict[str, torch.Tensor]:
+    def _prepare_regmean(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Once per Merger: raw fp32 Grams flattened [M, K, n·n] (so Σ_k x_k G_k is one matrix-vector
+        product per layer: converting the fp16 Grams at every merge was half its cost) and the
+        right-hand sides G̃_k W_kᵀ [M, K, in, out]."""
         if self._rhs is None:
-            K = self.num_experts
-            all_k = np.arange(K)
-            rhs = {}
+            tok = self.stats.tokens.to(self.experts["w1"].device).view(-1, 1, 1)
+            grams, rhs = {}, {}
             for wk, g in GRAM_OF.items():
                 W = self.experts[wk]  # [M, K, out, in]
+                raw = [self.stats.grams[g][m].float() * tok for m in range(W.shape[0])]
+                grams[g] = torch.stack([G.flatten(1) for G in raw])
                 rhs[wk] = torch.stack([  # per layer: contiguous [K, in, out] (a batched solve over layers failed in MKL)
-                    torch.bmm(self._gram(g, m, all_k), W[m].transpose(-1, -2)) for m in range(W.shape[0])])
-            self._rhs = rhs
-        return self._rhs
+                    torch.bmm(self._shrink(G.clone()), W[m].transpose(-1, -2)) for m, G in enumerate(raw)])
+            self._grams, self._rhs = grams, rhs
+        return self._grams, self._rhs
 
     @torch.no_grad()
     def _regmean(self, x: np.ndarray, nz: np.ndarray) -> dict[str, torch.Tensor]:
         out = _linear(self.experts, x, nz, ("b1", "b2", "ln_w", "ln_b"))
-        rhs = self._prepare_regmean()
+        grams, rhs = self._prepare_regmean()
         dev = self.experts["w1"].device
-        w = torch.as_tensor(x[nz], dtype=torch.float32, device=dev)
+        w = torch.as_tensor(x, dtype=torch.float32, device=dev)  # all K: indexing the experts copied 75 MB a layer
         for wk, g in GRAM_OF.items():
             W = self.experts[wk]
+            n = W.shape[-1]
             merged = torch.empty_like(W[:, 0])
             for m in range(W.shape[0]):
-                lhs = torch.einsum("k,kij->ij", w, self._gram(g, m, nz))
-                b = torch.einsum("k,kio->io", w, rhs[wk][m, nz])
+                lhs = self._shrink((w @ grams[g][m]).view(n, n))
+                b = torch.einsum("k,kio->io", w, rhs[wk][m])
                 lhs.diagonal().add_(1e-6 * lhs.diagonal().mean())  # a ridge for Grams of rank < n
                 L, info = torch.linalg.cholesky_ex(lhs)
                 if int(info) != 0:
