@@ -21,7 +21,8 @@ def simulate(
     wandb: Optional[str] = typer.Option(None, "--wandb", help="online | offline | disabled (default: offline "
                                                                "unless a W&B key is configured)."),
     backend: str = typer.Option("local", "--backend", help="local | ray: drive router policies through a local "
-                                                           "multi-node Ray cluster (router actor + Serve replicas)."),
+                                                           "multi-node Ray cluster (decision actor, 2 mergers, "
+                                                           "Serve replicas)."),
     address: Optional[str] = typer.Option(None, "--address", help="with --backend ray: join this Ray cluster "
                                                                    "instead of starting a local one."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),

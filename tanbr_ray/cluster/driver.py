@@ -114,7 +114,7 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
     from ray import serve
 
     if cfg.merge_operator not in (None, moe_cfg.merge_operator):
-        raise ValueError(f"merge_operator: the router actor merges with the model's operator "
+        raise ValueError(f"merge_operator: the cluster's mergers merge with the model's operator "
                          f"({moe_cfg.merge_operator!r}); --backend ray cannot use {cfg.merge_operator!r}")
     if cfg.bf16:
         raise ValueError("bf16: the cluster's replicas serve in fp32, so bf16 scoring would make the two "

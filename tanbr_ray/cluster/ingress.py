@@ -1,6 +1,6 @@
 """The HTTP ingress deployment: the FastAPI front (api.py) over the edge deployments. It only routes
 requests: the slot clock and the learning step run in the decision leader (decision_actor.py), so a
-router failure never stalls or restarts the front."""
+decision-leader failure never stalls or restarts the front."""
 
 from __future__ import annotations
 

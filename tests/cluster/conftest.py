@@ -1,5 +1,5 @@
-"""A tiny MoE whose experts clearly differ (so x changes predictions), cached where the router actor
-loads it, and a 3-node fleet; Ray runs with auth disabled and its own ports."""
+"""A tiny MoE whose experts clearly differ (so x changes predictions), cached where the mergers
+load it, and a 3-node fleet; Ray runs with auth disabled and its own ports."""
 
 import os
 
