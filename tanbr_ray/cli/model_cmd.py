@@ -101,3 +101,33 @@ def bench_model_cmd(
     typer.echo(format_table(res))
     if json_path is not None:
         write_json(json_path, res)
+
+
+@bench_app.command("merge")
+def bench_merge_cmd(
+    quick: bool = typer.Option(False, "--quick", help="benchmark the quick MoE"),
+    models_dir: Path = typer.Option(None, "--models-dir"),
+    config: Path = typer.Option(None, "--config"),
+    json_path: Path = typer.Option(None, "--json", help="write merge_ms_p50 / prepare_ms as JSON"),
+    runs: int = typer.Option(20, "--runs", min=1, help="merges timed per operator (x drawn over all experts)"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(None, "--threads", min=1),
+):
+    """Merge cost per operator alone (the same timing as `bench model`, in seconds instead of minutes)."""
+    import torch
+
+    from tanbr_ray.bench.model import merge_timing
+    from tanbr_ray.moe.build import load_or_build_info
+    from tanbr_ray.moe.config import default_models_dir
+    from tanbr_ray.moe.merge import OPERATORS
+
+    _setup(threads, None)
+    built = load_or_build_info(_config(quick, config), models_dir or default_models_dir(), progress=True)
+    ops = [op for op in OPERATORS if op == "linear" or built.moe.stats is not None]
+    merge_ms, prep_ms = merge_timing(built.moe, ops, runs, seed)
+    typer.echo(f"{'operator':10s} {'merge ms p50':>13s} {'one-off set-up ms':>18s}")
+    for op in ops:
+        typer.echo(f"{op:10s} {merge_ms[op]:13.1f} {prep_ms.get(op, 0.0):18.1f}")
+    if json_path is not None:
+        write_json(json_path, {"merge_ms_p50": merge_ms, "prepare_ms": prep_ms, "runs": runs,
+                               "num_experts": built.moe.num_experts, "threads": torch.get_num_threads()})

@@ -59,8 +59,13 @@ class BanditConfig(BaseModel):
     history: int = Field(20000, ge=1, le=10_000_000, description="replay buffer capacity")
     full_covariance: bool = False
     prior: float = Field(0.0, ge=0.0, le=100.0, description="scale c of the known-structure prior "
-                         "c * x_own(v)^(1-1/p) per task (0 = none, the paper's plain MLP)")
-    prior_power: float = Field(2.0, gt=1.0, le=100.0, description="p: for a mix psi the prior is maximal at x ∝ psi^p")
+                         "c * h(x_own(v)) per task, h(x) = (x^a - 1)/a, a = 1 - 1/p (log x at p = 1); "
+                         "0 = none, the paper's plain MLP")
+    prior_power: float = Field(2.0, ge=1.0, le=100.0, description="p: for a mix psi the prior is maximal at x ∝ psi^p "
+                               "(1 = ψ-merge itself)")
+    psi_weighted: bool = Field(False, description="weigh each task's squared error by its share psi of the "
+                               "node's traffic: a task's reward is a mean over about psi x the scored sample, "
+                               "so its noise variance is ∝ 1/psi (precision weighting)")
     seed: int = 0
 
 
@@ -79,10 +84,13 @@ class MLP(nn.Module):
 class NeuralUCB:
     """Reward model f(x) -> R^V with a gradient-based confidence width.
 
-    With `prior` > 0, f(x) = prior(x) + MLP(x): prior_v(x) = c * x_{e(v)}^(1-1/p), e(v) task v's own
-    expert. For a mix psi, psi . prior is maximal at x ∝ psi^p (per expert, the mass of its tasks), so
-    the bandit starts at the sharpened ψ-merge and the MLP (its last layer zeroed) learns corrections
+    With `prior` > 0, f(x) = prior(x) + MLP(x): prior_v(x) = c * h(x_{e(v)}), e(v) task v's own expert,
+    h(x) = (x^a - 1)/a with a = 1 - 1/p, the Box-Cox curve whose a → 0 limit is log x. For a mix psi,
+    psi . prior is maximal at x ∝ psi^p (per expert, the mass of its tasks): p = 1 is ψ-merge, p > 1 a
+    sharpened ψ-merge. The bandit starts there and the MLP (its last layer zeroed) learns corrections
     from the rewards. The prior has no parameters: the confidence width is the MLP's."""
+
+    LOG_FLOOR = 1e-3  # h at p = 1 reads x no lower than this (log 0 is -inf)
 
     def __init__(self, num_experts: int, num_tasks: int, config: BanditConfig | None = None,
                  task_experts=None):
@@ -109,7 +117,7 @@ class NeuralUCB:
         # replay buffer
         self.buf_x = torch.zeros(c.history, num_experts, dtype=torch.float64)
         self.buf_r = torch.zeros(c.history, num_tasks, dtype=torch.float64)
-        self.buf_m = torch.zeros(c.history, num_tasks, dtype=torch.float64)  # 1 = reward observed
+        self.buf_m = torch.zeros(c.history, num_tasks, dtype=torch.float64)  # weight of each reward (0 = not observed)
         self.n_seen = 0
 
     # --- prediction ------------------------------------------------------------------------
@@ -118,7 +126,11 @@ class NeuralUCB:
         c = self.config
         if c.prior <= 0:
             return torch.zeros(X.shape[0], self.num_tasks, dtype=X.dtype)
-        return c.prior * X[:, self.task_experts].clamp(min=0.0) ** (1.0 - 1.0 / c.prior_power)
+        own = X[:, self.task_experts].clamp(min=0.0)
+        a = 1.0 - 1.0 / c.prior_power
+        if a < 1e-9:
+            return c.prior * torch.log(own.clamp(min=self.LOG_FLOOR))
+        return c.prior * (own ** a - 1.0) / a
 
     @single_threaded
     @torch.no_grad()
@@ -194,6 +206,8 @@ class NeuralUCB:
         self.buf_x[slot] = xt[0]
         self.buf_r[slot] = torch.as_tensor(rewards, dtype=torch.float64)
         self.buf_m[slot] = 1.0 if mask is None else torch.as_tensor(mask, dtype=torch.float64)
+        if self.config.psi_weighted:
+            self.buf_m[slot] *= w
         self.n_seen += 1
         self.train(self.config.sgd_steps)
 

@@ -365,14 +365,15 @@ class Simulation:
         """Fixed x tried for node n's best-in-hindsight, all under its budget: the ψ-family on the
         node's true average mix (x ∝ mass^p, top-B, p in PSI_POWERS; p = 1 is ψ-merge), Uniform,
         each expert alone that serves at least 5 % of its requests, and `fixed_candidates` random
-        points of X (seeded per node)."""
+        points of X. The random points are seeded by budget, so nodes of one budget share them (and
+        their merges: a regmean merge costs ~0.4 s, and 50 per node was most of the comparator)."""
         budget = self.budget(self.nodes[n][1])
         mix = self.wl.psi[:, n].mean(0)
         mass = np.bincount(self.task_experts, weights=mix, minlength=self.K)
         xs = list(psi_family(mass, budget).values())
         xs.append(registry.make_policy("Uniform", self.K, self.V, task_experts=self.task_experts).select(mix, budget))
         xs += [np.eye(self.K)[k] for k in np.flatnonzero(mass >= 0.05)]
-        rng = np.random.default_rng([self.cfg.seed + 2, n])
+        rng = np.random.default_rng([self.cfg.seed + 2, budget])
         xs += [project_to_budget(x, budget) for x in rng.dirichlet(np.ones(self.K), size=self.cfg.fixed_candidates)]
         return list({x.tobytes(): x for x in xs}.values())
 

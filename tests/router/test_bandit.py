@@ -69,7 +69,11 @@ def test_prior_starts_at_the_sharpened_psi_merge_and_the_mlp_learns_the_rest():
     fam = t.psi_family(psi, K)  # p = 0.5, 1, 2, 4
     mean, _ = b.ucb(np.vstack([fam, np.full(K, 0.25)]), psi)
     assert int(np.argmax(mean)) == 2  # x ∝ psi² is the prior's optimum for p = 2
-    assert np.allclose(b.predict(fam)[:, 3], 0.0)  # no expert weight, no prior for task 3
+    assert np.allclose(b.predict(fam)[:, 3], -0.3 / 0.5)  # no expert weight: the curve's floor -c/a
+    # p = 1 (log curve) puts the prior's optimum at ψ-merge itself
+    b1 = NeuralUCB(K, V, BanditConfig(prior=0.3, prior_power=1.0, seed=1))
+    mean1, _ = b1.ucb(np.vstack([fam, np.full(K, 0.25)]), psi)
+    assert int(np.argmax(mean1)) == 1
     # an untrained Tanbr with the prior plays the sharpened point, and validates task_experts
     x = t.select(psi, K)
     assert np.allclose(x, fam[2])
@@ -79,4 +83,26 @@ def test_prior_starts_at_the_sharpened_psi_merge_and_the_mlp_learns_the_rest():
     xs = np.eye(K)[0]
     for _ in range(60):
         b.observe(xs, psi, np.array([0.9, 0.1, 0.1, 0.1]))
-    assert abs(b.predict(xs[None])[0, 0] - 0.9) < 0.1 and b.predict(xs[None])[0, 0] != pytest.approx(0.3)
+    assert abs(b.predict(xs[None])[0, 0] - 0.9) < 0.1 and b.predict(xs[None])[0, 0] != pytest.approx(0.0)
+
+
+def test_psi_weighting_ignores_the_rewards_of_tasks_a_node_does_not_serve():
+    """A task's reward is a mean over ~psi_v x the sample, so psi weighs its squared error: a task at
+    psi = 0 moves nothing (its output stays at the prior), while unweighted its noise is fitted."""
+    import numpy as np
+    import torch
+
+    from tanbr_ray.router.bandit import BanditConfig, NeuralUCB
+
+    K = V = 3
+    psi = np.array([0.5, 0.0, 0.5])
+    rng = np.random.default_rng(0)
+    nets = {w: NeuralUCB(K, V, BanditConfig(prior=0.3, prior_power=1.0, psi_weighted=w, seed=2)) for w in (False, True)}
+    xs = rng.dirichlet(np.ones(K), size=20)
+    for x in xs:
+        r = np.array([0.7, rng.random(), 0.6])
+        for b in nets.values():
+            b.observe(x, psi, r)
+    prior = nets[True].prior_of(torch.as_tensor(xs)).numpy()
+    assert np.allclose(nets[True].predict(xs)[:, 1], prior[:, 1])
+    assert not np.allclose(nets[False].predict(xs)[:, 1], prior[:, 1])
