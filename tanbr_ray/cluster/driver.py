@@ -113,9 +113,8 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
 
     from ray import serve
 
-    if cfg.merge_operator not in (None, moe_cfg.merge_operator):
-        raise ValueError(f"merge_operator: the cluster's mergers merge with the model's operator "
-                         f"({moe_cfg.merge_operator!r}); --backend ray cannot use {cfg.merge_operator!r}")
+    if cfg.merge_operator is not None:  # the mergers merge with the simulation's operator, as the local backend does
+        moe_cfg = moe_cfg.model_copy(update={"merge_operator": cfg.merge_operator})
     if cfg.bf16:
         raise ValueError("bf16: the cluster's replicas serve in fp32, so bf16 scoring would make the two "
                          "backends disagree; run --backend ray with bf16=false")
