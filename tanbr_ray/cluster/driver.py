@@ -26,7 +26,7 @@ from tanbr_ray.cluster.push import PushResult, push, summarize
 from tanbr_ray.moe import MoEConfig
 from tanbr_ray.sim.config import SimConfig
 from tanbr_ray.sim.fleet import Fleet, load_fleet
-from tanbr_ray.sim.loop import STATIC_SPECS, Simulation, run_simulation
+from tanbr_ray.sim.loop import STATIC_SPECS, Feedback, Simulation, run_simulation
 from tanbr_ray.sim.output import SimOutput
 
 
@@ -42,9 +42,9 @@ class ActorRouter:
         self.timing["select"] += time.perf_counter() - t0
         return xs
 
-    def update_slot(self, t: int, feedback: list[tuple]) -> None:
+    def update_slot(self, t: int, feedback: list[Feedback]) -> None:
         t0 = time.perf_counter()
-        self.client.call("update", [tuple(np.asarray(f).tolist() for f in fb) for fb in feedback], t)
+        self.client.call("update", [fb.as_lists() for fb in feedback], t)
         self.timing["update"] += time.perf_counter() - t0
 
 

@@ -89,7 +89,19 @@ def measure_costs(moe, runs: int = 5, seq_len: int = 64) -> Costs:
     return Costs(batch_ms, resident, resident["merged"], ffn)
 
 
-Feedback = tuple  # (x, psi, per-task reward, observed mask) for one node and slot
+@dataclass(frozen=True)
+class Feedback:
+    """What one node's slot returns to the router (step 5): the x it was served with, the ψ̂ it was
+    chosen for, the per-task rewards on the scored sample and which tasks were observed."""
+
+    x: np.ndarray
+    psi: np.ndarray
+    rewards: np.ndarray
+    observed: np.ndarray
+
+    def as_lists(self) -> tuple[list, list, list, list]:
+        """The wire form (a Ray call's arguments)."""
+        return tuple(np.asarray(v).tolist() for v in (self.x, self.psi, self.rewards, self.observed))
 
 
 class SlotRouter(Protocol):
@@ -120,8 +132,8 @@ class PolicyRouter:
         return np.stack([self.policy.select(psi, b) for psi, b in zip(psis, budgets)])
 
     def update_slot(self, t: int, feedback: list[Feedback]) -> None:
-        for x, psi, r, mask in feedback:
-            self.policy.update(x, psi, r, observed=mask)
+        for f in feedback:
+            self.policy.update(f.x, f.psi, f.rewards, observed=f.observed)
 
 
 class LocalEdge:
@@ -325,7 +337,7 @@ class Simulation:
                 if lat is not None:
                     measured[n].append(np.asarray(lat, dtype=np.float64))
                 if router is not None:
-                    feedback.append((choices[t, n], psis[n], *self.rewards(t, n, preds, credit)))
+                    feedback.append(Feedback(choices[t, n], psis[n], *self.rewards(t, n, preds, credit)))
             if router is not None:  # 5. rewards arrive after the slot: update
                 router.update_slot(t, feedback)
             if on_slot is not None:
