@@ -37,46 +37,50 @@ class DecisionClient:
     def _lost(self, name: str) -> None:
         self._handles.pop(name, None)
 
+    def _registered(self):
+        """(name, handle) of every decision actor that is registered, the last leader first."""
+        for name in self._order():
+            try:
+                yield name, self.handle(name)
+            except ValueError:  # not registered (yet, or any more)
+                continue
+
+    def _check_deadline(self, deadline: float, method: str, timeout_s: float | None) -> None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no decision leader answered {method} in {timeout_s or self.timeout_s:.0f} s")
+
     def call(self, method: str, *args, timeout_s: float | None = None):
         """`method(*args)` on the leader, from synchronous code."""
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         while True:
-            for name in self._order():
-                try:
-                    h = self.handle(name)
-                except ValueError:  # not registered (yet, or any more)
-                    continue
+            for name, h in self._registered():
                 try:
                     out = ray.get(getattr(h, method).remote(*args), timeout=max(1.0, deadline - time.monotonic()))
-                    self.leader = name
-                    return out
                 except NotLeader:
                     continue
                 except GONE:
                     self._lost(name)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no decision leader answered {method} in {timeout_s or self.timeout_s:.0f} s")
+                    continue
+                self.leader = name
+                return out
+            self._check_deadline(deadline, method, timeout_s)
             time.sleep(0.05)
 
     async def call_async(self, method: str, *args, timeout_s: float | None = None):
-        """The same from a coroutine."""
+        """The same from a coroutine (the same loop; only the wait differs)."""
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         while True:
-            for name in self._order():
-                try:
-                    h = self.handle(name)
-                except ValueError:
-                    continue
+            for name, h in self._registered():
                 try:
                     out = await asyncio.wait_for(getattr(h, method).remote(*args), max(1.0, deadline - time.monotonic()))
-                    self.leader = name
-                    return out
                 except NotLeader:
                     continue
                 except GONE:
                     self._lost(name)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no decision leader answered {method} in {timeout_s or self.timeout_s:.0f} s")
+                    continue
+                self.leader = name
+                return out
+            self._check_deadline(deadline, method, timeout_s)
             await asyncio.sleep(0.05)
 
     async def states_async(self, timeout_s: float = 5.0) -> list[dict]:
@@ -90,14 +94,18 @@ class DecisionClient:
 
         return [s for s in await asyncio.gather(*(one(n) for n in self.names)) if s is not None]
 
-    async def state_async(self, timeout_s: float = 5.0) -> dict | None:
-        """The leader's snapshot (None while no actor leads)."""
-        leading = [s for s in await self.states_async(timeout_s) if s["role"] == "leader"]
+    def _leader_of(self, states: list[dict]) -> dict | None:
+        """The snapshot of the newest-term leader among these (None while no actor leads)."""
+        leading = [s for s in states if s["role"] == "leader"]
         if not leading:
             return None
         best = max(leading, key=lambda s: s["term"])
         self.leader = best["name"]
         return best
+
+    async def state_async(self, timeout_s: float = 5.0) -> dict | None:
+        """The leader's snapshot (None while no actor leads)."""
+        return self._leader_of(await self.states_async(timeout_s))
 
     def states(self, timeout_s: float = 5.0) -> list[dict]:
         out = []
@@ -109,12 +117,7 @@ class DecisionClient:
         return out
 
     def state(self, timeout_s: float = 5.0) -> dict | None:
-        leading = [s for s in self.states(timeout_s) if s["role"] == "leader"]
-        if not leading:
-            return None
-        best = max(leading, key=lambda s: s["term"])
-        self.leader = best["name"]
-        return best
+        return self._leader_of(self.states(timeout_s))
 
     def wait_leader(self, since: float = 0.0, timeout_s: float = 120.0) -> dict:
         """Block until an actor that took the lead at or after `since` (time.time()) has published
