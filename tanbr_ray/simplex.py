@@ -14,24 +14,42 @@ SUM_TOL = 1e-6
 
 def as_vector(value, length: int, field: str) -> np.ndarray:
     """A finite float64 vector of the given length, or a ValueError naming `field`."""
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{field}: expected a numeric vector, got {type(value).__name__}") from exc
-    if arr.ndim != 1 or arr.shape[0] != length:
-        raise ValueError(f"{field}: expected a vector of length {length}, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{field}: contains NaN or infinite values")
+    return as_rows(value, length, field, single=True)[0]
+
+
+def as_rows(value, length: int, field: str, single: bool = False) -> np.ndarray:
+    """Finite float64 rows (N, length), one per node, or a ValueError naming `field` and the row
+    (`single`: one vector, named without a row index)."""
+    arr = _numeric(value, field)
+    if single:
+        if arr.ndim != 1 or arr.shape[0] != length:
+            raise ValueError(f"{field}: expected a vector of length {length}, got shape {arr.shape}")
+        arr = arr[None]
+    elif arr.ndim != 2 or arr.shape[1] != length:
+        raise ValueError(f"{field}: expected rows of length {length}, got shape {arr.shape}")
+    _first_bad(~np.isfinite(arr).all(1), field, single, "contains NaN or infinite values")
     return arr
+
+
+def _first_bad(bad: np.ndarray, field: str, single: bool, what) -> None:
+    """Raise for the first row flagged bad; `what(i)` (or a string) says what is wrong with it."""
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{field if single else f'{field}[{i}]'}: {what(i) if callable(what) else what}")
 
 
 def check_psi(psi, num_tasks: int) -> np.ndarray:
     """psi must be a probability distribution over the V task types."""
-    arr = as_vector(psi, num_tasks, "psi")
-    if np.any(arr < 0):
-        raise ValueError("psi: entries must be non-negative (a task distribution)")
-    if abs(arr.sum() - 1.0) > SUM_TOL:
-        raise ValueError(f"psi: entries must sum to 1 (a task distribution), got {arr.sum():.6g}")
+    return check_psis(psi, num_tasks, single=True)[0]
+
+
+def check_psis(psis, num_tasks: int, single: bool = False) -> np.ndarray:
+    """Rows of psi (one per node), each a probability distribution over the V task types."""
+    arr = as_rows(psis, num_tasks, "psi", single)
+    _first_bad((arr < 0).any(1), "psi", single, "entries must be non-negative (a task distribution)")
+    sums = arr.sum(1)
+    _first_bad(np.abs(sums - 1.0) > SUM_TOL, "psi", single,
+               lambda i: f"entries must sum to 1 (a task distribution), got {sums[i]:.6g}")
     return arr
 
 
@@ -46,13 +64,20 @@ def check_budget(budget, num_experts: int) -> int:
 
 def check_x(x, num_experts: int, budget: int | None = None, tol: float = SUM_TOL) -> np.ndarray:
     """x must lie in X: one finite weight per expert, each ≥ 0, summing to 1 (±tol), ≤ budget non-zeros."""
-    arr = as_vector(x, num_experts, "x")
-    if np.any(arr < 0):
-        raise ValueError(f"x: merging weights must be ≥ 0, got {arr.tolist()}")
-    if abs(arr.sum() - 1.0) > tol:
-        raise ValueError(f"x: merging weights must sum to 1 (±{tol}), got sum {arr.sum()!r}")
-    if budget is not None and np.count_nonzero(arr) > budget:
-        raise ValueError(f"x: {np.count_nonzero(arr)} non-zero weights exceed the budget B={budget}")
+    return check_xs(x, num_experts, None if budget is None else [budget], tol, single=True)[0]
+
+
+def check_xs(xs, num_experts: int, budgets=None, tol: float = SUM_TOL, single: bool = False) -> np.ndarray:
+    """Rows of x (one per node), each in X under its node's budget (None: no limit)."""
+    arr = as_rows(xs, num_experts, "x", single)
+    _first_bad((arr < 0).any(1), "x", single, lambda i: f"merging weights must be ≥ 0, got {arr[i].tolist()}")
+    sums = arr.sum(1)
+    _first_bad(np.abs(sums - 1.0) > tol, "x", single,
+               lambda i: f"merging weights must sum to 1 (±{tol}), got sum {sums[i]!r}")
+    if budgets is not None:
+        nnz = np.count_nonzero(arr, axis=1)
+        b = np.asarray(budgets)
+        _first_bad(nnz > b, "x", single, lambda i: f"{nnz[i]} non-zero weights exceed the budget B={b[i]}")
     return arr
 
 
@@ -62,20 +87,34 @@ def check_rewards(rewards, num_tasks: int, observed=None) -> tuple[np.ndarray, n
     A slot may carry no labelled request of some task: `observed` marks the tasks whose reward was
     measured; the others are ignored (returned as 0 with mask False) instead of being invented.
     """
-    if observed is None:
-        return as_vector(rewards, num_tasks, "rewards"), np.ones(num_tasks, dtype=bool)
-    mask = np.asarray(observed, dtype=bool)
-    if mask.shape != (num_tasks,):
-        raise ValueError(f"observed: expected a boolean vector of length {num_tasks}, got shape {mask.shape}")
-    try:
-        arr = np.asarray(rewards, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"rewards: expected a numeric vector, got {type(rewards).__name__}") from exc
+    arr = _numeric(rewards, "rewards")
     if arr.shape != (num_tasks,):
         raise ValueError(f"rewards: expected a vector of length {num_tasks}, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr[mask])):
-        raise ValueError("rewards: contains NaN or infinite values for observed tasks")
+    mask = None if observed is None else np.asarray(observed, dtype=bool)
+    if mask is not None and mask.shape != (num_tasks,):
+        raise ValueError(f"observed: expected a boolean vector of length {num_tasks}, got shape {mask.shape}")
+    r, m = check_rewards_rows(arr[None], num_tasks, None if mask is None else mask[None], single=True)
+    return r[0], m[0]
+
+
+def check_rewards_rows(rewards, num_tasks: int, observed=None, single: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of per-task rewards (one per node) and their observed masks, as `check_rewards`."""
+    arr = _numeric(rewards, "rewards")
+    if arr.ndim != 2 or arr.shape[1] != num_tasks:
+        raise ValueError(f"rewards: expected rows of length {num_tasks}, got shape {arr.shape}")
+    mask = np.ones(arr.shape, dtype=bool) if observed is None else np.asarray(observed, dtype=bool)
+    if mask.shape != arr.shape:
+        raise ValueError(f"observed: expected boolean rows of shape {arr.shape}, got shape {mask.shape}")
+    _first_bad(~np.where(mask, np.isfinite(arr), True).all(1), "rewards", single,
+               "contains NaN or infinite values" + ("" if observed is None else " for observed tasks"))
     return np.where(mask, arr, 0.0), mask
+
+
+def _numeric(value, field: str) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{field}: expected a numeric vector, got {type(value).__name__}") from exc
 
 
 def project_to_budget(x: np.ndarray, budget: int) -> np.ndarray:

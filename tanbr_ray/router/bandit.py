@@ -8,9 +8,11 @@ hidden layers by default, as in the paper). For a task mix psi the score of a ca
 with A = lambda*I + sum of g g^T over played (x, psi) (NeuralUCB, Zhou et al. 2020). A is diagonal
 by default: then g^T A^-1 g decomposes per linear layer into (delta^2)^T A_W^-1 (a^2) + (delta^2)^T
 A_b^-1 for back-propagated deltas and layer inputs a, which scores every candidate in a few batched
-matmuls without materialising per-candidate gradients. The full-matrix option materialises them with
-torch.func (vmap over grad) and keeps A^-1 by Sherman-Morrison updates; a test checks both paths
-agree. After each observation J Adam steps fit f to the replayed history (bounded ring buffer).
+matmuls without materialising per-candidate gradients, and, since delta is linear in psi, scores them
+for every node's psi at once (`ucb_many`). The full-matrix option materialises them with torch.func
+(vmap over grad) and keeps A^-1 by Sherman-Morrison updates; a test checks both paths agree. After
+each batch of observations (one node's, or a whole slot's) J Adam steps fit f to the replayed history
+(bounded ring buffer).
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class NeuralUCB:
         self.buf_r = torch.zeros(c.history, num_tasks, dtype=torch.float64)
         self.buf_m = torch.zeros(c.history, num_tasks, dtype=torch.float64)  # weight of each reward (0 = not observed)
         self.n_seen = 0
+        self._snapshot: list | None = None  # float32 scoring copy (`_scoring`)
 
     # --- prediction ------------------------------------------------------------------------
     def prior_of(self, X: torch.Tensor) -> torch.Tensor:
@@ -141,77 +144,131 @@ class NeuralUCB:
     @single_threaded
     @torch.no_grad()
     def ucb(self, xs: np.ndarray, psi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(psi . f(x), sqrt(g^T A^-1 g)) for every row of xs."""
+        """(psi . f(x), sqrt(g^T A^-1 g)) for every row of xs; psi one mix (V,) or one per row (N, V)."""
         X = torch.as_tensor(xs, dtype=torch.float64)
         w = torch.as_tensor(psi, dtype=torch.float64)
+        W = w.expand(X.shape[0], -1) if w.dim() == 1 else w
         if self.config.full_covariance:
-            mean = self.net(X) @ w
-            g = self._per_sample_grads(X, w)
+            out = self.net(X)
+            g = self._per_sample_grads(X, W)
             width2 = ((g @ self.A_inv) * g).sum(1)
-        else:
-            mean, width2 = self._diag_forward(X, w)
-        mean = mean + self.prior_of(X) @ w
-        return mean.numpy(), torch.sqrt(torch.clamp(width2, min=0.0)).numpy()
+        else:  # scored in float32: half the time of float64, far inside the gaps between candidates
+            X, W, w = X.float(), W.float(), w.float()
+            snap = self._scoring()
+            out, layers = self._backprop(X, W, snap)
+            width2 = sum((d * d * s).sum(-1) for (_, _, d), s in zip(layers, self._scales(layers, snap)))
+        f = out + self.prior_of(X)
+        mean = f @ w if w.dim() == 1 else (f * W).sum(1)
+        return mean.double().numpy(), torch.sqrt(torch.clamp(width2, min=0.0)).double().numpy()
 
-    def _diag_forward(self, X: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward, backward of psi.f and sum_j g_j^2 / A_jj per row, all batched."""
-        layers = self.net.layers
+    @single_threaded
+    @torch.no_grad()
+    def ucb_many(self, xs: np.ndarray, psis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`ucb` of the same candidates for many mixes at once: (mean, width), each (mixes, candidates).
+
+        With the diagonal A, the delta back-propagated from psi . f is linear in psi, delta = psi M(x),
+        so g^T A^-1 g = psi^T G(x) psi with G(x) = sum over layers and units o of s_o(x) M_o M_o^T
+        (V x V per candidate). One backward pass per task type gives every M, and the widths of all
+        mixes are one matmul, instead of one backward pass per mix."""
+        if self.config.full_covariance:
+            rows = [self.ucb(xs, p) for p in np.asarray(psis)]
+            return np.stack([m for m, _ in rows]), np.stack([w for _, w in rows])
+        X = torch.as_tensor(xs, dtype=torch.float32)
+        P = torch.as_tensor(psis, dtype=torch.float32)
+        V, snap = self.num_tasks, self._scoring()
+        eye = torch.eye(V)[:, None, :].expand(V, X.shape[0], V)
+        out, layers = self._backprop(X, eye, snap)  # deltas (V, N, units): row v is M_v
+        G = torch.zeros(X.shape[0], V, V)
+        for (_, _, M), s in zip(layers, self._scales(layers, snap)):
+            G += torch.einsum("vco,co,wco->cvw", M, s, M)
+        mean = P @ (out + self.prior_of(X)).T
+        width2 = (P[:, :, None] * P[:, None, :]).reshape(len(P), V * V) @ G.reshape(-1, V * V).T
+        return mean.double().numpy(), torch.sqrt(torch.clamp(width2, min=0.0)).double().numpy()
+
+    def _backprop(self, X: torch.Tensor, W: torch.Tensor, layers: list) -> tuple[torch.Tensor, list]:
+        """Forward pass of the MLP (`layers`: (weight, bias, ...) per linear layer), then the backward
+        pass of W . f(x) per row (W: (..., N, V), the task weights per row, leading dims batched):
+        (MLP output (N, V), [(layer index, its input a (N, in), the delta at its output (..., N, out))],
+        last layer first). The gradient of W . f with respect to a layer's weight is delta ⊗ a, and
+        to its bias delta."""
         acts, masks = [X], []
         h = X
-        for layer in layers[:-1]:
-            z = layer(h)
+        for weight, bias, *_ in layers[:-1]:
+            z = torch.addmm(bias, h, weight.T)
             masks.append(z > 0)
             h = torch.relu(z)
             acts.append(h)
-        mean = layers[-1](h) @ w
-        delta = w.expand(X.shape[0], -1)
-        width2 = torch.zeros(X.shape[0], dtype=X.dtype)
+        out = torch.addmm(layers[-1][1], h, layers[-1][0].T)
+        delta, grads = W, []
         for i in range(len(layers) - 1, -1, -1):
-            name = f"layers.{i}"
-            d2 = delta * delta
-            width2 += ((d2 @ (1.0 / self.A_diag[f"{name}.weight"])) * acts[i] ** 2).sum(1)
-            width2 += d2 @ (1.0 / self.A_diag[f"{name}.bias"])
+            grads.append((i, acts[i], delta))
             if i > 0:
-                delta = (delta @ layers[i].weight) * masks[i - 1]
-        return mean, width2
+                delta = (delta @ layers[i][0]) * masks[i - 1]
+        return out, grads
 
-    def _per_sample_grads(self, X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Flattened grad_theta(psi . f(x)) per row via torch.func, shape (N, num_params)."""
+    def _scoring(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer (weight, bias, (1/A_W)^T, 1/A_b) in float32, for scoring candidates; rebuilt once
+        after each change of the network or of A (a slot's many scorings share it)."""
+        if self._snapshot is None:
+            self._snapshot = [(layer.weight.detach().float(), layer.bias.detach().float(),
+                               (1.0 / self.A_diag[f"layers.{i}.weight"]).T.float().contiguous(),
+                               (1.0 / self.A_diag[f"layers.{i}.bias"]).float())
+                              for i, layer in enumerate(self.net.layers)]
+        return self._snapshot
+
+    @staticmethod
+    def _scales(grads: list, snap: list) -> list[torch.Tensor]:
+        """Per layer, s[n, o] = sum_i a[n, i]^2 / A_W[o, i] + 1 / A_b[o]: then that layer's share of
+        g^T A^-1 g is sum_o delta[n, o]^2 s[n, o] (A diagonal)."""
+        return [(a * a) @ snap[i][2] + snap[i][3] for i, a, _ in grads]
+
+    def _per_sample_grads(self, X: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """Flattened grad_theta(w . f(x)) per row (x, w) of (X, W) via torch.func, shape (N, num_params)."""
         params = {k: p.detach() for k, p in self.params.items()}
 
-        def score(p, x):
+        def score(p, x, w):
             return functional_call(self.net, p, (x.unsqueeze(0),)).squeeze(0) @ w
 
-        grads = vmap(grad(score), in_dims=(None, 0))(params, X)
+        grads = vmap(grad(score), in_dims=(None, 0, 0))(params, X, W)
         return torch.cat([grads[k].reshape(X.shape[0], -1) for k in self.params], dim=1)
 
     # --- learning --------------------------------------------------------------------------
-    @single_threaded
     def observe(self, x: np.ndarray, psi: np.ndarray, rewards: np.ndarray, mask: np.ndarray | None = None) -> None:
-        """Add (x, rewards) to the history, A += g g^T for the played x, then J gradient steps."""
-        xt = torch.tensor(x, dtype=torch.float64)[None]
-        w = torch.as_tensor(psi, dtype=torch.float64)
-        g = self._per_sample_grads(xt, w)[0]
+        """One observation: `observe_many` of a single row."""
+        self.observe_many(np.asarray(x)[None], np.asarray(psi)[None], np.asarray(rewards)[None],
+                          None if mask is None else np.asarray(mask)[None])
+
+    @single_threaded
+    def observe_many(self, xs: np.ndarray, psis: np.ndarray, rewards: np.ndarray,
+                     masks: np.ndarray | None = None) -> None:
+        """A slot's observations (rows): add them to the history, A += g g^T for each played x (all at
+        the parameters the choices were made with), then J gradient steps. J steps per call is the
+        batched bandit's rule: a slot's rewards arrive together and the model is refitted once."""
+        X = torch.tensor(np.asarray(xs), dtype=torch.float64)
+        W = torch.tensor(np.asarray(psis), dtype=torch.float64)
         with torch.no_grad():
             if self.config.full_covariance:
-                Ag = self.A_inv @ g
-                self.A_inv -= torch.outer(Ag, Ag) / (1.0 + g @ Ag)
-            else:
-                offset = 0
-                for k, p in self.params.items():
-                    n = p.numel()
-                    self.A_diag[k] += (g[offset:offset + n] ** 2).reshape(p.shape)
-                    offset += n
-        slot = self.n_seen % self.config.history
-        self.buf_x[slot] = xt[0]
-        self.buf_r[slot] = torch.as_tensor(rewards, dtype=torch.float64)
-        self.buf_m[slot] = 1.0 if mask is None else torch.as_tensor(mask, dtype=torch.float64)
+                for g in self._per_sample_grads(X, W):
+                    Ag = self.A_inv @ g
+                    self.A_inv -= torch.outer(Ag, Ag) / (1.0 + g @ Ag)
+            else:  # sum over rows of (delta ⊗ a)^2, per layer, without per-row gradients
+                net = [(layer.weight.detach(), layer.bias.detach()) for layer in self.net.layers]
+                for i, a, d in self._backprop(X, W, net)[1]:
+                    self.A_diag[f"layers.{i}.weight"] += (d * d).T @ (a * a)
+                    self.A_diag[f"layers.{i}.bias"] += (d * d).sum(0)
+        R = torch.tensor(np.asarray(rewards), dtype=torch.float64)
+        m = torch.ones_like(R) if masks is None else torch.tensor(np.asarray(masks), dtype=torch.float64)
         if self.config.psi_weighted:
-            self.buf_m[slot] *= w
-        self.n_seen += 1
+            m = m * W
+        cap, n = self.config.history, len(X)
+        keep = slice(max(0, n - cap), n)  # a ring buffer keeps the newest `history` rows
+        slots = (self.n_seen + torch.arange(n)[keep]) % cap
+        self.buf_x[slots], self.buf_r[slots], self.buf_m[slots] = X[keep], R[keep], m[keep]
+        self.n_seen += n
         self.train(self.config.sgd_steps)
 
     def train(self, steps: int) -> float:
+        self._snapshot = None
         n = min(self.n_seen, self.config.history)
         if n == 0 or steps == 0:
             return float("nan")
@@ -250,6 +307,7 @@ class NeuralUCB:
             for k, p in self.params.items():
                 p.copy_(tensors[f"net.{k}"])
         self.n_seen = n_seen
+        self._snapshot = None
         n = min(n_seen, self.config.history)
         self.buf_x[:n], self.buf_r[:n] = tensors["buf_x"], tensors["buf_r"]
         self.buf_m[:n] = tensors["buf_m"]

@@ -28,12 +28,28 @@ class NucbPolicy(Policy):
         self.points = rng.dirichlet(np.ones(num_experts), size=num_candidates)
         self._cands: dict[int, np.ndarray] = {}
 
-    def _select(self, psi, budget):
+    def candidates(self, budget: int) -> np.ndarray:
         cands = self._cands.get(budget)
         if cands is None:
             cands = self._cands[budget] = project_rows_to_budget(self.points, budget)
+        return cands
+
+    def _select(self, psi, budget):
+        cands = self.candidates(budget)
         mean, width = self.bandit.ucb(cands, psi)
         return cands[int(np.argmax(mean + self.bandit.config.gamma * width))].copy()
 
+    def _select_many(self, psis, budgets):
+        xs = np.zeros((len(psis), self.num_experts))
+        for budget in dict.fromkeys(budgets):
+            rows = [n for n, b in enumerate(budgets) if b == budget]
+            cands = self.candidates(budget)
+            mean, width = self.bandit.ucb_many(cands, psis[rows])
+            xs[rows] = cands[np.argmax(mean + self.bandit.config.gamma * width, axis=1)]
+        return xs
+
     def _update(self, x, psi, rewards, mask):
         self.bandit.observe(x, psi, rewards, mask)
+
+    def _update_many(self, xs, psis, rewards, masks):
+        self.bandit.observe_many(xs, psis, rewards, masks)

@@ -56,7 +56,7 @@ class Tanbr(Policy):
         self.tree = PartitionTree(num_experts, self.config.tree)
         self.bandit = NeuralUCB(num_experts, num_tasks, self.config.bandit, self.task_experts)
         self.monitor = TaskMonitor(self.tasks, self.config.monitor)
-        self.pending: dict[bytes, int] = {}  # played x -> leaf, until its reward arrives
+        self.pending: dict[bytes, list[int]] = {}  # played x -> leaf of each play, until its reward arrives
         self.updates = 0
 
     # --- the per-slot path -----------------------------------------------------------------
@@ -75,24 +75,66 @@ class Tanbr(Policy):
 
     def _select(self, psi, budget):
         cands, leaf = self.tree.candidate_points(budget)
-        optimism = self.tree.optimism(leaf)
-        if self.config.psi_candidates:  # exact points, no cell optimism; a play visits the cell it lies in
-            fam = self.psi_family(psi, budget)
-            cands = np.concatenate([cands, fam])
-            leaf = np.concatenate([leaf, [self._leaf_of(x) for x in fam]]).astype(np.int64)
-            optimism = np.concatenate([optimism, np.zeros(len(fam))])
         mean, width = self.bandit.ucb(cands, psi)
-        i = int(np.argmax(mean + self.config.bandit.gamma * width + optimism))
-        x = cands[i].copy()
-        self.pending[x.tobytes()] = int(leaf[i])
-        return x
+        return self._choose(psi[None], budget, cands, leaf, mean[None], width[None])[0]
+
+    def _select_many(self, psis, budgets):
+        """Every node of a slot: per budget, the tree's candidates once and the bandit's scores for
+        all those nodes' psi in one batched pass (`NeuralUCB.ucb_many`); the same choices as
+        `select` node by node."""
+        xs = np.zeros((len(psis), self.num_experts))
+        for budget in dict.fromkeys(budgets):
+            rows = [n for n, b in enumerate(budgets) if b == budget]
+            cands, leaf = self.tree.candidate_points(budget)
+            mean, width = self.bandit.ucb_many(cands, psis[rows])
+            xs[rows] = self._choose(psis[rows], budget, cands, leaf, mean, width)
+        return xs
+
+    def _choose(self, psis, budget, cands, leaf, mean, width) -> np.ndarray:
+        """Per node (row of psis, mean, width over the candidates): the candidate with the best upper
+        bound plus its cell's optimism, or, with `psi_candidates`, a ψ-family point that beats it
+        (exact points, no optimism: a play visits the cell it lies in). Each play is remembered as
+        pending: its leaf gets the visit when the reward comes back."""
+        n, gamma = len(psis), self.config.bandit.gamma
+        score = mean + gamma * width + self.tree.optimism(leaf)
+        best = np.argmax(score, axis=1)
+        xs, leaves = cands[best].copy(), leaf[best].copy()
+        if self.config.psi_candidates:
+            fam = np.stack([self.psi_family(p, budget) for p in psis])  # (nodes, family, K)
+            f = fam.shape[1]
+            fam_mean, fam_width = self.bandit.ucb(fam.reshape(n * f, -1), np.repeat(psis, f, axis=0))
+            fam_score = (fam_mean + gamma * fam_width).reshape(n, f)
+            j = np.argmax(fam_score, axis=1)
+            for r in np.flatnonzero(fam_score[np.arange(n), j] > score[np.arange(n), best]):
+                xs[r] = fam[r, j[r]]
+                leaves[r] = self._leaf_of(xs[r])
+        for x, l in zip(xs, leaves):
+            self.pending.setdefault(x.tobytes(), []).append(int(l))
+        return xs
+
+    def _visit_played(self, x: np.ndarray) -> None:
+        """Count the play of x at the leaf it was chosen from (each node's play of the same x counts)."""
+        plays = self.pending.get(x.tobytes())
+        if not plays:
+            return
+        leaf = plays.pop(0)
+        if not plays:
+            del self.pending[x.tobytes()]
+        if leaf >= 0 and self.tree.is_leaf(leaf):
+            self.tree.visit(leaf)
 
     def _update(self, x, psi, rewards, mask):
-        leaf = self.pending.pop(x.tobytes(), None)
-        if leaf is not None and leaf >= 0 and self.tree.is_leaf(leaf):
-            self.tree.visit(leaf)
+        self._visit_played(x)
         self.bandit.observe(x, psi, rewards, mask)
         self.updates += 1
+
+    def _update_many(self, xs, psis, rewards, masks):
+        """A slot's feedback: every play visits its leaf, then one batched observation (A for all
+        rows, J gradient steps)."""
+        for x in xs:
+            self._visit_played(x)
+        self.bandit.observe_many(xs, psis, rewards, masks)
+        self.updates += len(xs)
 
     # --- persistence -----------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
@@ -128,7 +170,8 @@ class Tanbr(Policy):
                      state.get("task_experts"))
         router.tree = PartitionTree.from_state_dict(state["tree"])
         router.monitor = TaskMonitor.from_state_dict(state["monitor"])
-        router.pending = {bytes.fromhex(k): int(v) for k, v in state["pending"].items()}
+        router.pending = {bytes.fromhex(k): [int(v)] if isinstance(v, int) else [int(l) for l in v]
+                          for k, v in state["pending"].items()}  # one leaf per play (older states: one)
         router.updates = int(state["updates"])
         router.bandit.load_tensors(st_load(blob_path.read_bytes()), int(state["bandit_seen"]))
         return router

@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 import torch
 
@@ -17,10 +18,57 @@ def test_diagonal_width_equals_torch_func_gradients():
     rng = np.random.default_rng(1)
     xs, psi = rng.dirichlet(np.ones(5), size=40), rng.dirichlet(np.ones(3))
     _, width = b.ucb(xs, psi)
-    g = b._per_sample_grads(torch.as_tensor(xs), torch.as_tensor(psi))
+    g = b._per_sample_grads(torch.as_tensor(xs), torch.as_tensor(psi).expand(len(xs), -1))
     a_diag = torch.cat([b.A_diag[k].flatten() for k in b.params])
     expected = torch.sqrt((g ** 2 / a_diag).sum(1)).numpy()
-    assert np.allclose(width, expected, rtol=1e-10, atol=1e-12)
+    assert np.allclose(width, expected, rtol=1e-5, atol=1e-7)  # candidates are scored in float32
+
+
+def test_ucb_many_equals_ucb_per_mix():
+    """The batched widths psi^T G(x) psi are the per-mix backward passes, for every mix."""
+    b = _trained(full=False)
+    rng = np.random.default_rng(3)
+    xs, psis = rng.dirichlet(np.ones(5), size=30), rng.dirichlet(np.ones(3), size=7)
+    mean, width = b.ucb_many(xs, psis)
+    assert mean.shape == width.shape == (7, 30)
+    for i, psi in enumerate(psis):
+        m1, w1 = b.ucb(xs, psi)
+        assert np.allclose(mean[i], m1, rtol=1e-5, atol=1e-6)
+        assert np.allclose(width[i], w1, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_observe_many_accumulates_every_rows_gradient(full):
+    """A += sum of g g^T over a batch, each g at the same parameters (sgd_steps=0: no step between),
+    equals observing the rows one by one; the buffer holds the same rows in the same order."""
+    cfg = BanditConfig(full_covariance=full, width=8, sgd_steps=0, seed=4)
+    one, many = NeuralUCB(4, 3, cfg), NeuralUCB(4, 3, cfg)
+    rng = np.random.default_rng(0)
+    xs, psis, rs = rng.dirichlet(np.ones(4), size=6), rng.dirichlet(np.ones(3), size=6), rng.random((6, 3))
+    masks = rng.random((6, 3)) < 0.7
+    g = one._per_sample_grads(torch.as_tensor(xs), torch.as_tensor(psis))
+    for row in zip(xs, psis, rs, masks):
+        one.observe(*row)
+    many.observe_many(xs, psis, rs, masks)
+    a, b = one.tensors(), many.tensors()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-10, atol=1e-12), k
+    if not full:
+        a_diag = torch.cat([many.A_diag[k].flatten() for k in many.params])
+        assert torch.allclose(a_diag, 1.0 + (g ** 2).sum(0), rtol=1e-10)
+
+
+def test_observe_many_trains_j_steps_per_call_and_keeps_the_newest_rows():
+    cfg = BanditConfig(width=8, sgd_steps=3, history=4, seed=1)
+    b = NeuralUCB(3, 2, cfg)
+    rng = np.random.default_rng(0)
+    xs = rng.dirichlet(np.ones(3), size=6)
+    b.observe_many(xs, np.full((6, 2), 0.5), rng.random((6, 2)))
+    assert b.n_seen == 6
+    assert int(b.opt.state[next(b.net.parameters())]["step"]) == 3
+    kept = b.tensors()["buf_x"].numpy()  # ring positions: rows 4, 5 overwrote slots 0, 1
+    assert np.allclose(kept, xs[[4, 5, 2, 3]])
 
 
 def test_full_covariance_matches_explicit_inverse():
@@ -29,7 +77,7 @@ def test_full_covariance_matches_explicit_inverse():
     played = [(rng.dirichlet(np.ones(4)), rng.dirichlet(np.ones(2))) for _ in range(5)]
     A = torch.eye(b.num_params, dtype=torch.float64)
     for x, psi in played:
-        g = b._per_sample_grads(torch.as_tensor(x)[None], torch.as_tensor(psi))[0]
+        g = b._per_sample_grads(torch.as_tensor(x)[None], torch.as_tensor(psi)[None])[0]
         A += torch.outer(g, g)
         b.observe(x, psi, rng.random(2))
     assert torch.allclose(b.A_inv, torch.linalg.inv(A), atol=1e-8)
