@@ -1,6 +1,7 @@
 """Command-line entry point (`tanbr`). Importing the command modules registers them."""
 
 from tanbr_ray.cli import regret_cmd  # noqa: F401  (registers `tanbr bench regret`)
+from tanbr_ray.cli import fleet_cmd  # noqa: F401  (registers `tanbr bench fleet`)
 from tanbr_ray.cli import model_cmd  # noqa: F401  (registers `tanbr build-moe`, `tanbr bench model`)
 from tanbr_ray.cli import simulate_cmd  # noqa: F401  (registers `tanbr simulate`)
 from tanbr_ray.cli import tune_cmd  # noqa: F401  (registers `tanbr tune`)

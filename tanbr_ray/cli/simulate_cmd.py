@@ -25,6 +25,9 @@ def simulate(
                                                            "Serve replicas)."),
     address: Optional[str] = typer.Option(None, "--address", help="with --backend ray: join this Ray cluster "
                                                                    "instead of starting a local one."),
+    replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="with --backend ray: edge replica "
+                                           "processes in all, the fleet's nodes multiplexed onto them (at least "
+                                           "one per class); default one per node."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Simulate Tanbr and every baseline on an edge fleet; write results JSON/CSV, PNGs and a summary."""
@@ -39,6 +42,8 @@ def simulate(
 
     if backend not in ("local", "ray"):
         raise typer.BadParameter(f"--backend: {backend!r}; choose local or ray")
+    if replicas is not None and backend != "ray":
+        raise typer.BadParameter("--replicas: only the ray backend has replicas (add --backend ray)")
     extra = list(overrides or [])
     if out is not None:
         extra.append(f"out={out}")
@@ -57,7 +62,7 @@ def simulate(
         from tanbr_ray.cluster.driver import run_ray_simulation
 
         def run(c):
-            return run_ray_simulation(c, moe_cfg, moe, progress=progress, address=address)
+            return run_ray_simulation(c, moe_cfg, moe, progress=progress, address=address, replicas=replicas)
     else:
         def run(c):
             return run_simulation(c, moe, progress=progress, memo_dir=memo_dir)
@@ -95,6 +100,9 @@ def simulate(
                    f"{r['replicas']} replicas: p50 {r['push_seconds_p50']:.3f} s, p95 {r['push_seconds_p95']:.3f} s, "
                    f"{r['stale_replicas']} stale, {r['push_retries']} retries; cluster setup "
                    f"{r['cluster_setup_seconds']:.1f} s")
+        for st in r["replicas_status"]:
+            typer.echo(f"  replica {st['replica']} ({st['class']}): {st['nodes']} nodes, models "
+                       f"{st['resident_bytes'] / 2**20:.0f} MiB, peak RSS {st['peak_rss_bytes'] / 2**20:.0f} MiB")
     runs = log_simulation(result, cfg.out, group=cfg.name, mode=cfg.wandb)
     if runs:
         typer.echo(f"W&B: {len(runs)} runs logged under {Path(cfg.out) / 'wandb'}")

@@ -33,6 +33,8 @@ class AppArgs(BaseModel):
     router_name: str = Field(ROUTER_NAME, min_length=1)
     slot_seconds: float = Field(30.0, ge=0.0, description="live slot length; 0 = slots driven externally")
     threads: int = Field(1, ge=1, le=64, description="torch threads per edge replica")
+    replicas: int | None = Field(None, ge=1, description="edge replica processes for the whole fleet, nodes "
+                                 "multiplexed onto them (at least one per class); None = one per node")
     api: ApiSettings = Field(default_factory=ApiSettings)
 
     def moe(self) -> MoEConfig:
@@ -51,6 +53,25 @@ def parse_args(args: dict | AppArgs) -> AppArgs:
         return AppArgs(**(args or {}))
     except ValidationError as exc:
         raise ValueError(f"app args: {exc}") from exc
+
+
+def replica_plan(fleet: Fleet, replicas: int | None) -> dict[str, tuple[int, int]]:
+    """class -> (replicas, nodes per replica): one replica per node, or `replicas` in all shared out
+    in proportion to the classes' node counts (largest remainder, at least one each)."""
+    counts = {c.name: c.count for c in fleet.classes}
+    if replicas is None:
+        return {name: (n, 1) for name, n in counts.items()}
+    if replicas < len(counts):
+        raise ValueError(f"replicas: {replicas} for {len(counts)} node classes; each class needs at least one")
+    total = sum(counts.values())
+    share = {name: replicas * n / total for name, n in counts.items()}
+    plan = {name: max(1, min(counts[name], int(v))) for name, v in share.items()}
+    for name in sorted(share, key=lambda k: plan[k] - share[k]):  # furthest below its share first
+        if sum(plan.values()) >= min(replicas, total):
+            break
+        if plan[name] < counts[name]:
+            plan[name] += 1
+    return {name: (r, -(-counts[name] // r)) for name, r in plan.items()}
 
 
 def build_app(args: dict):
@@ -99,12 +120,14 @@ def make_app(args: dict | AppArgs, fleet: Fleet | None = None, moe_cfg: MoEConfi
     meta = start_router(a, fleet, moe_cfg)
     n_dec, n_merge = a.router.decision_actors(), a.router.mergers
     edges = {}
+    plan = replica_plan(fleet, a.replicas)
     for c in fleet.classes:
+        replicas, per_replica = plan[c.name]
         opts = {"num_cpus": c.replica_cpus, "resources": {edge_resource(c.name): 1}}
         if c.replica_memory_mb:
             opts["memory"] = c.replica_memory_mb * 2**20
-        edges[c.name] = EdgeNode.options(name=edge_deployment(c.name), num_replicas=c.count, ray_actor_options=opts).bind(
-            c.name, a.router_name, a.threads, a.router.sample_per_slot, n_dec, n_merge)
+        edges[c.name] = EdgeNode.options(name=edge_deployment(c.name), num_replicas=replicas, ray_actor_options=opts).bind(
+            c.name, a.router_name, a.threads, a.router.sample_per_slot, n_dec, n_merge, per_replica)
     nodes = {node: cls.name for node, cls in fleet.nodes()}
     return Ingress.bind(edges, nodes, meta.tasks, a.router_name, n_dec, a.api.model_dump())
 

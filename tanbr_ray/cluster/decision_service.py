@@ -157,7 +157,7 @@ class DecisionService:
         psis = np.asarray(psis, dtype=np.float64)
         if psis.shape != (len(self.nodes), len(self.tasks)):
             raise ValueError(f"psis: shape {psis.shape}, want ({len(self.nodes)}, {len(self.tasks)})")
-        xs = np.stack([self.policy.select(psi, cls.budget) for psi, (_, cls) in zip(psis, self.nodes)])
+        xs = self.policy.select_many(psis, [cls.budget for _, cls in self.nodes])
         self.last_psi = psis
         changed = [name for (name, _), x in zip(self.nodes, xs)
                    if name not in self.assign or not np.array_equal(self.assign[name].x, x)]
@@ -178,8 +178,9 @@ class DecisionService:
         `slot` identifies the call: a slot already learned from is not learned from twice (False)."""
         if slot is not None and slot <= self.updated_slot:
             return False
-        for x, psi, r, mask in feedback:
-            self.policy.update(np.asarray(x), np.asarray(psi), np.asarray(r), observed=np.asarray(mask, dtype=bool))
+        if feedback:  # one batched update for the slot's nodes
+            xs, psis, rewards, masks = zip(*feedback)
+            self.policy.update_many(xs, psis, rewards, [np.asarray(m, dtype=bool) for m in masks])
         self.slot += 1
         self.updated_slot = self.updated_slot + 1 if slot is None else slot
         self.checkpoint()

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from tanbr_ray.cluster import faults as fi
-from tanbr_ray.cluster.app import AppArgs, make_app, stop_router
+from tanbr_ray.cluster.app import AppArgs, make_app, replica_plan, stop_router
 from tanbr_ray.cluster.decision_client import DecisionClient
 from tanbr_ray.cluster.decision_service import RouterSpec
 from tanbr_ray.cluster.edge import call_node
@@ -105,10 +105,12 @@ class ServeEdge:
 
 def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | None = None,
                        progress: bool = True, address: str | None = None, on_slot=None,
-                       checkpoint_dir: str | None = None, faults: list | None = None) -> SimOutput:
+                       checkpoint_dir: str | None = None, faults: list | None = None,
+                       replicas: int | None = None) -> SimOutput:
     """Start a local multi-node cluster (or join `address`, or use the Ray this process is connected
     to), deploy the app, run the simulation on it. `faults` (faults.Fault) are injected on the way.
-    With `checkpoint_dir` the decision leader has a standby."""
+    With `checkpoint_dir` the decision leader has a standby. `replicas` caps the edge replica
+    processes (nodes multiplexed onto them; `app.replica_plan`); None = one per node."""
     from contextlib import nullcontext
 
     from ray import serve
@@ -132,7 +134,7 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         args = AppArgs(model=cfg.model, models_dir=cfg.models_dir, data_dir=cfg.data_dir, slot_seconds=0,
                        router=RouterSpec(policy=router_policies[0] if router_policies else "Tanbr", seed=cfg.seed,
                                          tanbr=cfg.tanbr, threads=cfg.threads, checkpoint_dir=checkpoint_dir),
-                       router_name=f"tanbr-router-sim-{cfg.seed}")
+                       router_name=f"tanbr-router-sim-{cfg.seed}", replicas=replicas)
         serve.run(make_app(args, fleet, moe_cfg), name=APP_NAME, route_prefix=None)
         client = DecisionClient(args.router_name, args.router.decision_actors())
         edges = {c.name: serve.get_deployment_handle(edge_deployment(c.name), app_name=APP_NAME) for c in fleet.classes}
@@ -158,6 +160,7 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         try:
             out = run_simulation(cfg, moe, fleet, progress, slot_done, backend=backend)
             final_state = client.wait_leader()
+            replica_status = [st for h in edges.values() for st in h.broadcast("status").results(timeout_s=60)]
         finally:
             serve.delete(APP_NAME)
             stop_router(args)
@@ -172,6 +175,9 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         "final_router_state": {k: final_state[k] for k in ("policy", "version", "slot", "updated_slot", "restored_from",
                                                             "name", "term")},
         "takeovers": final_state["takeovers"],
+        "replica_plan": {c: {"replicas": r, "nodes_per_replica": k} for c, (r, k) in replica_plan(fleet, replicas).items()},
+        "replicas_status": [{k: st[k] for k in ("replica", "class", "resident_bytes", "peak_rss_bytes", "weights_refetched")}
+                            | {"nodes": len(st["nodes"])} for st in replica_status],
         "faults": [{"policy": f.policy, "slot": f.slot, "phase": f.phase, "action": f.action, **f.report}
                    for f in faults],
     }

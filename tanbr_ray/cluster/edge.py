@@ -1,7 +1,8 @@
-"""Edge deployments: one Serve deployment per node class, one replica per node of that class.
+"""Edge deployments: one Serve deployment per node class, by default one replica per node of that
+class; a fleet larger than the host multiplexes several nodes onto each replica (`replica_plan`).
 
 A replica holds only merged models, never the experts: the shell (EdgePackage) it fetched from a
-merger once, plus the merged FFNs of the node it serves. Which node a replica serves is Serve's
+merger once, plus the merged FFNs of the nodes it serves. Which nodes a replica serves is Serve's
 model multiplexing: a request carries its node as the multiplexed model id, Serve routes it to the
 replica already holding that node's model, and the loader pulls the node's current (version, x) from
 the decision leader when a replica takes a node on (a new or restarted replica included). Pushes
@@ -14,6 +15,7 @@ node) only relabels the model it holds.
 from __future__ import annotations
 
 import asyncio
+import resource
 import weakref
 
 import numpy as np
@@ -60,8 +62,14 @@ class NodeModel:
 @serve.deployment(max_ongoing_requests=16)
 class EdgeNode:
     async def __init__(self, node_class: str, router_name: str = ROUTER_NAME, threads: int = 1,
-                       sample_per_slot: int = 32, decision_actors: int = 1, mergers: int = 1):
+                       sample_per_slot: int = 32, decision_actors: int = 1, mergers: int = 1,
+                       nodes_per_replica: int = 1):
         self.node_class, self.sample_per_slot = node_class, sample_per_slot
+
+        async def node_model(node: str) -> NodeModel:  # Serve's LRU over the nodes this replica holds
+            return await self._load_node(node)
+
+        self.node_model = serve.multiplexed(max_num_models_per_replica=nodes_per_replica)(node_model)
         self.decision = DecisionClient(router_name, decision_actors)
         self.mergers = MergerPool(router_name, mergers)
         self.edge = EdgeModel(await self.mergers.package(), threads=threads)
@@ -73,8 +81,7 @@ class EdgeNode:
         self.locks: dict[str, asyncio.Lock] = {}
         self.weights_refetched = 0
 
-    @serve.multiplexed(max_num_models_per_replica=1)
-    async def node_model(self, node: str) -> NodeModel:
+    async def _load_node(self, node: str) -> NodeModel:
         nm = NodeModel(node)
         await self._refresh(nm)
         self.loaded[node] = nm
@@ -156,4 +163,5 @@ class EdgeNode:
         return {"replica": self.replica, "class": self.node_class, "ray_node": ray.get_runtime_context().get_node_id(),
                 "nodes": {node: nm.version for node, nm in self.loaded.items()},
                 "weights_refetched": self.weights_refetched,
-                "resident_bytes": sum(nm.model.resident_bytes() for nm in self.loaded.values() if nm.model)}
+                "resident_bytes": sum(nm.model.resident_bytes() for nm in self.loaded.values() if nm.model),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB

@@ -12,7 +12,7 @@ merged state). `MODE_SPECS` lists them; `TaskMoE._plan` is the one place where t
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -473,26 +473,34 @@ class DenseModel(nn.Module):
 
     def with_ffn(self, state: Mapping[str, torch.Tensor]) -> "MergedVersion":
         """This shell served with other merged FFNs in its MoE layers ([moe layers, ...] tensors, as
-        `TaskMoE.merged_state` gives them), through `torch.func.functional_call`: nothing of the
-        shell is copied or edited, so a forward already running keeps the version it started with."""
-        params = {}
+        `TaskMoE.merged_state` gives them): the forward reads them as arguments, so nothing of the
+        shell is copied or edited, and versions on one shell may run at once (a replica serving
+        several nodes; a forward already running keeps the version it started with). Not
+        `torch.func.functional_call`: it swaps the module's parameters for the call, which two
+        threads on one shell would see."""
+        layers: list[Mapping[str, torch.Tensor]] = list(self.ffn)
         for k in FFN_KEYS:
             want = (len(self.moe_layers), *self.ffn[self.moe_layers[0]][k].shape)
             if k not in state or tuple(state[k].shape) != want:
                 raise ValueError(f"merged FFN: {k} missing or shaped {getattr(state.get(k), 'shape', None)}, want {want}")
-            ref = self.ffn[self.moe_layers[0]][k]
-            for m, l in enumerate(self.moe_layers):
-                params[f"ffn.{l}.{k}"] = state[k][m].detach().to(device=ref.device, dtype=ref.dtype).contiguous()
-        return MergedVersion(self, params)
+        ref = self.ffn[self.moe_layers[0]]
+        for m, l in enumerate(self.moe_layers):
+            layers[l] = {k: state[k][m].detach().to(device=ref[k].device, dtype=ref[k].dtype).contiguous()
+                         for k in FFN_KEYS}
+        return MergedVersion(self, layers)
 
-    def forward(self, input_ids, attention_mask, token_type_ids, task: str) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, token_type_ids, task: str,
+                ffn_layers: Sequence[Mapping[str, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Logits of one task's head; `ffn_layers` (one parameter mapping per layer) replaces the
+        shell's FFNs."""
         key = task.replace("-", "_")
         if key not in self.heads:
             raise ValueError(f"unknown task {task!r}; tasks: {self.tasks}")
+        layers = self.ffn if ffn_layers is None else ffn_layers
         mask = extended_mask(attention_mask, self.embeddings.word_embeddings.weight.dtype)
         h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         for l, att in enumerate(self.attn):
-            h = ffn(attention(att, h, mask, self.eps), self.ffn[l], self.eps)
+            h = ffn(attention(att, h, mask, self.eps), layers[l], self.eps)
         return self.heads[key](mean_pool(h, attention_mask))
 
     def resident_bytes(self) -> int:
@@ -502,14 +510,15 @@ class DenseModel(nn.Module):
 class MergedVersion:
     """One merged version on a shared DenseModel shell: the shell's forward with these FFN tensors."""
 
-    def __init__(self, shell: DenseModel, ffn_params: dict[str, torch.Tensor]):
-        self.shell, self.ffn_params = shell, ffn_params
+    def __init__(self, shell: DenseModel, ffn_layers: list[Mapping[str, torch.Tensor]]):
+        self.shell, self.ffn_layers = shell, ffn_layers
 
     def __call__(self, input_ids, attention_mask, token_type_ids, task: str) -> torch.Tensor:
-        return torch.func.functional_call(self.shell, self.ffn_params, (input_ids, attention_mask, token_type_ids, task))
+        return self.shell(input_ids, attention_mask, token_type_ids, task, ffn_layers=self.ffn_layers)
 
     def resident_bytes(self) -> int:
         """The shell (everything but the MoE layers' FFNs) plus this version's FFNs."""
-        moe_keys = set(self.ffn_params)
-        shell = sum(p.numel() * p.element_size() for n, p in self.shell.named_parameters() if n not in moe_keys)
-        return int(shell + sum(t.numel() * t.element_size() for t in self.ffn_params.values()))
+        own = [t for l in self.shell.moe_layers for t in self.ffn_layers[l].values()]
+        replaced = {id(p) for l in self.shell.moe_layers for p in self.shell.ffn[l].values()}
+        shell = sum(p.numel() * p.element_size() for p in self.shell.parameters() if id(p) not in replaced)
+        return int(shell + sum(t.numel() * t.element_size() for t in own))

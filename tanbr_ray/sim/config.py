@@ -31,7 +31,8 @@ class SimConfig(BaseModel):
     model: Literal["default", "quick"] = "default"
     models_dir: str | None = None
     data_dir: str | None = None
-    fleet: str | None = Field(None, description="fleet YAML; None = the packaged default fleet")
+    fleet: str | None = Field(None, description="fleet YAML, or a packaged fleet: default (9 nodes), 8, 32 or 128 "
+                              "nodes; None = default")
     slots: int = Field(40, ge=1, le=1_000_000)
     slot_seconds: float = Field(10.0, gt=0.0)
     schedule: str = "stationary"
@@ -61,6 +62,11 @@ class SimConfig(BaseModel):
                                           "results report each policy's mean ± sd and Tanbr's paired differences")
     wandb: Literal["online", "offline", "disabled"] | None = None
     out: str = "results/simulate"
+
+    @field_validator("fleet", mode="before")
+    @classmethod
+    def _fleet_name(cls, v):
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # fleet=32: a packaged fleet
 
     @field_validator("schedule")
     @classmethod

@@ -11,6 +11,7 @@ slot costs what it serves, in as few forward passes as its distinct models allow
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Mapping, Sequence
 
@@ -87,6 +88,8 @@ class PoolEvaluator:
         self.forwards = 0  # examples actually run through the model
         self.padded_tokens = 0  # tokens those forward passes computed, padding included
         self.real_tokens = 0  # ... of which real (padded / real = the batching overhead)
+        self.merge_seconds = 0.0  # spent merging experts into the models run
+        self.run_seconds = 0.0  # spent running rows (merges included)
 
     def _state(self, spec: Spec):
         """Merged FFN weights for a spec; a small LRU, since each one is as big as the dense FFNs
@@ -96,11 +99,13 @@ class PoolEvaluator:
         if spec in self._states:
             self._states.move_to_end(spec)
         else:
+            t0 = time.perf_counter()
             if spec[0] == "merged":
                 x = np.frombuffer(spec[1], dtype=np.float64).copy()
                 self._states[spec] = self.moe.merged_state(x, self.merge_operator)
             else:
                 self._states[spec] = self.moe.static_state(spec[1])
+            self.merge_seconds += time.perf_counter() - t0
             while len(self._states) > STATE_CACHE:
                 self._states.popitem(last=False)
         return self._states[spec]
@@ -145,6 +150,7 @@ class PoolEvaluator:
     def _run(self, spec: Spec, rows: list[Row]) -> list[float]:
         """Predictions for rows sorted by length, in chunks of similar length (`chunk_by_width`; the
         oracle's FFN depends on the task, so it batches one task at a time)."""
+        t0 = time.perf_counter()
         preds = {}
         groups = [[r for r in rows if r[0] == t] for t in self.labels] if spec[0] == "oracle" else [rows]
         for group in groups:
@@ -155,6 +161,7 @@ class PoolEvaluator:
                 self.real_tokens += sum(widths[s:e])
                 for task, (where, logits) in self.logits_rows(spec, chunk).items():
                     preds.update(zip([chunk[k] for k in where], _to_pred(task, logits)))
+        self.run_seconds += time.perf_counter() - t0
         return [float(preds[r]) for r in rows]
 
     @torch.no_grad()

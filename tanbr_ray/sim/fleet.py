@@ -15,6 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tanbr_ray.fileio import read_yaml_mapping
 
 DEFAULT_FLEET = Path(__file__).parent / "data" / "fleet_default.yaml"
+PACKAGED = ("default", "8", "32", "128")  # fleet_<name>.yaml beside the default: the scale benchmark's fleets
+
+
+def fleet_path(spec: str | Path | None) -> Path:
+    """A fleet YAML from a path or a packaged fleet's name (default, 8, 32, 128 nodes)."""
+    if spec is None:
+        return DEFAULT_FLEET
+    if str(spec) in PACKAGED:
+        return DEFAULT_FLEET.with_name(f"fleet_{spec}.yaml")
+    return Path(spec)
 
 
 class NodeClass(BaseModel):
@@ -73,8 +83,9 @@ class Fleet(BaseModel):
 
 
 def load_fleet(path: str | Path | None = None) -> Fleet:
-    """Read and validate a fleet YAML; errors name the file and the field."""
-    path = Path(path) if path else DEFAULT_FLEET
+    """Read and validate a fleet YAML (a path or a packaged name, `fleet_path`); errors name the file
+    and the field."""
+    path = fleet_path(path)
     raw = read_yaml_mapping(path, "fleet")
     try:
         return Fleet(**raw)

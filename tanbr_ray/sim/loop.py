@@ -123,17 +123,17 @@ class EdgeServing(Protocol):
 
 
 class PolicyRouter:
-    """A router policy in this process (the local backend)."""
+    """A router policy in this process (the local backend): one batched call per slot for the fleet."""
 
     def __init__(self, policy: Policy):
         self.policy = policy
 
     def select_slot(self, t: int, psis: np.ndarray, budgets: Sequence[int]) -> np.ndarray:
-        return np.stack([self.policy.select(psi, b) for psi, b in zip(psis, budgets)])
+        return self.policy.select_many(psis, budgets)
 
     def update_slot(self, t: int, feedback: list[Feedback]) -> None:
-        for f in feedback:
-            self.policy.update(f.x, f.psi, f.rewards, observed=f.observed)
+        if feedback:
+            self.policy.update_many(*zip(*((f.x, f.psi, f.rewards, f.observed) for f in feedback)))
 
 
 class LocalEdge:
@@ -203,6 +203,14 @@ class PolicyRun:
     backlog: np.ndarray  # (nodes,) requests unfinished at the end of the run
     mode: str
     push_seconds: float
+    seconds: dict[str, np.ndarray]  # per slot, wall seconds of this process: decide, merge, score, total
+
+    @property
+    def seconds_split(self) -> dict[str, float]:
+        """Wall seconds over the run: decide (select + update), merge, score, the rest, total."""
+        out = {k: float(v.sum()) for k, v in self.seconds.items()}
+        out["rest"] = out["total"] - out["decide"] - out["merge"] - out["score"]
+        return out
 
     @property
     def credit(self) -> np.ndarray:
@@ -309,10 +317,13 @@ class Simulation:
         per_task = {task: ([], [], []) for task in self.tasks}  # slot, example, prediction
         measured: list[list[np.ndarray]] = [[] for _ in range(N)]  # edge-measured latency (Ray backend)
         current: list[Spec | None] = [None] * N
+        seconds = {k: np.zeros(T) for k in ("decide", "merge", "score", "total")}
         for t in tqdm(range(T), desc=name, disable=not self.progress, leave=False):
+            t_slot, merge0, run0 = time.perf_counter(), self.ev.merge_seconds, self.ev.run_seconds
             psis = self.psi_hat[t]  # 1. monitor: each node's estimate from earlier slots only
             if router is not None:  # 2. select: x per node under its budget
                 choices[t] = router.select_slot(t, psis, budgets)
+                seconds["decide"][t] += time.perf_counter() - t_slot
                 specs = [merged_spec(x) for x in choices[t]]
             else:
                 specs = [fixed] * N
@@ -339,7 +350,12 @@ class Simulation:
                 if router is not None:
                     feedback.append(Feedback(choices[t, n], psis[n], *self.rewards(t, n, preds, credit)))
             if router is not None:  # 5. rewards arrive after the slot: update
+                t_update = time.perf_counter()
                 router.update_slot(t, feedback)
+                seconds["decide"][t] += time.perf_counter() - t_update
+            seconds["merge"][t] = self.ev.merge_seconds - merge0
+            seconds["score"][t] = self.ev.run_seconds - run0 - seconds["merge"][t]
+            seconds["total"][t] = time.perf_counter() - t_slot
             if on_slot is not None:
                 on_slot(name, t, float(credit_sum[t].sum() / max(counts[t].sum(), 1)),
                         float(credit_sum[:t + 1].sum() / max(counts[:t + 1].sum(), 1)))
@@ -350,7 +366,7 @@ class Simulation:
             latency=np.concatenate([l for l, _, _ in latency]),
             latency_node=np.concatenate([np.full(len(l), n) for n, (l, _, _) in enumerate(latency)]),
             dropped=np.asarray([int(d.sum()) for _, d, _ in latency]),
-            backlog=np.asarray([b for _, _, b in latency]), mode=mode, push_seconds=push_s)
+            backlog=np.asarray([b for _, _, b in latency]), mode=mode, push_seconds=push_s, seconds=seconds)
 
     def budget(self, cls: NodeClass) -> int:
         """B at a node: the class's, or K (the router merges centrally and pushes one FFN, so B limits
@@ -520,6 +536,7 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
             "pushed_bytes": int(r.pushed.sum()),
             "pushed_bytes_per_slot": float(r.pushed.mean()),
             "push_seconds": float(r.push_seconds),
+            "wall_seconds_split": r.seconds_split,
             "regret_vs_best_fixed": float(reg_fixed.sum()),
             "regret_vs_oracle": float(reg_oracle.sum()),
             "regret_slope": loglog_slope(np.cumsum(reg_fixed), start_frac=0.5),

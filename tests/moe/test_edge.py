@@ -35,9 +35,8 @@ def test_swap_shares_the_shell_and_keeps_running_models(tiny_moe):
     edge.load_ffn(tiny_moe.merged_state([0.0, 1.0]))
     assert edge.model is not old and edge.model.shell is old.shell  # one shell, nothing copied
     l = tiny_moe.moe_layers[0]
-    key = f"ffn.{l}.w1"
-    assert not torch.equal(edge.model.ffn_params[key], old.ffn_params[key])
-    assert torch.equal(old.ffn_params[key], tiny_moe.merged_state([0.5, 0.5])["w1"][0])
+    assert not torch.equal(edge.model.ffn_layers[l]["w1"], old.ffn_layers[l]["w1"])
+    assert torch.equal(old.ffn_layers[l]["w1"], tiny_moe.merged_state([0.5, 0.5])["w1"][0])
     assert not edge.shell.ffn[l]["w1"].abs().sum()  # the shell itself is never written
     sp = _splits()["SST-2"]
     want = predict(tiny_moe, prepare(tiny_moe, {"SST-2": sp}), "merged", x=[0.5, 0.5])["SST-2"]
@@ -56,3 +55,29 @@ def test_edge_model_refuses_bad_input(tiny_moe):
     with pytest.raises(ValueError, match="needs text_b"):
         edge.predict("MNLI", ["a premise"])
     assert set(FFN_KEYS) <= set(tiny_moe.merged_state([0.5, 0.5]))
+
+
+def test_versions_on_one_shell_serve_at_once_from_threads(tiny_moe):
+    """A replica serving several nodes runs their versions concurrently on one shell: each thread
+    gets its own version's logits (a forward that swapped the shell's parameters would mix them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tanbr_ray.moe.data import TaskSplit, bucket_batches
+
+    edge = EdgeModel(edge_package(tiny_moe))
+    versions = {x: edge.shell.with_ffn(tiny_moe.merged_state(list(x))) for x in [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)]}
+    sp = _splits()["MNLI"]
+    split = TaskSplit("MNLI", list(sp.text_a), list(sp.text_b), np.zeros(len(sp.text_a)))
+    b = next(iter(bucket_batches(edge.tokenizer, split, edge.max_len["MNLI"], batch_size=32)))
+
+    def logits(x):
+        with torch.no_grad():
+            return versions[x](b.input_ids, b.attention_mask, b.token_type_ids, "MNLI")
+
+    want = {x: logits(x) for x in versions}
+    assert not torch.allclose(want[(1.0, 0.0)], want[(0.0, 1.0)])  # the versions answer differently
+    jobs = [x for _ in range(30) for x in versions]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        got = list(pool.map(logits, jobs))
+    for x, g in zip(jobs, got):
+        assert torch.equal(g, want[x]), x
