@@ -159,3 +159,27 @@ def check_cluster_resources(cfg: dict, classes: list[str]) -> None:
             f"cluster config {cfg.get('cluster_name', '?')}: no node type declares {missing} in `resources` "
             f"(nor a `ray start --resources` JSON); declared: {sorted(declared)}"
         )
+
+
+def check_fleet_capacity(cfg: dict, fleet) -> dict[str, int]:
+    """Every edge class needs as many `edge_<class>` slots as the fleet has nodes of that class (one
+    replica per node): per node type, its amount x its max_workers (1 for the head, and for start
+    commands: the local provider's machines declare theirs one by one). Returns the slots per class.
+
+    Why: Serve would leave the replicas beyond the slots pending, and those nodes unserved."""
+    declared = declared_resources(cfg)
+    types = cfg.get("available_node_types") or {}
+    head = cfg.get("head_node_type")
+    slots, short = {}, []
+    for c in fleet.classes:
+        total = 0
+        for where, amount in declared.get(edge_resource(c.name), {}).items():
+            machines = 1 if where == head or where not in types else int(types[where].get("max_workers", 0))
+            total += int(amount) * machines
+        slots[c.name] = total
+        if total < c.count:
+            short.append(f"{c.name}: {total} slots for {c.count} nodes")
+    if short:
+        raise ValueError(f"cluster config {cfg.get('cluster_name', '?')}: too few edge slots for the fleet "
+                         f"({'; '.join(short)})")
+    return slots

@@ -14,11 +14,13 @@ import yaml
 
 from tanbr_ray.cluster.service import args_from_deploy_file
 from tanbr_ray.cluster.names import HEAD_RESOURCE, edge_resource
-from tanbr_ray.cluster.validate import check_cluster_config, check_cluster_resources, check_serve_config, declared_resources
+from tanbr_ray.cluster.validate import (check_cluster_config, check_cluster_resources, check_fleet_capacity,
+                                        check_serve_config, declared_resources)
 from tanbr_ray.sim.fleet import load_fleet
 
 ROOT = Path(__file__).resolve().parents[2]
-CLUSTER_FILES = ["cluster.yaml", "cluster-aws.yaml"]
+CLUSTER_FILES = ["cluster.yaml", "cluster-aws.yaml", "cluster-128.yaml"]
+FLEET_OF = {"cluster.yaml": "default", "cluster-aws.yaml": "default", "cluster-128.yaml": "128"}
 
 # A serve config of the platform's shape, written here so the validator is tested on its own.
 VALID_SERVE = {
@@ -54,8 +56,8 @@ def _write(tmp_path: Path, obj, name: str = "serve.yaml") -> Path:
     return path
 
 
-def _fleet_classes() -> dict[str, int]:
-    return {c.name: c.count for c in load_fleet().classes}
+def _fleet_classes(fleet: str = "default") -> dict[str, int]:
+    return {c.name: c.count for c in load_fleet(fleet).classes}
 
 
 # --- the repository's own files --------------------------------------------------------------------
@@ -65,17 +67,27 @@ def _fleet_classes() -> dict[str, int]:
 def test_cluster_files_pass_ray_and_carry_every_edge_class(name):
     cfg = check_cluster_config(ROOT / name)
     assert cfg["provider"]["type"] in {"local", "aws"}
-    check_cluster_resources(cfg, list(_fleet_classes()))
-    # Each class's node carries as many edge slots as the default fleet has nodes of that class.
+    fleet = FLEET_OF[name]
+    check_cluster_resources(cfg, list(_fleet_classes(fleet)))
+    # Each class has at least as many edge slots as its fleet has nodes of that class, and at most
+    # one machine's worth more.
+    slots = check_fleet_capacity(cfg, load_fleet(fleet))
     declared = declared_resources(cfg)
-    for cls, count in _fleet_classes().items():
-        assert set(declared[edge_resource(cls)].values()) == {count}, (name, cls, declared)
+    for cls, count in _fleet_classes(fleet).items():
+        per_machine = max(declared[edge_resource(cls)].values())
+        assert count <= slots[cls] < count + per_machine, (name, cls, slots)
     # Every start command runs with the same auth mode (a mismatch cannot connect).
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         starts = [c for c in cfg[key] if "ray start" in c]
         assert starts and all("RAY_AUTH_MODE=disabled" in c for c in starts), (name, key)
     # The project is installed the way scripts/install.sh does it (torch pinned first).
     assert any("scripts/install.sh" in c for c in cfg["setup_commands"])
+
+
+def test_a_cluster_too_small_for_the_fleet_is_named_by_class():
+    cfg = check_cluster_config(ROOT / "cluster-aws.yaml")
+    with pytest.raises(ValueError, match=r"board: 4 slots for 57 nodes; gateway: 3 slots for 43 nodes"):
+        check_fleet_capacity(cfg, load_fleet("128"))
 
 
 def test_aws_head_has_no_edge_resources():
