@@ -159,9 +159,18 @@ class EdgeNode:
                 del self.reports[old]
         return out
 
+    def held_bytes(self) -> int:
+        """Model memory this replica holds: the shell once, plus each held node's merged FFNs (the
+        versions share the shell's tensors; each tensor counted once)."""
+        tensors = {id(p): p for p in self.edge.shell.parameters()}
+        for nm in self.loaded.values():
+            if nm.model is not None:
+                tensors.update((id(t), t) for layer in nm.model.ffn_layers for t in layer.values())
+        return int(sum(t.numel() * t.element_size() for t in tensors.values()))
+
     def status(self) -> dict:
         return {"replica": self.replica, "class": self.node_class, "ray_node": ray.get_runtime_context().get_node_id(),
                 "nodes": {node: nm.version for node, nm in self.loaded.items()},
                 "weights_refetched": self.weights_refetched,
-                "resident_bytes": sum(nm.model.resident_bytes() for nm in self.loaded.values() if nm.model),
+                "resident_bytes": self.held_bytes(),
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
