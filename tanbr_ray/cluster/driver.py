@@ -1,10 +1,11 @@
 """`tanbr simulate --backend ray`: the simulation's slot loop driven through the cluster.
 
-Same workload, same monitors' psi, same scoring as the local backend; only steps 2-5 move: the
-decision leader selects and learns (step 2, 5), the mergers merge, and the merged weights are pushed
-to the Serve replicas with acknowledgements (step 3), and each node's requests are served by the replica holding
-that node's model, timed end to end (step 4). Policies without a router (Switch, Oracle, static
-merges) need the full MoE or no pushes and stay on the local evaluator.
+Same workload, same monitors' psi, same scoring and rewards as the local backend; only steps 2, 3, 4
+and 6 move: the decision leader selects (step 2; the mergers merge each new x meanwhile) and learns
+(step 6), the merged weights are pushed to the Serve replicas with acknowledgements (step 3), and each
+node's requests are served by the replica holding that node's model, timed end to end (step 4).
+Policies without a router (Switch, Oracle, static merges) need the full MoE or no pushes and stay on
+the local evaluator.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class ServeEdge:
         self.sim, self.client, self.edges, self.pushes, self.timing = sim, client, edges, pushes, timing
         self.policy, self.faults, self.checkpoint_dir = policy, faults or [], checkpoint_dir
         self.router_name = router_name
-        self.served: dict[int, tuple[list[float], float]] = {}
+        self.versions: dict[str, int] = {}  # node -> the version the last push assigned
         self.failed_requests = 0  # requests whose call failed (a replica died under them) and were re-sent
 
     def inject(self, t: int, phase: str) -> None:
@@ -74,33 +75,35 @@ class ServeEdge:
                     f.report.update(fi.kill_leader(self.client))
 
     def push(self, t: int, specs) -> None:
+        """The leader's assignments to every replica, acknowledged (the mergers merged them when the
+        slot was decided)."""
         r = push(self.client.call("assignments"), self.edges)
         self.pushes.append(r)
         if r.stale:  # a live replica behind its node's version; an unreachable one is replaced, and its
             raise RuntimeError(f"slot {t}: push left replicas stale {r.stale}")  # successor pulls first
+        self.versions = r.versions
+
+    def serve(self, t: int, specs) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every node's scored requests on the replica holding it, at once; latency timed end to end."""
         self.inject(t, "serve")
         t0 = time.perf_counter()
-        self.served = asyncio.run(self._serve_slot(t, r.versions))
+        served = asyncio.run(self._serve_slot(t, self.versions))
         self.timing["serve"] += time.perf_counter() - t0
+        return [(np.asarray(preds, dtype=np.float64), np.full(len(preds), ms)) for preds, ms in served]
 
-    async def _serve_slot(self, t: int, versions: dict[str, int]) -> dict:
+    async def _serve_slot(self, t: int, versions: dict[str, int]) -> list[tuple[list[float], float]]:
         async def one(n: int, node: str, cls: str):
             items = self.sim.requests(t, n)
             if not items:
-                return n, ([], 0.0)
+                return [], 0.0
             t0 = time.perf_counter()
             out, failed = await call_node(self.edges[cls], node, items, versions[node])
             self.failed_requests += failed
             if out["model_version"] < versions[node]:
                 raise RuntimeError(f"slot {t}: {node} served version {out['model_version']} < {versions[node]}")
-            return n, (out["preds"], (time.perf_counter() - t0) * 1e3)
+            return out["preds"], (time.perf_counter() - t0) * 1e3
 
-        done = await asyncio.gather(*(one(n, node, c.name) for n, (node, c) in enumerate(self.sim.nodes)))
-        return dict(done)
-
-    def serve(self, t: int, n: int, spec, mode: str) -> tuple[np.ndarray, np.ndarray]:
-        preds, ms = self.served[n]
-        return np.asarray(preds, dtype=np.float64), np.full(len(preds), ms)
+        return list(await asyncio.gather(*(one(n, node, c.name) for n, (node, c) in enumerate(self.sim.nodes))))
 
 
 def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | None = None,

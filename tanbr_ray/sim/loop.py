@@ -1,15 +1,19 @@
 """The slot loop: one code path for every policy.
 
-Per slot and node, in order:
-  1. monitor   — the node's TaskMonitor estimates psi from the requests it saw in earlier slots;
-  2. select    — the policy picks merging weights x under the node's budget B (Tanbr: one shared
-                 bandit learns from every node's feedback);
-  3. push      — a new x means pushing the merged FFN weights to the node (bytes / bandwidth);
-  4. serve     — the slot's requests run through the node's model: every request is served (it
-                 counts in the queueing latency, and the monitor saw it), and a seeded sample of
-                 `scored_per_slot` of them is scored exactly by the MoE;
+Per slot, in order, each step one call:
+  1. monitor   — each node's TaskMonitor estimates psi from the requests it saw in earlier slots
+                 (`FleetMonitors`);
+  2. select    — the router picks merging weights x for every node under its budget B in one call
+                 (Tanbr: one shared bandit learns from every node's feedback);
+  3. push      — a new x means pushing the merged FFN weights to the node (bytes / bandwidth, and the
+                 edge's own push: the Ray backend's replicas acknowledge it);
+  4. serve     — every node's requests run through its model: every request is served (it counts in
+                 the queueing latency, and the monitor saw it), and a seeded sample of
+                 `scored_per_slot` of them is scored exactly by the MoE (locally, each distinct merge
+                 is made once and run over all its nodes' rows);
   5. reward    — per-task reward from the labelled share of the scored sample after the slot (or,
-                 label free, agreement with the full MoE on it), and the policy updates.
+                 label free, agreement with the full MoE on it);
+  6. update    — the router learns from the whole slot's feedback in one call.
 Latency per request = its wait in the node's queue (dynamic batching, `sim/queueing.py`) + the batch's
 service time (this host's measured batch latency for the node's model × the node's slowdown, + the
 time to swap experts in from storage when the model does not fit the node's memory) + RTT.
@@ -91,8 +95,8 @@ def measure_costs(moe, runs: int = 5, seq_len: int = 64) -> Costs:
 
 @dataclass(frozen=True)
 class Feedback:
-    """What one node's slot returns to the router (step 5): the x it was served with, the ψ̂ it was
-    chosen for, the per-task rewards on the scored sample and which tasks were observed."""
+    """What one node's slot returns to the router (steps 5 and 6): the x it was served with, the
+    ψ̂ it was chosen for, the per-task rewards on the scored sample and which tasks were observed."""
 
     x: np.ndarray
     psi: np.ndarray
@@ -105,7 +109,7 @@ class Feedback:
 
 
 class SlotRouter(Protocol):
-    """Steps 2 and 5 of a slot: x per node under its budget; learning from the slot's rewards."""
+    """Steps 2 and 6 of a slot: x per node under its budget; learning from the slot's rewards."""
 
     def select_slot(self, t: int, psis: np.ndarray, budgets: Sequence[int]) -> np.ndarray: ...
 
@@ -113,13 +117,13 @@ class SlotRouter(Protocol):
 
 
 class EdgeServing(Protocol):
-    """Steps 3 and 4: get every node onto its model; serve a node's scored requests. Returns their
-    predictions and measured latency per request, or None where the loop models the latency
-    (queueing over all the node's requests)."""
+    """Steps 3 and 4: get every node onto its model; serve every node's scored requests. `serve`
+    returns per node (predictions, measured latency per request), the latency None where the loop
+    models it (queueing over all the node's requests)."""
 
     def push(self, t: int, specs: list[Spec]) -> None: ...
 
-    def serve(self, t: int, n: int, spec: Spec, mode: str) -> tuple[np.ndarray, np.ndarray | None]: ...
+    def serve(self, t: int, specs: list[Spec]) -> list[tuple[np.ndarray, np.ndarray | None]]: ...
 
 
 class PolicyRouter:
@@ -137,19 +141,19 @@ class PolicyRouter:
 
 
 class LocalEdge:
-    """Serving simulated in this process: exact predictions of the scored sample from the cached
-    evaluator; latency left to the loop's queueing model (pushes are only accounted, by the loop). A
-    slot's requests are run grouped by model, so nodes that hold the same merge share forward passes."""
+    """Serving simulated in this process: nothing to push (the loop accounts the bytes); exact
+    predictions of the scored sample from the cached evaluator, latency left to the loop's queueing
+    model. A slot's requests are run grouped by model, so nodes that hold the same merge share
+    forward passes."""
 
     def __init__(self, sim: "Simulation"):
         self.sim = sim
-        self.preds: list[np.ndarray] = []
 
     def push(self, t: int, specs: list[Spec]) -> None:
-        self.preds = self.sim.predict_slot(t, specs)
+        pass
 
-    def serve(self, t: int, n: int, spec: Spec, mode: str) -> tuple[np.ndarray, None]:
-        return self.preds[n], None
+    def serve(self, t: int, specs: list[Spec]) -> list[tuple[np.ndarray, None]]:
+        return [(preds, None) for preds in self.sim.predict_slot(t, specs)]
 
 
 def make_policy(name: str, cfg: SimConfig, K: int, V: int, task_experts: np.ndarray, tasks: list[str]) -> Policy | None:
@@ -174,18 +178,29 @@ def class_weights(tasks: Sequence[str], data_dir: str | None) -> dict[str, np.nd
     return out
 
 
-def estimate_mixes(wl: Workload, tasks: list[str], cfg: SimConfig) -> np.ndarray:
-    """psi-hat per slot and node from each node's monitor, which sees every request (scored or not)
-    of earlier slots only."""
-    slots, nodes = len(wl.requests), len(wl.requests[0])
-    monitors = [TaskMonitor(tasks, cfg.tanbr.monitor) for _ in range(nodes)]
-    out = np.zeros((slots, nodes, len(tasks)))
-    for t in range(slots):
-        for n, mon in enumerate(monitors):
-            out[t, n] = mon.psi()
-            mon.observe_many(wl.requests[t][n].heads)
-            mon.end_slot()
-    return out
+class FleetMonitors:
+    """Step 1: one TaskMonitor per node, fed every request (scored or not) the node served, so slot
+    t's psi-hat comes from earlier slots only. Every policy sees the same traffic, so each slot's
+    estimate is made once, by the first policy to reach it, and kept for the others."""
+
+    def __init__(self, wl: Workload, tasks: list[str], cfg: SimConfig):
+        self.wl = wl
+        self.monitors = [TaskMonitor(tasks, cfg.tanbr.monitor) for _ in wl.requests[0]]
+        self.estimates: list[np.ndarray] = []  # per slot, (nodes, V)
+
+    def psi(self, t: int) -> np.ndarray:
+        """psi-hat of every node for slot t (nodes, V)."""
+        while len(self.estimates) <= t:
+            s = len(self.estimates)
+            self.estimates.append(np.stack([m.psi() for m in self.monitors]))
+            for n, m in enumerate(self.monitors):  # what slot s serves counts from slot s + 1 on
+                m.observe_many(self.wl.requests[s][n].heads)
+                m.end_slot()
+        return self.estimates[t]
+
+    def all(self) -> np.ndarray:
+        """(slots, nodes, V): every slot's estimates."""
+        return np.stack([self.psi(t) for t in range(len(self.wl.requests))])
 
 
 @dataclass(frozen=True)
@@ -241,7 +256,7 @@ class Simulation:
                            cfg.slot_seconds, cfg.slots, cfg.schedule, cfg.seed, cfg.switch_every,
                            [None if c.mix is None else np.asarray([c.mix.get(t, 0.0) for t in self.tasks])
                             for _, c in self.nodes], cfg.scored_per_slot)
-        self.psi_hat = estimate_mixes(self.wl, self.tasks, cfg)
+        self.monitors = FleetMonitors(self.wl, self.tasks, cfg)
         rng = np.random.default_rng(cfg.seed + 1)
         self.labelled = [[rng.random(len(r.scored)) < cfg.label_fraction for r in slot] for slot in self.wl.requests]
         self.costs = measure_costs(moe)
@@ -298,7 +313,7 @@ class Simulation:
                    edge: EdgeServing | None = None) -> "PolicyRun":
         """Every slot of the run for one policy; `on_slot(name, t, slot_score, running_score)` after each.
 
-        `router` (steps 2 and 5) and `edge` (steps 3 and 4) default to this process: the policy object
+        `router` (steps 2 and 6) and `edge` (steps 3 and 4) default to this process: the policy object
         and the cached evaluator with the latency model. The Ray backend passes the router actor and
         the Serve replicas instead; the loop, the workload and the scoring stay the same."""
         cfg, T, N = self.cfg, self.cfg.slots, len(self.nodes)
@@ -320,7 +335,7 @@ class Simulation:
         seconds = {k: np.zeros(T) for k in ("decide", "merge", "score", "total")}
         for t in tqdm(range(T), desc=name, disable=not self.progress, leave=False):
             t_slot, merge0, run0 = time.perf_counter(), self.ev.merge_seconds, self.ev.run_seconds
-            psis = self.psi_hat[t]  # 1. monitor: each node's estimate from earlier slots only
+            psis = self.monitors.psi(t)  # 1. monitor: each node's estimate from earlier slots only
             if router is not None:  # 2. select: x per node under its budget
                 choices[t] = router.select_slot(t, psis, budgets)
                 seconds["decide"][t] += time.perf_counter() - t_slot
@@ -334,9 +349,9 @@ class Simulation:
                     push_s += nbytes / (cls.bandwidth_mbps * 1e6 / 8)
                     current[n] = specs[n]
             edge.push(t, specs)
+            served = edge.serve(t, specs)  # 4. serve (the scored sample exactly)
             feedback = []
-            for n, (_, cls) in enumerate(self.nodes):
-                preds, lat = edge.serve(t, n, specs[n], mode)  # 4. serve (the scored sample exactly)
+            for n, (preds, lat) in enumerate(served):  # 5. reward
                 credit = self.credit(t, n, preds)
                 req = self.wl.requests[t][n]
                 credit_sum[t, n], counts[t, n] = credit.sum(), len(credit)
@@ -349,7 +364,7 @@ class Simulation:
                     measured[n].append(np.asarray(lat, dtype=np.float64))
                 if router is not None:
                     feedback.append(Feedback(choices[t, n], psis[n], *self.rewards(t, n, preds, credit)))
-            if router is not None:  # 5. rewards arrive after the slot: update
+            if router is not None:  # 6. update: the slot's rewards arrive after it
                 t_update = time.perf_counter()
                 router.update_slot(t, feedback)
                 seconds["decide"][t] += time.perf_counter() - t_update
@@ -443,7 +458,7 @@ class Simulation:
     def monitor_error(self) -> dict[str, float]:
         """Mean total-variation distance between ψ̂ and the true mix, second half, per node class."""
         half = self.cfg.slots // 2
-        tv = 0.5 * np.abs(self.psi_hat[half:] - self.wl.psi[half:]).sum(-1)  # (slots, nodes)
+        tv = 0.5 * np.abs(self.monitors.all()[half:] - self.wl.psi[half:]).sum(-1)  # (slots, nodes)
         out = {}
         for cls in dict.fromkeys(c.name for _, c in self.nodes):
             idx = [n for n, (_, c) in enumerate(self.nodes) if c.name == cls]
