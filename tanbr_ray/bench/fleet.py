@@ -130,7 +130,7 @@ def run(moe, fleets: Sequence[str] = FLEETS, slots: int = 4, grow: int = 1000, c
         "update_many_ms": {"N128": timing[8]["update_many_ms_p50"], "N128_K192": timing[192]["update_many_ms_p50"]},
         "select_ms_p50_K8": timing[8]["select_ms_p50"],
         "decision_timing": list(timing.values()),
-        "slots": slots, "model": getattr(moe, "name", None),
+        "slots": slots,
         "method": "seconds per slot: mean over slots 2.. of this process's wall time, Tanbr on the local "
                   "backend, no disk memo; decisions: median over calls from a Tanbr grown node by node",
     }
