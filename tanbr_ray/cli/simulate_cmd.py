@@ -101,7 +101,7 @@ def simulate(
                    f"{r['stale_replicas']} stale, {r['push_retries']} retries; cluster setup "
                    f"{r['cluster_setup_seconds']:.1f} s")
         for st in r["replicas_status"]:
-            typer.echo(f"  replica {st['replica']} ({st['class']}): {st['nodes']} nodes, models "
+            typer.echo(f"  replica {st['replica']} ({st['class']}): {len(st['nodes'])} nodes, models "
                        f"{st['resident_bytes'] / 2**20:.0f} MiB, peak RSS {st['peak_rss_bytes'] / 2**20:.0f} MiB")
     runs = log_simulation(result, cfg.out, group=cfg.name, mode=cfg.wandb)
     if runs:

@@ -180,7 +180,7 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         "takeovers": final_state["takeovers"],
         "replica_plan": {c: {"replicas": r, "nodes_per_replica": k} for c, (r, k) in replica_plan(fleet, replicas).items()},
         "replicas_status": [{k: st[k] for k in ("replica", "class", "resident_bytes", "peak_rss_bytes", "weights_refetched")}
-                            | {"nodes": len(st["nodes"])} for st in replica_status],
+                            | {"nodes": sorted(st["nodes"])} for st in replica_status],
         "faults": [{"policy": f.policy, "slot": f.slot, "phase": f.phase, "action": f.action, **f.report}
                    for f in faults],
     }
