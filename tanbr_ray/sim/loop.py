@@ -6,7 +6,10 @@ Per slot, in order, each step one call:
   2. select    — the router picks merging weights x for every node under its budget B in one call
                  (Tanbr: one shared bandit learns from every node's feedback);
   3. push      — a new x means pushing the merged FFN weights to the node (bytes / bandwidth, and the
-                 edge's own push: the Ray backend's replicas acknowledge it);
+                 edge's own push: the Ray backend's replicas acknowledge it). Merging is not a step of
+                 its own: it happens where the weights are made, by the cluster's mergers while the
+                 slot is decided, or locally by the evaluator just before a merge's rows run (it keeps
+                 8 merged states, so a slot of 128 distinct x is never held at once);
   4. serve     — every node's requests run through its model: every request is served (it counts in
                  the queueing latency, and the monitor saw it), and a seeded sample of
                  `scored_per_slot` of them is scored exactly by the MoE (locally, each distinct merge
@@ -342,31 +345,20 @@ class Simulation:
                 specs = [merged_spec(x) for x in choices[t]]
             else:
                 specs = [fixed] * N
-            for n, (_, cls) in enumerate(self.nodes):  # 3. push: first the model, later merged FFNs
-                if current[n] != specs[n]:
-                    nbytes = self.costs.resident[mode] if current[n] is None else self.costs.ffn_bytes
-                    pushed[t] += nbytes
-                    push_s += nbytes / (cls.bandwidth_mbps * 1e6 / 8)
-                    current[n] = specs[n]
+            nbytes, link_s = self.push_cost(current, specs, mode)  # 3. push
+            pushed[t] += nbytes
+            push_s += link_s
             edge.push(t, specs)
             served = edge.serve(t, specs)  # 4. serve (the scored sample exactly)
-            feedback = []
-            for n, (preds, lat) in enumerate(served):  # 5. reward
-                credit = self.credit(t, n, preds)
-                req = self.wl.requests[t][n]
+            scores = self.score_slot(t, [preds for preds, _ in served], rewards=router is not None)  # 5. reward
+            for n, ((preds, lat), (credit, _)) in enumerate(zip(served, scores)):
                 credit_sum[t, n], counts[t, n] = credit.sum(), len(credit)
-                for v, task in enumerate(self.tasks):
-                    sel = req.scored_tasks == v
-                    per_task[task][0].append(np.full(sel.sum(), t))
-                    per_task[task][1].append(req.scored_examples[sel])
-                    per_task[task][2].append(preds[sel])
+                self._record(per_task, t, n, preds)
                 if lat is not None:
                     measured[n].append(np.asarray(lat, dtype=np.float64))
-                if router is not None:
-                    feedback.append(Feedback(choices[t, n], psis[n], *self.rewards(t, n, preds, credit)))
             if router is not None:  # 6. update: the slot's rewards arrive after it
                 t_update = time.perf_counter()
-                router.update_slot(t, feedback)
+                router.update_slot(t, [Feedback(choices[t, n], psis[n], *rw) for n, (_, rw) in enumerate(scores)])
                 seconds["decide"][t] += time.perf_counter() - t_update
             seconds["merge"][t] = self.ev.merge_seconds - merge0
             seconds["score"][t] = self.ev.run_seconds - run0 - seconds["merge"][t]
@@ -382,6 +374,35 @@ class Simulation:
             latency_node=np.concatenate([np.full(len(l), n) for n, (l, _, _) in enumerate(latency)]),
             dropped=np.asarray([int(d.sum()) for _, d, _ in latency]),
             backlog=np.asarray([b for _, _, b in latency]), mode=mode, push_seconds=push_s, seconds=seconds)
+
+    def push_cost(self, held: list[Spec | None], specs: list[Spec], mode: str) -> tuple[float, float]:
+        """Step 3's bytes and link seconds over the fleet: a node whose model changes gets the whole
+        model the first time, its merged FFNs after. `held` (each node's spec) is brought up to date."""
+        nbytes = link_s = 0.0
+        for n, (_, cls) in enumerate(self.nodes):
+            if held[n] != specs[n]:
+                b = self.costs.resident[mode] if held[n] is None else self.costs.ffn_bytes
+                nbytes, link_s = nbytes + b, link_s + b / (cls.bandwidth_mbps * 1e6 / 8)
+                held[n] = specs[n]
+        return nbytes, link_s
+
+    def score_slot(self, t: int, preds: list[np.ndarray], rewards: bool) -> list[tuple[np.ndarray, tuple | None]]:
+        """Step 5, per node: the scored requests' credit and, for a router, its (per-task reward,
+        observed mask)."""
+        out = []
+        for n, p in enumerate(preds):
+            credit = self.credit(t, n, p)
+            out.append((credit, self.rewards(t, n, p, credit) if rewards else None))
+        return out
+
+    def _record(self, per_task: dict, t: int, n: int, preds: np.ndarray) -> None:
+        """Keep node n's slot-t predictions by task, for the GLUE metrics of the run."""
+        req = self.wl.requests[t][n]
+        for v, task in enumerate(self.tasks):
+            sel = req.scored_tasks == v
+            per_task[task][0].append(np.full(sel.sum(), t))
+            per_task[task][1].append(req.scored_examples[sel])
+            per_task[task][2].append(preds[sel])
 
     def budget(self, cls: NodeClass) -> int:
         """B at a node: the class's, or K (the router merges centrally and pushes one FFN, so B limits

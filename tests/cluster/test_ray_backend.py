@@ -43,20 +43,14 @@ def test_ray_backend_refuses_bf16_before_starting_anything(tiny):
     assert not ray.is_initialized()
 
 
-FLEET32 = dict(classes=[
-    dict(name="board", count=14, slowdown=4, memory_x_dense=1.001, bandwidth_mbps=50, rtt_ms=20, rate=0.5),
-    dict(name="gateway", count=11, slowdown=2, memory_x_dense=3.5, bandwidth_mbps=200, rtt_ms=8, rate=1.0),
-    dict(name="dc", count=7, slowdown=1, memory_x_dense=8, bandwidth_mbps=1000, rtt_ms=3, rate=2.0),
-])
-
-
 def test_ray_backend_equals_local_at_32_nodes_on_4_replicas(tiny, data_dir):
-    """32 nodes multiplexed onto 4 replica processes (2 board, 1 gateway, 1 dc): the same choices
-    and scores as the local backend, every node held by a replica of its class."""
-    from tanbr_ray.sim.fleet import Fleet
+    """The packaged 32-node fleet multiplexed onto 4 replica processes (2 board, 1 gateway, 1
+    microdc): the same choices and scores as the local backend, every node held by a replica of its
+    class."""
+    from tanbr_ray.sim.fleet import load_fleet
 
     cfg_moe, models, moe = tiny
-    fleet = Fleet(**FLEET32)
+    fleet = load_fleet("32")
     cfg = SimConfig(slots=2, slot_seconds=8, pool_per_task=12, fixed_candidates=1, wandb="disabled", seed=0,
                     threads=1, models_dir=str(models), data_dir=data_dir, policies=["Tanbr"], scored_per_slot=4)
     local = run_simulation(cfg, moe, fleet=fleet, progress=False)
@@ -67,7 +61,7 @@ def test_ray_backend_equals_local_at_32_nodes_on_4_replicas(tiny, data_dir):
     r = ray_out.summary["ray"]
     assert r["replica_plan"] == {"board": {"replicas": 2, "nodes_per_replica": 7},
                                  "gateway": {"replicas": 1, "nodes_per_replica": 11},
-                                 "dc": {"replicas": 1, "nodes_per_replica": 7}}
+                                 "microdc": {"replicas": 1, "nodes_per_replica": 7}}
     status = r["replicas_status"]
     assert len(status) == 4 and r["replicas"] == 4 and r["stale_replicas"] == 0
     held = [node for s in status for node in s["nodes"]]
@@ -81,10 +75,10 @@ def test_replica_plan_shares_replicas_by_node_count():
     import pytest
 
     from tanbr_ray.cluster.app import replica_plan
-    from tanbr_ray.sim.fleet import Fleet, load_fleet
+    from tanbr_ray.sim.fleet import load_fleet
 
     assert replica_plan(load_fleet("default"), None) == {"board": (4, 1), "gateway": (3, 1), "microdc": (2, 1)}
     assert replica_plan(load_fleet("128"), 8) == {"board": (3, 19), "gateway": (3, 15), "microdc": (2, 14)}
     assert replica_plan(load_fleet("8"), 100) == {"board": (3, 1), "gateway": (3, 1), "microdc": (2, 1)}
     with pytest.raises(ValueError, match="each class needs at least one"):
-        replica_plan(Fleet(**FLEET32), 2)
+        replica_plan(load_fleet("32"), 2)
