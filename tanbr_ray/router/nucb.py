@@ -41,8 +41,7 @@ class NucbPolicy(Policy):
 
     def _select_many(self, psis, budgets):
         xs = np.zeros((len(psis), self.num_experts))
-        for budget in dict.fromkeys(budgets):
-            rows = [n for n, b in enumerate(budgets) if b == budget]
+        for budget, rows in self._by_budget(budgets):
             cands = self.candidates(budget)
             mean, width = self.bandit.ucb_many(cands, psis[rows])
             xs[rows] = cands[np.argmax(mean + self.bandit.config.gamma * width, axis=1)]

@@ -78,6 +78,13 @@ class Policy(ABC):
     def _update(self, x: np.ndarray, psi: np.ndarray, rewards: np.ndarray, mask: np.ndarray) -> None:
         """Static policies learn nothing."""
 
+    @staticmethod
+    def _by_budget(budgets: list[int]):
+        """(budget, the rows with it) for each distinct budget, in first-seen order: a batched policy
+        scores one candidate set per budget."""
+        for budget in dict.fromkeys(budgets):
+            yield budget, [n for n, b in enumerate(budgets) if b == budget]
+
     def _select_many(self, psis: np.ndarray, budgets: list[int]) -> np.ndarray:
         """Node by node; a policy that can score every node at once overrides it."""
         return np.stack([self._select(psi, b) for psi, b in zip(psis, budgets)])

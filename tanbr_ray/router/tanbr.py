@@ -83,8 +83,7 @@ class Tanbr(Policy):
         all those nodes' psi in one batched pass (`NeuralUCB.ucb_many`); the same choices as
         `select` node by node."""
         xs = np.zeros((len(psis), self.num_experts))
-        for budget in dict.fromkeys(budgets):
-            rows = [n for n, b in enumerate(budgets) if b == budget]
+        for budget, rows in self._by_budget(budgets):
             cands, leaf = self.tree.candidate_points(budget)
             mean, width = self.bandit.ucb_many(cands, psis[rows])
             xs[rows] = self._choose(psis[rows], budget, cands, leaf, mean, width)
