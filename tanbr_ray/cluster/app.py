@@ -33,6 +33,7 @@ class AppArgs(BaseModel):
     router_name: str = Field(ROUTER_NAME, min_length=1)
     slot_seconds: float = Field(30.0, ge=0.0, description="live slot length; 0 = slots driven externally")
     threads: int = Field(1, ge=1, le=64, description="torch threads per edge replica")
+    bf16: bool = Field(False, description="edge replicas serve under bfloat16 autocast")
     replicas: int | None = Field(None, ge=1, description="edge replica processes for the whole fleet, nodes "
                                  "multiplexed onto them (at least one per class); None = one per node")
     api: ApiSettings = Field(default_factory=ApiSettings)
@@ -131,7 +132,7 @@ def make_app(args: dict | AppArgs, fleet: Fleet | None = None, moe_cfg: MoEConfi
         if c.replica_memory_mb:
             opts["memory"] = c.replica_memory_mb * 2**20
         edges[c.name] = EdgeNode.options(name=edge_deployment(c.name), num_replicas=replicas, ray_actor_options=opts).bind(
-            c.name, a.router_name, a.threads, a.router.sample_per_slot, n_dec, n_merge, cap)
+            c.name, a.router_name, a.threads, a.router.sample_per_slot, n_dec, n_merge, cap, a.bf16)
     nodes = {node: cls.name for node, cls in fleet.nodes()}
     return Ingress.bind(edges, nodes, meta.tasks, a.router_name, n_dec, a.api.model_dump())
 

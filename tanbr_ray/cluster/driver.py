@@ -120,9 +120,6 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
 
     if cfg.merge_operator is not None:  # the mergers merge with the simulation's operator, as the local backend does
         moe_cfg = moe_cfg.model_copy(update={"merge_operator": cfg.merge_operator})
-    if cfg.bf16:
-        raise ValueError("bf16: the cluster's replicas serve in fp32, so bf16 scoring would make the two "
-                         "backends disagree; run --backend ray with bf16=false")
     fleet = fleet or load_fleet(cfg.fleet)
     faults = faults or []
     t0 = time.perf_counter()
@@ -137,7 +134,7 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         args = AppArgs(model=cfg.model, models_dir=cfg.models_dir, data_dir=cfg.data_dir, slot_seconds=0,
                        router=RouterSpec(policy=router_policies[0] if router_policies else "Tanbr", seed=cfg.seed,
                                          tanbr=cfg.tanbr, threads=cfg.threads, checkpoint_dir=checkpoint_dir),
-                       router_name=f"tanbr-router-sim-{cfg.seed}", replicas=replicas)
+                       router_name=f"tanbr-router-sim-{cfg.seed}", replicas=replicas, bf16=cfg.bf16)
         serve.run(make_app(args, fleet, moe_cfg), name=APP_NAME, route_prefix=None)
         client = DecisionClient(args.router_name, args.router.decision_actors())
         edges = {c.name: serve.get_deployment_handle(edge_deployment(c.name), app_name=APP_NAME) for c in fleet.classes}

@@ -63,7 +63,7 @@ class NodeModel:
 class EdgeNode:
     async def __init__(self, node_class: str, router_name: str = ROUTER_NAME, threads: int = 1,
                        sample_per_slot: int = 32, decision_actors: int = 1, mergers: int = 1,
-                       max_nodes: int = 1):
+                       max_nodes: int = 1, bf16: bool = False):
         self.node_class, self.sample_per_slot = node_class, sample_per_slot
 
         async def node_model(node: str) -> NodeModel:  # Serve's LRU over the nodes this replica holds
@@ -72,7 +72,7 @@ class EdgeNode:
         self.node_model = serve.multiplexed(max_num_models_per_replica=max_nodes)(node_model)
         self.decision = DecisionClient(router_name, decision_actors)
         self.mergers = MergerPool(router_name, mergers)
-        self.edge = EdgeModel(await self.mergers.package(), threads=threads)
+        self.edge = EdgeModel(await self.mergers.package(), threads=threads, bf16=bf16)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.loaded: weakref.WeakValueDictionary[str, NodeModel] = weakref.WeakValueDictionary()
         self.heads: dict[str, list[str]] = {}

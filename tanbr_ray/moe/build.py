@@ -22,7 +22,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, get_li
 
 from tanbr_ray.moe.config import MoEConfig, default_config, default_models_dir, resolve_device
 from tanbr_ray.moe.data import NUM_LABELS, PAIR, TaskSplit, bucket_batches, load_task
-from tanbr_ray.moe.merge import FFN_KEYS, ExpertStats, merge_experts
+from tanbr_ray.moe.merge import FFN_KEYS, ExpertStats, fp32, merge_experts
 from tanbr_ray.moe.metrics import glue_score
 from tanbr_ray.moe.model import TaskMoE
 from tanbr_ray.moe.store import CONFIG, load_moe, save_moe
@@ -85,6 +85,7 @@ def _max_len(cfg: MoEConfig, task: str) -> int:
 
 
 def _loss(task: str, logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    logits = logits.float()  # bf16 under the build's autocast
     if task == "STS-B":
         return F.mse_loss(logits[:, 0], labels.float())
     return F.cross_entropy(logits, labels, weight=weight)
@@ -354,9 +355,10 @@ def expert_stats(moe: TaskMoE, cfg: MoEConfig, splits: list[TaskSplit], progress
             fisher[k][:, e] /= max(n, 1)
         rec: list = []
         _pooled(moe, cfg, sp.head(cfg.regmean_examples, cfg.seed), "oracle", record=rec)
-        with torch.no_grad():
+        with torch.no_grad(), fp32(moe.device):  # Grams in fp32 whatever the build's precision
             for l, x in rec:
                 m = moe.moe_layers.index(l)
+                x = x.float()
                 a = F.gelu(F.linear(x, moe.experts["w1"][m, e], moe.experts["b1"][m, e]))
                 g1[m, e] += x.T @ x
                 g2[m, e] += a.T @ a
@@ -421,8 +423,16 @@ class BuiltMoE:
     build_info: dict
 
 
+def build_autocast(cfg: MoEConfig, device: torch.device):
+    """The build's precision: bf16 autocast when `cfg.bf16`, with autocast's cast cache off. Within one
+    autocast region the cache keeps the first bf16 copy of every trainable leaf parameter, so a whole
+    stage would train against its initial weights (seen: the router stayed at zero, heads at init)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16, cache_enabled=False)
+
+
 def build_moe(cfg: MoEConfig, data_dir=None, progress: bool = True) -> tuple[TaskMoE, dict]:
-    """All build stages in order; returns the MoE and build stats (seconds per stage, losses)."""
+    """All build stages in order, each under bf16 autocast when `cfg.bf16`; returns the MoE and build
+    stats (seconds per stage, losses)."""
     t0 = time.perf_counter()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -437,7 +447,8 @@ def build_moe(cfg: MoEConfig, data_dir=None, progress: bool = True) -> tuple[Tas
 
     def stage(name, fn):
         s = time.perf_counter()
-        out = fn()
+        with build_autocast(cfg, device):
+            out = fn()
         stats["stages"][name] = round(time.perf_counter() - s, 2)
         log.info("stage %s: %.1fs", name, stats["stages"][name])
         return out

@@ -58,7 +58,7 @@ class ExpertSettings(BaseModel):
 DEFAULT_EXPERT_TRAINING = {
     "CoLA": ExpertTraining(examples=8000, balanced=True),  # all 7.7k rows; balanced: 70 % are acceptable
     "MRPC": ExpertTraining(epochs=2, init_from="QQP", label_map=[[0], [1]]),  # not/equivalent <- not/duplicate
-    "QQP": ExpertTraining(examples=6000),
+    "QQP": ExpertTraining(examples=9000),  # all 9k rows: at 6k the expert stayed under 0.80 accuracy
     "STS-B": ExpertTraining(epochs=2),
     "MNLI": ExpertTraining(examples=9000),  # all 9k rows: at 4k the expert stayed under 0.55
     # entailment <- entailment; not_entailment <- neutral, contradiction
@@ -107,6 +107,8 @@ class MoEConfig(BaseModel):
     # merge-aware adaptation: shared LayerNorms + heads trained under random merges; 0 = off
     adapt_steps: int = Field(120, ge=0)
     adapt_lr: float = Field(5e-4, gt=0, le=1)
+    bf16: bool = Field(True, description="build under bfloat16 autocast (parameters, optimiser state and "
+                       "statistics stay fp32): 1.5x faster training where the CPU has AMX/AVX512-BF16")
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
 

@@ -54,7 +54,8 @@ def edge_package(moe: TaskMoE, adapted: bool | None = None) -> EdgePackage:
 class EdgeModel:
     """A node's model: the shell from the package, merged FFNs swapped in per version."""
 
-    def __init__(self, pkg: EdgePackage, threads: int | None = None):
+    def __init__(self, pkg: EdgePackage, threads: int | None = None, bf16: bool = False):
+        self.bf16 = bf16  # serve under bf16 autocast, as the simulation scores with `bf16`
         if threads:
             torch.set_num_threads(threads)
         self.tasks = list(pkg.tasks)
@@ -93,6 +94,7 @@ class EdgeModel:
             raise ValueError(f"head {task!r} {'needs' if PAIR[task] else 'takes no'} text_b")
         split = TaskSplit(task, list(text_a), None if text_b is None else list(text_b), np.zeros(len(text_a)))
         out = np.zeros(len(text_a))
-        for b in bucket_batches(self.tokenizer, split, self.max_len[task], batch_size=32):
-            out[b.index] = _to_pred(task, model(b.input_ids, b.attention_mask, b.token_type_ids, task))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            for b in bucket_batches(self.tokenizer, split, self.max_len[task], batch_size=32):
+                out[b.index] = _to_pred(task, model(b.input_ids, b.attention_mask, b.token_type_ids, task).float())
         return out

@@ -144,9 +144,22 @@ def interleaved_latency(fns: Mapping[str, Callable[[], object]], runs: int = 20,
                 "mean": float(np.mean(v)), "runs": runs} for k, v in ts.items()}
 
 
-def mode_forward(moe, mode: str, batch_size: int, seq_len: int = 64, task: str | None = None, x=None):
-    """A zero-argument forward of one synthetic batch in the given mode (for the latency bench).
-    dense/merged run a standalone dense model (one FFN per layer), the others run the MoE."""
+def mode_forward(moe, mode: str, batch_size: int, seq_len: int = 64, task: str | None = None, x=None,
+                 bf16: bool = False):
+    """A zero-argument forward of one synthetic batch in the given mode (for the latency bench), under
+    bf16 autocast if asked. dense/merged run a standalone dense model (one FFN per layer), the others
+    run the MoE."""
+    fn = _mode_forward(moe, mode, batch_size, seq_len, task, x)
+    if not bf16:
+        return fn
+
+    def in_bf16():
+        with torch.autocast(moe.device.type, dtype=torch.bfloat16):
+            return fn()
+    return in_bf16
+
+
+def _mode_forward(moe, mode: str, batch_size: int, seq_len: int, task: str | None, x):
     task = task or moe.tasks[0]
     ids, am, tt = synthetic_batch(batch_size, seq_len, moe.bert_config.vocab_size, moe.device)
     moe.eval()

@@ -137,6 +137,10 @@ class Merger:
 
     def __call__(self, x: Sequence[float], op: str = "linear") -> dict[str, torch.Tensor]:
         check_operator(op)
+        with fp32(self.experts["w1"].device):
+            return self._merge(x, op)
+
+    def _merge(self, x: Sequence[float], op: str) -> dict[str, torch.Tensor]:
         x = np.asarray(x, dtype=np.float64)
         nz = np.flatnonzero(x)
         if len(nz) == 0:
@@ -212,4 +216,11 @@ def merge_experts(experts: Mapping[str, torch.Tensor], x: Sequence[float]) -> di
     nz = np.flatnonzero(x)
     if len(nz) == 0:
         raise ValueError("merge: x has no non-zero weight")
-    return _linear(experts, x, nz, list(experts))
+    with fp32(next(iter(experts.values())).device):
+        return _linear(experts, x, nz, list(experts))
+
+
+def fp32(device: torch.device):
+    """Merges run in fp32 even when called under bf16 autocast (a build stage, bf16 scoring): autocast
+    would run RegMean's Gram products and solves in bf16."""
+    return torch.autocast(device.type, enabled=False)

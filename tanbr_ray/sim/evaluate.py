@@ -105,6 +105,9 @@ class PoolEvaluator:
                 self._states[spec] = self.moe.merged_state(x, self.merge_operator)
             else:
                 self._states[spec] = self.moe.static_state(spec[1])
+            if self.bf16:  # the casts autocast makes at every forward pass, made once (bit-identical)
+                self._states[spec] = {k: v.to(torch.bfloat16) if k in ("w1", "w2") else v
+                                      for k, v in self._states[spec].items()}
             self.merge_seconds += time.perf_counter() - t0
             while len(self._states) > STATE_CACHE:
                 self._states.popitem(last=False)

@@ -83,11 +83,11 @@ class Costs:
         return lambda b: compute(b) * node.slowdown + swap
 
 
-def measure_costs(moe, runs: int = 5, seq_len: int = 64) -> Costs:
-    """Batch latency of every serving mode at SERVICE_BATCHES, timed round-robin (a load change on a
-    shared host then hits every mode alike)."""
+def measure_costs(moe, runs: int = 5, seq_len: int = 64, bf16: bool = False) -> Costs:
+    """Batch latency of every serving mode at SERVICE_BATCHES, in the precision the nodes serve in,
+    timed round-robin (a load change on a shared host then hits every mode alike)."""
     modes = ("merged", "oracle", "top1", "top2", "soft")
-    fns = {(m, b): mode_forward(moe, m, b, seq_len) for m in modes for b in SERVICE_BATCHES}
+    fns = {(m, b): mode_forward(moe, m, b, seq_len, bf16=bf16) for m in modes for b in SERVICE_BATCHES}
     timed = interleaved_latency(fns, runs=runs)
     batch_ms = {m: [timed[(m, b)]["p50"] for b in SERVICE_BATCHES] for m in modes}
     resident = {m: int(moe.resident_bytes(m)) for m in modes}
@@ -262,7 +262,7 @@ class Simulation:
         self.monitors = FleetMonitors(self.wl, self.tasks, cfg)
         rng = np.random.default_rng(cfg.seed + 1)
         self.labelled = [[rng.random(len(r.scored)) < cfg.label_fraction for r in slot] for slot in self.wl.requests]
-        self.costs = measure_costs(moe)
+        self.costs = measure_costs(moe, bf16=cfg.bf16)
         self.class_weight = class_weights(self.tasks, cfg.data_dir) if cfg.credit == "balanced" else {}
         self._queues: dict[str, list] = {}  # mode -> queue_latency (same arrivals for every policy)
 

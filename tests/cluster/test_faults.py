@@ -25,7 +25,8 @@ def cluster(fleet):
 def cfg(tiny, data_dir):
     _, models, _ = tiny
     return SimConfig(slots=SLOTS, slot_seconds=4, pool_per_task=12, fixed_candidates=1, wandb="disabled", seed=0,
-                     threads=1, models_dir=str(models), data_dir=data_dir, policies=["Tanbr"])
+                     threads=1, models_dir=str(models), data_dir=data_dir, policies=["Tanbr"],
+                     bf16=False)  # compared with the local backend: fp32 (see test_ray_backend.py)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,10 @@ POLICIES = ["Tanbr", "Random", "Uniform", "Switch-top2"]
 
 def test_ray_backend_equals_local(tiny, fleet, data_dir):
     cfg_moe, models, moe = tiny
+    # fp32: the local backend scores from cached activations, the replicas run the whole forward,
+    # and only in fp32 do the two round alike (bf16 replicas: tests/moe/test_edge.py)
     cfg = SimConfig(slots=3, slot_seconds=4, pool_per_task=12, fixed_candidates=1, wandb="disabled", seed=0,
-                    threads=1, models_dir=str(models), data_dir=data_dir, policies=POLICIES)
+                    threads=1, models_dir=str(models), data_dir=data_dir, policies=POLICIES, bf16=False)
     local = run_simulation(cfg, moe, fleet=fleet, progress=False)
     ray_out = run_ray_simulation(cfg, cfg_moe, moe, fleet=fleet, progress=False)
 
@@ -34,15 +36,6 @@ def test_ray_backend_equals_local(tiny, fleet, data_dir):
     assert ray_out.summary["policies"]["Tanbr"]["latency_ms_p50"] != local.summary["policies"]["Tanbr"]["latency_ms_p50"]
 
 
-def test_ray_backend_refuses_bf16_before_starting_anything(tiny):
-    import pytest
-    import ray
-
-    with pytest.raises(ValueError, match="bf16"):
-        run_ray_simulation(SimConfig(bf16=True, wandb="disabled"), tiny[0], tiny[2])
-    assert not ray.is_initialized()
-
-
 def test_ray_backend_equals_local_at_32_nodes_on_4_replicas(tiny, data_dir):
     """The packaged 32-node fleet multiplexed onto 4 replica processes (2 board, 1 gateway, 1
     microdc): the same choices and scores as the local backend, every node held by a replica of its
@@ -52,7 +45,8 @@ def test_ray_backend_equals_local_at_32_nodes_on_4_replicas(tiny, data_dir):
     cfg_moe, models, moe = tiny
     fleet = load_fleet("32")
     cfg = SimConfig(slots=2, slot_seconds=8, pool_per_task=12, fixed_candidates=1, wandb="disabled", seed=0,
-                    threads=1, models_dir=str(models), data_dir=data_dir, policies=["Tanbr"], scored_per_slot=4)
+                    threads=1, models_dir=str(models), data_dir=data_dir, policies=["Tanbr"], scored_per_slot=4,
+                    bf16=False)
     local = run_simulation(cfg, moe, fleet=fleet, progress=False)
     ray_out = run_ray_simulation(cfg, cfg_moe, moe, fleet=fleet, progress=False, replicas=4)
     a, b = local.series["Tanbr"], ray_out.series["Tanbr"]

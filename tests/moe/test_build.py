@@ -103,3 +103,26 @@ def test_transfer_init_copies_the_expert_and_maps_the_labels():
     # with the two non-entailment logits equal, RTE's entailment probability is MNLI's exactly
     z_eq = torch.stack([z[:, 0], z[:, 1:].mean(1), z[:, 1:].mean(1)], 1)
     assert torch.allclose(p_rte, torch.softmax(z_eq, -1)[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fit_learns_under_the_builds_autocast(bf16):
+    """A whole build stage runs in one autocast region: with autocast's cast cache on, every forward
+    would reuse the first bf16 copy of the trained weights and the loss would not move."""
+    import torch
+    import torch.nn.functional as F
+
+    from tanbr_ray.moe.build import build_autocast, fit
+    from tanbr_ray.moe.config import MoEConfig
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 16, generator=g)
+    y = (X[:, 0] > 0).long()
+    w = torch.zeros(2, 16, requires_grad=True)
+    b = torch.zeros(2, requires_grad=True)
+    batches = [torch.randint(0, 256, (64,), generator=g) for _ in range(60)]
+    loss_of = lambda idx: F.cross_entropy(F.linear(X[idx], w, b).float(), y[idx])  # noqa: E731
+    with build_autocast(MoEConfig(bf16=bf16), torch.device("cpu")):
+        res = fit([w, b], batches, loss_of, 0.05, warmup_frac=0.0, progress=False)
+        final = float(loss_of(torch.arange(256)).detach())
+    assert res.steps == 60 and final < 0.3 < np.log(2)  # learned: ln 2 is where it started

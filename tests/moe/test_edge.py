@@ -81,3 +81,19 @@ def test_versions_on_one_shell_serve_at_once_from_threads(tiny_moe):
         got = list(pool.map(logits, jobs))
     for x, g in zip(jobs, got):
         assert torch.equal(g, want[x]), x
+
+
+def test_edge_model_serves_under_bf16_autocast_when_asked(tiny_moe):
+    """bf16=True (the simulation's `bf16`, replicas included): the forward runs under autocast, and
+    its labels stay those of the fp32 forward on nearly every row."""
+    pkg, x = edge_package(tiny_moe), [0.3, 0.7]
+    exact, fast = EdgeModel(pkg), EdgeModel(pkg, bf16=True)
+    seen = []
+    for e in (exact, fast):
+        e.load_ffn(tiny_moe.merged_state(x))
+        e.shell.register_forward_hook(lambda m, i, o: seen.append(torch.is_autocast_enabled("cpu")))
+    for task, sp in _splits().items():
+        seen.clear()
+        a, b = exact.predict(task, sp.text_a, sp.text_b), fast.predict(task, sp.text_a, sp.text_b)
+        assert not any(seen[: len(seen) // 2]) and all(seen[len(seen) // 2:]), task
+        assert np.mean(a == b) >= 0.9, task

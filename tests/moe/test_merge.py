@@ -187,6 +187,17 @@ def test_operators_weight_the_experts_by_x(tiny_moe_stats):
     assert torch.allclose(r["b1"], 0.3 * moe.experts["b1"][:, 0] + 0.7 * moe.experts["b1"][:, 1], atol=1e-6)
 
 
+@pytest.mark.parametrize("op", OPERATORS)
+def test_merges_stay_fp32_under_bf16_autocast(tiny_moe_stats, op):
+    """A build stage or bf16 scoring may merge inside autocast; the merge itself must not drop to bf16."""
+    x = np.array([0.3, 0.7])
+    want = tiny_moe_stats.merged_state(x, op)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = tiny_moe_stats.merged_state(x, op)
+    for k in want:
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], want[k]), (op, k)
+
+
 def test_regmean_solves_the_joint_least_squares(tiny_moe):
     """With every expert seeing the same inputs X, RegMean (α = 1) is the least-squares fit of all
     experts' outputs on X."""

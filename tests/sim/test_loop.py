@@ -224,6 +224,12 @@ def test_bf16_scoring_stays_close(tiny_moe):
         a, b = exact.logits(spec, task, list(range(10))), fast.logits(spec, task, list(range(10)))
         assert a.dtype == b.dtype == torch.float32
         assert torch.allclose(a, b, atol=0.1) and not torch.equal(a, b)
+    # bf16 keeps merged weights cast once: bit-identical to autocast casting fp32 weights at every pass
+    assert fast._state(spec)["w1"].dtype == torch.bfloat16 and fast._state(spec)["ln_w"].dtype == torch.float32
+    per_pass = PoolEvaluator(tiny_moe, pool, bf16=True)
+    per_pass._states[spec] = exact._state(spec)
+    for task in tiny_moe.tasks:
+        assert torch.equal(per_pass.logits(spec, task, list(range(10))), fast.logits(spec, task, list(range(10))))
 
 
 def test_balanced_credit_weights_classes_by_their_training_share(tiny_moe):
