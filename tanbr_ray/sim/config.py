@@ -56,9 +56,9 @@ class SimConfig(BaseModel):
         None, description="how every x-policy's x merges the experts; None = the model's own (MoEConfig.merge_operator)")
     tanbr: TanbrConfig = Field(default_factory=TanbrConfig)
     threads: int | None = Field(None, ge=1, description="torch threads; None = torch's default")
-    bf16: bool = Field(True, description="nodes serve under bfloat16 autocast: the scored sample, the measured "
-                       "batch latency and the cluster's replicas (1.5x faster scoring on CPUs with AMX/AVX512-BF16; "
-                       "a prediction can flip on a near-tie); false = fp32")
+    bf16: bool = Field(False, description="nodes serve under bfloat16 autocast: the scored sample, the measured "
+                       "batch latency and the cluster's replicas. Merged models score 1.5x faster on CPUs with "
+                       "AMX/AVX512-BF16, but the token-routed modes cast all K experts at every pass and ran slower")
     seed: int = 0
     seeds: int | list[int] | None = Field(None, description="several runs: a count (seed, seed+1, ...) or a list; "
                                           "results report each policy's mean ± sd and Tanbr's paired differences")
