@@ -22,9 +22,10 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, get_li
 
 from tanbr_ray.moe.config import MoEConfig, default_config, default_models_dir, resolve_device
 from tanbr_ray.moe.data import NUM_LABELS, PAIR, TaskSplit, bucket_batches, load_task
-from tanbr_ray.moe.merge import FFN_KEYS, ExpertStats, fp32, merge_experts
+from tanbr_ray.moe.merge import FFN_KEYS, ExpertStats, merge_experts
 from tanbr_ray.moe.metrics import glue_score
 from tanbr_ray.moe.model import TaskMoE
+from tanbr_ray.moe.precision import bf16, fp32
 from tanbr_ray.moe.store import CONFIG, load_moe, save_moe
 
 log = logging.getLogger(__name__)
@@ -427,7 +428,7 @@ def build_autocast(cfg: MoEConfig, device: torch.device):
     """The build's precision: bf16 autocast when `cfg.bf16`, with autocast's cast cache off. Within one
     autocast region the cache keeps the first bf16 copy of every trainable leaf parameter, so a whole
     stage would train against its initial weights (seen: the router stayed at zero, heads at init)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16, cache_enabled=False)
+    return bf16(device, enabled=cfg.bf16, cache=False)
 
 
 def build_moe(cfg: MoEConfig, data_dir=None, progress: bool = True) -> tuple[TaskMoE, dict]:

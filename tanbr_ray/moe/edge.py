@@ -20,6 +20,7 @@ from tanbr_ray.moe.data import PAIR, TaskSplit, bucket_batches
 from tanbr_ray.moe.infer import _to_pred
 from tanbr_ray.moe.merge import FFN_KEYS
 from tanbr_ray.moe.model import DenseModel, MergedVersion, TaskMoE
+from tanbr_ray.moe.precision import bf16
 
 
 @dataclass
@@ -94,7 +95,7 @@ class EdgeModel:
             raise ValueError(f"head {task!r} {'needs' if PAIR[task] else 'takes no'} text_b")
         split = TaskSplit(task, list(text_a), None if text_b is None else list(text_b), np.zeros(len(text_a)))
         out = np.zeros(len(text_a))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with bf16(next(self.shell.parameters()).device, enabled=self.bf16):
             for b in bucket_batches(self.tokenizer, split, self.max_len[task], batch_size=32):
                 out[b.index] = _to_pred(task, model(b.input_ids, b.attention_mask, b.token_type_ids, task).float())
         return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tanbr_ray.moe import precision
 from tanbr_ray.moe.data import Batch, TaskSplit, bucket_batches
 
 
@@ -81,7 +82,7 @@ def predict(
     bf16=True runs under bfloat16 autocast (≈2× faster on CPUs with AVX512-BF16; logits move by ~1e-3)."""
     moe.eval()
     if bf16:
-        with torch.autocast(moe.device.type, dtype=torch.bfloat16):
+        with precision.bf16(moe.device):
             return predict(moe, cache, mode, x, state, adapted, bf16=False)
     if mode == "merged" and state is None:
         state = moe.merged_state(x)  # validate and merge once, not per batch
@@ -154,7 +155,7 @@ def mode_forward(moe, mode: str, batch_size: int, seq_len: int = 64, task: str |
         return fn
 
     def in_bf16():
-        with torch.autocast(moe.device.type, dtype=torch.bfloat16):
+        with precision.bf16(moe.device):
             return fn()
     return in_bf16
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tanbr_ray.moe.precision import fp32
 from tanbr_ray.simplex import check_x
 
 FFN_KEYS = ("w1", "b1", "w2", "b2", "ln_w", "ln_b")
@@ -218,9 +219,3 @@ def merge_experts(experts: Mapping[str, torch.Tensor], x: Sequence[float]) -> di
         raise ValueError("merge: x has no non-zero weight")
     with fp32(next(iter(experts.values())).device):
         return _linear(experts, x, nz, list(experts))
-
-
-def fp32(device: torch.device):
-    """Merges run in fp32 even when called under bf16 autocast (a build stage, bf16 scoring): autocast
-    would run RegMean's Gram products and solves in bf16."""
-    return torch.autocast(device.type, enabled=False)

@@ -20,6 +20,7 @@ import torch
 
 from tanbr_ray.moe.infer import _to_pred
 from tanbr_ray.moe.metrics import glue_score, request_credit
+from tanbr_ray.moe.precision import bf16
 from tanbr_ray.sim.memo import DiskMemo, entry_key
 
 STATE_CACHE = 8
@@ -187,7 +188,7 @@ class PoolEvaluator:
             mask.append(mb)
         h, mask = torch.stack(h), torch.stack(mask)
         mode, state = spec_mode(spec), self._state(spec)
-        with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with bf16(h.device, enabled=self.bf16):
             pooled, use = self.moe.pooled_from_first_moe(h, mask, rows[0][0], mode, state=state)
             out = {}
             for task in dict.fromkeys(t for t, _ in rows):
