@@ -148,12 +148,42 @@ def project_rows_to_budget(xs: np.ndarray, budget: int) -> np.ndarray:
 
 
 PSI_POWERS = (0.5, 1.0, 2.0, 4.0)
+RANDOM_POINTS_SEED = 2
 
 
-def psi_family(mass: np.ndarray, budget: int, powers=PSI_POWERS) -> dict[float, np.ndarray]:
+def random_points(num_experts: int, budget: int, count: int, seed: int = RANDOM_POINTS_SEED) -> np.ndarray:
+    """`count` points drawn uniformly from X (a uniformly random support of size B, Dirichlet(1) weights
+    on it), seeded by (seed, budget) and prefix-stable: the first n of a longer draw are a shorter one's."""
+    budget = check_budget(budget, num_experts)
+    rng = np.random.default_rng([seed, budget])
+    out = np.zeros((count, num_experts))
+    for row in out:
+        row[rng.choice(num_experts, size=budget, replace=False)] = rng.dirichlet(np.ones(budget))
+    return out
+
+
+def snap_to_grid(x: np.ndarray, grid: int) -> np.ndarray:
+    """x on the grid of multiples of 1/grid (grid 0: x unchanged), by largest remainder, so the sum
+    stays 1 and no zero weight becomes non-zero (the support, hence the budget, is kept). A weight
+    below 1/(2 grid) may drop to 0; a point with a single non-zero weight is left alone."""
+    x = np.asarray(x, dtype=np.float64)
+    if grid < 0:
+        raise ValueError(f"grid: must be >= 0, got {grid}")
+    if grid == 0:
+        return x
+    units = np.floor(x * grid)
+    rest = x * grid - units
+    short = int(round(grid - units.sum()))
+    units[np.argsort(-rest, kind="stable")[:short]] += 1
+    return units / grid
+
+
+def psi_family(mass: np.ndarray, budget: int, powers=PSI_POWERS, grid: int = 0) -> dict[float, np.ndarray]:
     """The ψ-family: x ∝ mass^p, top-B renormalised, per power p (p = 1 is ψ-merge; p > 1 sharpens
-    towards the dominant experts). `mass` is the request share each expert serves; all zero → uniform."""
+    towards the dominant experts). `mass` is the request share each expert serves; all zero → uniform.
+    With `grid` > 0 every point is snapped to multiples of 1/grid (`snap_to_grid`): ψ̂ moves a little
+    every slot, and a grid makes the points a steady mix plays recur, so their merges are reused."""
     m = np.asarray(mass, dtype=np.float64)
     if m.sum() <= 0:
         m = np.ones_like(m)
-    return {p: project_to_budget(m**p / (m**p).sum(), budget) for p in powers}
+    return {p: snap_to_grid(project_to_budget(m**p / (m**p).sum(), budget), grid) for p in powers}

@@ -47,6 +47,7 @@ class RouterSpec(BaseModel):
 
     policy: str = "Tanbr"
     seed: int = 0
+    random_points: int = Field(0, ge=0, le=100_000, description="Random's finite set of draws (RandomPolicy); 0 = fresh draws")
     tanbr: TanbrConfig = Field(default_factory=TanbrConfig)
     threads: int | None = Field(None, ge=1)
     sample_per_slot: int = Field(32, ge=0, le=10_000, description="served requests scored label-free per node")
@@ -136,7 +137,8 @@ class DecisionService:
                              f"{', '.join(CHECKPOINTABLE)}")
         self.policy_name = policy
         self.policy = registry.make_policy(policy, self.meta.num_experts, len(self.tasks), self.spec.seed,
-                                           self.spec.tanbr, self.task_experts, tasks=self.tasks)
+                                           self.spec.tanbr, self.task_experts, tasks=self.tasks,
+                                           random_points=self.spec.random_points)
         self.monitors = [TaskMonitor(self.tasks, self.spec.tanbr.monitor) for _ in self.nodes]
         self.assign: dict[str, Assignment] = {}
         self.last_psi = np.zeros((len(self.nodes), len(self.tasks)))

@@ -133,7 +133,7 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         router_policies = [p for p in cfg.policies if p not in STATIC_SPECS]
         args = AppArgs(model=cfg.model, models_dir=cfg.models_dir, data_dir=cfg.data_dir, slot_seconds=0,
                        router=RouterSpec(policy=router_policies[0] if router_policies else "Tanbr", seed=cfg.seed,
-                                         tanbr=cfg.tanbr, threads=cfg.threads, checkpoint_dir=checkpoint_dir),
+                                         random_points=cfg.random_points, tanbr=cfg.tanbr, threads=cfg.threads, checkpoint_dir=checkpoint_dir),
                        router_name=f"tanbr-router-sim-{cfg.seed}", replicas=replicas, bf16=cfg.bf16)
         serve.run(make_app(args, fleet, moe_cfg), name=APP_NAME, route_prefix=None)
         client = DecisionClient(args.router_name, args.router.decision_actors())

@@ -18,8 +18,9 @@ ROUTER_POLICIES = ("Tanbr", "Nucb", "HOO", "Random", "Uniform", "psi-merge", "Or
 def make_policy(name: str, num_experts: int, num_tasks: int, seed: int = 0,
                 tanbr: TanbrConfig | None = None, task_experts: Sequence[int] | None = None,
                 optimum: Callable[[np.ndarray, int], np.ndarray] | None = None,
-                tasks: Sequence[str] | None = None) -> Policy:
-    """A seeded policy. `optimum(psi, budget) -> x` is needed by the Oracle only."""
+                tasks: Sequence[str] | None = None, random_points: int = 0) -> Policy:
+    """A seeded policy. `optimum(psi, budget) -> x` is needed by the Oracle only; `random_points` > 0
+    gives Random a fixed finite set of uniform draws to play from (`RandomPolicy`)."""
     cfg = tanbr or TanbrConfig()
     bandit = cfg.bandit.model_copy(update={"seed": seed})
     if name == "Tanbr":
@@ -29,11 +30,11 @@ def make_policy(name: str, num_experts: int, num_tasks: int, seed: int = 0,
     if name == "HOO":
         return HOOPolicy(num_experts, num_tasks)
     if name == "Random":
-        return RandomPolicy(num_experts, num_tasks, seed=seed)
+        return RandomPolicy(num_experts, num_tasks, seed=seed, points=random_points)
     if name == "Uniform":
         return UniformPolicy(num_experts, num_tasks, task_experts)
     if name == "psi-merge":
-        return PsiMergePolicy(num_experts, num_tasks, task_experts)
+        return PsiMergePolicy(num_experts, num_tasks, task_experts, grid=cfg.psi_grid)  # Tanbr's ψ-family grid
     if name == "Oracle":
         if optimum is None:
             raise ValueError("optimum: the Oracle policy needs the reward function's argmax")

@@ -6,20 +6,31 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tanbr_ray.simplex import project_to_budget
+from tanbr_ray.simplex import psi_family, random_points
 from tanbr_ray.router.policy import Policy, default_task_experts
 
 
 class RandomPolicy(Policy):
-    """Uniform over X: a uniformly random support of size B, then Dirichlet(1) weights on it."""
+    """Uniform over X: a uniformly random support of size B, then Dirichlet(1) weights on it. With
+    `points` > 0 it plays a uniformly random one of `points` such draws, fixed per budget
+    (`simplex.random_points`, the same for every seed): each play is still uniform over X, and the
+    merges of a finite set are reused instead of made anew at every node-slot."""
 
     name = "Random"
 
-    def __init__(self, num_experts: int, num_tasks: int, seed: int = 0):
+    def __init__(self, num_experts: int, num_tasks: int, seed: int = 0, points: int = 0):
         super().__init__(num_experts, num_tasks)
+        if points < 0:
+            raise ValueError(f"random_points: must be >= 0, got {points}")
         self.rng = np.random.default_rng(seed)
+        self.points = int(points)
+        self._drawn: dict[int, np.ndarray] = {}  # budget -> its points
 
     def _select(self, psi, budget):
+        if self.points:
+            if budget not in self._drawn:
+                self._drawn[budget] = random_points(self.num_experts, budget, self.points)
+            return self._drawn[budget][self.rng.integers(self.points)].copy()
         support = self.rng.choice(self.num_experts, size=budget, replace=False)
         x = np.zeros(self.num_experts)
         x[support] = self.rng.dirichlet(np.ones(budget))
@@ -54,15 +65,17 @@ class UniformPolicy(_ExpertMassPolicy):
 
 
 class PsiMergePolicy(_ExpertMassPolicy):
-    """x from psi: each expert weighted by the mass of the tasks it serves, top-B renormalised."""
+    """x from psi: each expert weighted by the mass of the tasks it serves, top-B renormalised (the
+    ψ-family's p = 1), on the grid of multiples of 1/grid (0: exact)."""
 
     name = "psi-merge"
 
+    def __init__(self, num_experts: int, num_tasks: int, task_experts: Sequence[int] | None = None, grid: int = 0):
+        super().__init__(num_experts, num_tasks, task_experts)
+        self.grid = int(grid)
+
     def _select(self, psi, budget):
-        mass = self.expert_mass(psi)
-        if mass.sum() <= 0:
-            mass = np.ones(self.num_experts)
-        return project_to_budget(mass / mass.sum(), budget)
+        return psi_family(self.expert_mass(psi), budget, powers=(1.0,), grid=self.grid)[1.0]
 
 
 class OraclePolicy(Policy):

@@ -39,6 +39,9 @@ class TanbrConfig(BaseModel):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     psi_candidates: bool = Field(False, description="offer the ψ-family x ∝ psi^p (p in 0.5, 1, 2, 4; top-B) "
                                  "beside the tree's points every slot")
+    psi_grid: int = Field(32, ge=0, le=1_000_000, description="ψ-family points (Tanbr's and ψ-merge's) snap to "
+                          "multiples of 1/psi_grid, so a steady mix replays the same x and its merge is reused; "
+                          "0 = exact")
 
 
 class Tanbr(Policy):
@@ -68,7 +71,7 @@ class Tanbr(Policy):
     def psi_family(self, psi: np.ndarray, budget: int) -> np.ndarray:
         """x ∝ m^p, top-B, m the psi mass of each expert's tasks (p = 1 is ψ-merge)."""
         m = np.bincount(self.task_experts, weights=psi, minlength=self.num_experts)
-        return np.stack(list(psi_family(m, budget).values()))
+        return np.stack(list(psi_family(m, budget, grid=self.config.psi_grid).values()))
 
     def _leaf_of(self, x: np.ndarray) -> int:
         return next((int(l) for l in self.tree.leaves if self.tree.contains(int(l), x)), -1)

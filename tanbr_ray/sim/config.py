@@ -50,7 +50,11 @@ class SimConfig(BaseModel):
         "class earns 1/C, as MCC and F1 would have it)")
     fixed_candidates: int = Field(50, ge=0, le=1000, description="random fixed x tried per node for the best-in-hindsight "
                                   "(besides the ψ-family on the node's true mix)")
-    regret_sample: int = Field(24, ge=0, description="scored requests per node that pick its best fixed x; 0 = all")
+    random_points: int = Field(64, ge=0, le=100_000, description="Random plays a uniformly random one of this many "
+                               "seeded uniform draws from X (fixed per budget, so their merges are reused; the regret "
+                               "comparator's random candidates are the first of them); 0 = a fresh draw every play")
+    regret_sample: int = Field(32, ge=0, description="pool examples per task every fixed x is scored on to pick "
+                               "each node's best fixed x (weighted by the node's task counts); 0 = the whole pool")
     policies: list[str] = Field(default_factory=lambda: list(POLICIES))
     merge_operator: Literal["linear", "fisher", "regmean"] | None = Field(
         None, description="how every x-policy's x merges the experts; None = the model's own (MoEConfig.merge_operator)")

@@ -9,7 +9,7 @@ Per slot, in order, each step one call:
                  edge's own push: the Ray backend's replicas acknowledge it). Merging is not a step of
                  its own: it happens where the weights are made, by the cluster's mergers while the
                  slot is decided, or locally by the evaluator just before a merge's rows run (it keeps
-                 8 merged states, so a slot of 128 distinct x is never held at once);
+                 48 merged states, so a slot of 128 distinct x is never held at once);
   4. serve     — every node's requests run through its model: every request is served (it counts in
                  the queueing latency, and the monitor saw it), and a seeded sample of
                  `scored_per_slot` of them is scored exactly by the MoE (locally, each distinct merge
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from tanbr_ray.moe.data import NUM_LABELS, load_task
 from tanbr_ray.moe.infer import interleaved_latency, mode_forward
 from tanbr_ray.router import Policy, TaskMonitor, registry
-from tanbr_ray.simplex import project_to_budget, psi_family
+from tanbr_ray.simplex import psi_family, random_points
 from tanbr_ray.sim.config import SimConfig
 from tanbr_ray.sim.evaluate import PoolEvaluator, Spec, merged_spec
 from tanbr_ray.sim.fleet import Fleet, NodeClass, load_fleet
@@ -163,7 +163,7 @@ def make_policy(name: str, cfg: SimConfig, K: int, V: int, task_experts: np.ndar
     """Router policies behind select/update; None for the fixed serving modes (Switch, Oracle, static merges)."""
     if name in STATIC_SPECS:
         return None
-    return registry.make_policy(name, K, V, cfg.seed, cfg.tanbr, task_experts, tasks=tasks)
+    return registry.make_policy(name, K, V, cfg.seed, cfg.tanbr, task_experts, tasks=tasks, random_points=cfg.random_points)
 
 
 def class_weights(tasks: Sequence[str], data_dir: str | None) -> dict[str, np.ndarray]:
@@ -429,40 +429,52 @@ class Simulation:
         """Fixed x tried for node n's best-in-hindsight, all under its budget: the ψ-family on the
         node's true average mix (x ∝ mass^p, top-B, p in PSI_POWERS; p = 1 is ψ-merge), Uniform,
         each expert alone that serves at least 5 % of its requests, and `fixed_candidates` random
-        points of X. The random points are seeded by budget, so nodes of one budget share them (and
-        their merges: a regmean merge costs ~0.4 s, and 50 per node was most of the comparator)."""
+        points of X: the first of the points Random plays (`simplex.random_points`, seeded by budget
+        alone), so nodes of one budget, every seed and Random share them and their predictions."""
         budget = self.budget(self.nodes[n][1])
         mix = self.wl.psi[:, n].mean(0)
         mass = np.bincount(self.task_experts, weights=mix, minlength=self.K)
         xs = list(psi_family(mass, budget).values())
         xs.append(registry.make_policy("Uniform", self.K, self.V, task_experts=self.task_experts).select(mix, budget))
         xs += [np.eye(self.K)[k] for k in np.flatnonzero(mass >= 0.05)]
-        rng = np.random.default_rng([self.cfg.seed + 2, budget])
-        xs += [project_to_budget(x, budget) for x in rng.dirichlet(np.ones(self.K), size=self.cfg.fixed_candidates)]
+        xs += list(random_points(self.K, budget, self.cfg.fixed_candidates))
         return list({x.tobytes(): x for x in xs}.values())
+
+    def selection_rows(self) -> dict[str, list[tuple[str, int]]]:
+        """Per task, the pool examples every fixed candidate is scored on (`regret_sample` of them,
+        0 = the whole pool): one seeded draw, the same for every node, candidate and seed."""
+        out = {}
+        for v, task in enumerate(self.tasks):
+            size = len(self.ev.labels[task])
+            k = size if self.cfg.regret_sample == 0 else min(self.cfg.regret_sample, size)
+            out[task] = [(task, int(i)) for i in np.sort(np.random.default_rng([3, v]).permutation(size)[:k])]
+        return out
 
     def best_fixed_credit(self) -> np.ndarray:
         """Per-slot credit of the best fixed x in hindsight, one per node (each node has its own mix
-        and budget). Each candidate is scored on a seeded sample of `regret_sample` of the node's
-        requests, and the winner on all of them, so the comparator costs a sample per candidate.
-        Both stages run every node's work together, so candidates that several nodes share (each
-        expert alone, say) run their rows in shared forward passes."""
-        plans = []  # (node, all its rows, its candidate specs, the scoring sample)
+        and budget). Every candidate is scored once per task on `selection_rows`; a node's estimate
+        of a candidate weighs those task means by the node's own request count of each task over the
+        run: the candidate's expected credit on the node's traffic, with the same examples for every
+        candidate, so the comparison between candidates is paired. The winner is then scored on all
+        the node's requests. Candidates several nodes share (the random points, each expert alone)
+        run once."""
+        select = self.selection_rows()
+        plans = []  # (node, all its rows, its candidate specs, its request count per task)
         for n in range(len(self.nodes)):
             rows = [r for t in range(self.cfg.slots) for r in self.rows(t, n)]
             if not rows:
                 continue
-            cands = [merged_spec(x) for x in self.fixed_candidates(n)]
-            rng = np.random.default_rng([self.cfg.seed + 3, n])
-            k = len(rows) if self.cfg.regret_sample == 0 else min(self.cfg.regret_sample, len(rows))
-            plans.append((n, rows, cands, [rows[i] for i in rng.choice(len(rows), size=k, replace=False)]))
-        with tqdm(total=2, desc="best fixed x", disable=not self.progress, leave=False) as bar:
-            self.ev.prefetch([(spec, sample) for _, _, cands, sample in plans for spec in cands])
-            bar.update()
-            best = {n: cands[int(np.argmax([self.row_credit(sample, self.ev.predict_rows(spec, sample)).mean()
-                                            for spec in cands]))] for n, _, cands, sample in plans}
-            self.ev.prefetch([(best[n], rows) for n, rows, _, _ in plans])
-            bar.update()
+            counts = np.asarray([sum(task == t for t, _ in rows) for task in self.tasks], dtype=np.float64)
+            plans.append((n, rows, [merged_spec(x) for x in self.fixed_candidates(n)], counts))
+        specs = list(dict.fromkeys(spec for _, _, cands, _ in plans for spec in cands))
+        sel_rows = [r for task in self.tasks for r in select[task]]
+        task_of = np.asarray([self.tasks.index(t) for t, _ in sel_rows])
+        table = {}  # spec -> mean credit per task on the selection rows
+        for spec in tqdm(specs, desc="best fixed x", disable=not self.progress, leave=False):
+            credit = self.row_credit(sel_rows, self.ev.predict_rows(spec, sel_rows))
+            table[spec] = np.asarray([credit[task_of == v].mean() for v in range(self.V)])
+        best = {n: max(cands, key=lambda spec: float(table[spec] @ counts)) for n, _, cands, counts in plans}
+        self.ev.prefetch([(best[n], rows) for n, rows, _, _ in plans])
         out = np.zeros(self.cfg.slots)
         for n in best:
             for t in range(self.cfg.slots):
@@ -531,11 +543,14 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
         op = cfg.merge_operator or moe.merge_operator
         memo = DiskMemo(memo_dir, f"{op}-{'bf16' if cfg.bf16 else 'fp32'}")
     sim = Simulation(cfg, moe, fleet, progress, memo)
+    phases = {"setup": time.perf_counter() - t0}  # pool cache, workload, measured costs
     runs = {}
     for name in tqdm(cfg.policies, desc="policies", disable=not progress):
         router, edge = backend(sim, name) if backend is not None else (None, None)
         runs[name] = sim.run_policy(name, on_slot, router, edge)
+    phases["policies"] = time.perf_counter() - t0 - phases["setup"]
     best_credit = sim.best_fixed_credit()
+    phases["best_fixed"] = time.perf_counter() - t0 - phases["setup"] - phases["policies"]
     counts = next(iter(runs.values())).counts
     safe = np.maximum(counts, 1)
     oracle_credit = runs["Oracle"].credit if "Oracle" in runs else sim.run_policy("Oracle").credit
@@ -599,6 +614,7 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
         "memo_hits": int(sim.ev.disk_hits),
         "padded_tokens_per_real": sim.ev.padded_tokens / max(sim.ev.real_tokens, 1),
         "wall_seconds": wall,
+        "wall_seconds_phases": phases,
         "requests_per_second": total * len(runs) / wall,
         "slots": cfg.slots,
         "nodes": {node: cls.name for node, cls in sim.nodes},

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tanbr_ray.bench.model import MIN_TASK_SHARE, draw_mixes, landscape
-from tanbr_ray.simplex import PSI_POWERS, psi_family
+from tanbr_ray.simplex import PSI_POWERS, psi_family, snap_to_grid
 from tanbr_ray.moe.merge import validate_x
 
 TASKS = ["SST-2", "QNLI", "QQP", "MNLI"]
@@ -27,6 +27,33 @@ def test_psi_family_is_feasible_and_sharpens():
         assert x[3] == 0  # top-B keeps the three largest
     assert np.allclose(fam[1.0], [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0])
     assert fam[4.0][0] > fam[2.0][0] > fam[1.0][0] > fam[0.5][0]
+
+
+def test_snap_to_grid_keeps_the_sum_and_the_support():
+    x = np.array([0.41, 0.33, 0.2, 0.06, 0.0])
+    assert np.array_equal(snap_to_grid(x, 10), [0.4, 0.3, 0.2, 0.1, 0.0])  # largest remainders round up
+    assert np.array_equal(snap_to_grid(x, 0), x)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        x = np.where(rng.random(6) < 0.4, 0.0, rng.dirichlet(np.full(6, 0.3)))
+        if x.sum() == 0:
+            continue
+        x = x / x.sum()
+        y = snap_to_grid(x, 32)
+        assert np.isclose(y.sum(), 1) and np.allclose(y * 32, np.round(y * 32))
+        assert not ((x == 0) & (y > 0)).any() and np.abs(x - y).max() <= 1 / 32
+        assert np.array_equal(snap_to_grid(y, 32), y)  # points on the grid stay put
+    assert np.array_equal(snap_to_grid(np.eye(4)[2], 7), np.eye(4)[2])
+    with pytest.raises(ValueError, match="grid"):
+        snap_to_grid(x, -1)
+
+
+def test_psi_family_on_a_grid_recurs_under_small_moves():
+    psi = np.array([0.5, 0.3, 0.15, 0.05])
+    moved = psi + np.array([0.004, -0.003, 0.001, -0.002])
+    a, b = psi_family(psi, 4, grid=32), psi_family(moved, 4, grid=32)
+    assert all(np.array_equal(a[p], b[p]) for p in PSI_POWERS)  # the same merges replay
+    assert not np.array_equal(psi_family(psi, 4)[1.0], psi_family(moved, 4)[1.0])
 
 
 class _FakeMoE:

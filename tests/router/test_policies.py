@@ -27,6 +27,8 @@ def test_psi_merge_and_uniform():
     psi = np.array([0.5, 0.3, 0.2, 0.0])
     assert np.allclose(PsiMergePolicy(4, 4).select(psi, 4), psi)
     assert np.allclose(PsiMergePolicy(4, 4).select(psi, 2), [0.625, 0.375, 0, 0])
+    assert np.array_equal(PsiMergePolicy(4, 4, grid=8).select(psi, 2), [0.625, 0.375, 0, 0])  # on the grid
+    assert np.array_equal(PsiMergePolicy(4, 4, grid=4).select(psi, 2), [0.75, 0.25, 0, 0])
     assert np.allclose(UniformPolicy(4, 4).select(psi, 4), 0.25)
     assert np.allclose(UniformPolicy(4, 4).select(psi, 2), [0.5, 0.5, 0, 0])
 
@@ -35,6 +37,21 @@ def test_random_covers_supports():
     pol = RandomPolicy(6, 2, seed=0)
     supports = {tuple(np.nonzero(pol.select([0.5, 0.5], 2))[0]) for _ in range(200)}
     assert len(supports) == 15  # all C(6, 2) supports
+
+
+def test_random_on_points_plays_only_its_fixed_draws():
+    from tanbr_ray.simplex import random_points
+
+    pts = random_points(6, 2, 10)
+    assert np.array_equal(random_points(6, 2, 4), pts[:4])  # prefix-stable
+    assert all((p > 0).sum() == 2 and np.isclose(p.sum(), 1) for p in pts)
+    a, b = RandomPolicy(6, 2, seed=0, points=10), RandomPolicy(6, 2, seed=1, points=10)
+    played = [a.select([0.5, 0.5], 2) for _ in range(60)]
+    assert {p.tobytes() for p in played} <= {p.tobytes() for p in pts}  # the same set for every seed ...
+    assert len({p.tobytes() for p in played}) == 10
+    assert any(not np.array_equal(x, b.select([0.5, 0.5], 2)) for x in played[:10])  # ... picked by the seed
+    with pytest.raises(ValueError, match="random_points"):
+        RandomPolicy(6, 2, points=-1)
 
 
 def test_tanbr_learns_faster_than_random():
