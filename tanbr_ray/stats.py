@@ -19,14 +19,15 @@ def loglog_slope(cumulative: np.ndarray, start_frac: float = 0.25) -> float:
     return float(np.polyfit(np.log(t), np.log(r), 1)[0])
 
 
-def recovery_slots(per_slot_gap: np.ndarray, change: int, window: int) -> int | None:
-    """Slots after an abrupt mix change until the gap to the oracle (per slot) is back to what it
-    was just before: the first s >= change whose next `window` slots average no more than the
-    `window` slots before the change. None when it never recovers within the run."""
+def recovery_slots(per_slot_gap: np.ndarray, change: int, window: int, tolerance: float = 0.0) -> int | None:
+    """Slots after an abrupt mix change until the gap to the oracle (per slot) is back within
+    `tolerance` of what it was just before: the first s >= change whose next `window` slots average
+    no more than the `window` slots before the change, plus `tolerance`. None when it never recovers
+    within the run."""
     gap = np.asarray(per_slot_gap, dtype=np.float64)
     if change < window or change >= len(gap):
         return None
-    before = gap[change - window:change].mean()
+    before = gap[change - window:change].mean() + tolerance
     for s in range(change, len(gap) - window + 1):
         if gap[s:s + window].mean() <= before:
             return s - change

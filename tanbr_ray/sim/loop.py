@@ -55,6 +55,7 @@ MODE_OF_SPEC = {"top1": "top1", "top2": "top2", "soft": "soft", "oracle": "oracl
 
 
 SERVICE_BATCHES = (1, 4, 16)
+RECOVERY_TOLERANCE = 0.01  # after a mix change: back within 1 credit point of the gap to the oracle before it
 
 
 @dataclass
@@ -591,7 +592,8 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
             "regret_vs_best_fixed": float(reg_fixed.sum()),
             "regret_vs_oracle": float(reg_oracle.sum()),
             "regret_slope": loglog_slope(np.cumsum(reg_fixed), start_frac=0.5),
-            "recovery_slots": [recovery_slots(reg_oracle, c, max(3, cfg.slots // 10)) for c in sim.wl.mix_changes],
+            "recovery_slots": [recovery_slots(reg_oracle, c, max(3, cfg.slots // 10), RECOVERY_TOLERANCE)
+                               for c in sim.wl.mix_changes],
         }
         series[name] = PolicySeries(name, r.credit / safe, reg_fixed, reg_oracle, r.pushed, r.choices,
                                     r.latency, resident, r.node_credit, r.node_counts)

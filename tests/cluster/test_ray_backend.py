@@ -19,8 +19,9 @@ def test_ray_backend_equals_local(tiny, fleet, data_dir):
     local = run_simulation(cfg, moe, fleet=fleet, progress=False)
     ray_out = run_ray_simulation(cfg, cfg_moe, moe, fleet=fleet, progress=False)
 
-    # x matters for this model: different merges really score differently
-    assert not np.array_equal(local.series["Random"].score, local.series["Uniform"].score)
+    # x matters for this model: different merges really score differently (Random's seed-0 draws
+    # sit near (½, ½) on the 2-expert node and tie Uniform on these few requests; Tanbr does not)
+    assert len({tuple(local.series[n].score) for n in ("Tanbr", "Random", "Uniform")}) > 1
     for name in POLICIES:
         a, b = local.series[name], ray_out.series[name]
         assert np.array_equal(a.score, b.score), name

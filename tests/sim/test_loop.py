@@ -160,7 +160,7 @@ def test_switching_run_reports_recovery_after_each_change(tiny_moe):
                          tiny_moe, fleet=Fleet(**FLEET), progress=False)
     assert out.summary["policies"]["Oracle"]["recovery_slots"] == [0]  # no gap to itself
     for name in ("Tanbr", "Random"):  # the figure is the gap series' own recovery, window max(3, T/10)
-        want = recovery_slots(out.series[name].regret_oracle, 6, 3)
+        want = recovery_slots(out.series[name].regret_oracle, 6, 3, 0.01)  # within 1 point
         assert out.summary["policies"][name]["recovery_slots"] == [want]
 
 
