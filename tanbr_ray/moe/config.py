@@ -190,7 +190,7 @@ def default_config(**overrides) -> MoEConfig:
     half the full MoE's bytes."""
     base: dict = {"expert_training": dict(DEFAULT_EXPERT_TRAINING)}
     base.update(overrides)
-    return MoEConfig(**base)
+    return MoEConfig(**_with_build_precision(base))
 
 
 def quick_config(**overrides) -> MoEConfig:
@@ -210,7 +210,17 @@ def quick_config(**overrides) -> MoEConfig:
         adapt_steps=16,
     )
     base.update(overrides)
-    return MoEConfig(**base)
+    return MoEConfig(**_with_build_precision(base))
+
+
+def _with_build_precision(settings: dict) -> dict:
+    """The presets build under bf16 autocast only where the hardware runs bf16 natively; bf16 is part
+    of the cache key, so an fp32-built default is a model of its own, never mistaken for the other."""
+    from tanbr_ray.moe.precision import native_bf16
+
+    if "bf16" not in settings:
+        settings = {**settings, "bf16": native_bf16(resolve_device(settings.get("device", "auto")))}
+    return settings
 
 
 def load_config(path: str | os.PathLike) -> MoEConfig:

@@ -112,3 +112,21 @@ def test_expert_budgets_resolve_and_order():
     order = cfg.expert_order()
     assert sorted(order) == sorted(cfg.tasks)
     assert order.index("MNLI") < order.index("RTE") and order.index("QQP") < order.index("MRPC")
+
+
+def test_presets_build_in_bf16_only_where_the_hardware_has_it(monkeypatch):
+    """bf16 is in the cache key, so the preset's choice names a model of its own; an explicit
+    setting wins. The bf16 default keeps the key the bf16-capable machines have always cached."""
+    import torch
+
+    from tanbr_ray.moe import precision
+    from tanbr_ray.moe.config import default_config, quick_config
+
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        assert precision.native_bf16("cpu") is native
+        assert default_config(device="cpu").bf16 is native and quick_config(device="cpu").bf16 is native
+        assert default_config(device="cpu", bf16=True).bf16 is True
+    assert default_config(device="cpu", bf16=False).key() != default_config(device="cpu", bf16=True).key()
+    assert default_config(bf16=True).cache_dirname() == "minilm-task-moe-b41d8eec1eb3"
