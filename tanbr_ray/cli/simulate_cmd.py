@@ -83,8 +83,9 @@ def simulate(
     for line in latency_ratios(s):
         typer.echo(line)
     if s["policies"].get("Tanbr", {}).get("recovery_slots"):
-        typer.echo(f"Tanbr: slots until its gap to the oracle is back to its level before each mix change: "
-                   f"{s['policies']['Tanbr']['recovery_slots']} (None = not within the run, or no window before the change)")
+        typer.echo(f"Tanbr: slots until its gap to the oracle is back within 1 point of its level before each mix "
+                   f"change: {s['policies']['Tanbr']['recovery_slots']} (None = not within the run, or no full "
+                   f"window before or after the change)")
     for line in format_paired(s):
         typer.echo(line)
     typer.echo(f"monitor error (total variation, second half): "
