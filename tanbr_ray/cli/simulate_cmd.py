@@ -35,7 +35,7 @@ def simulate(
     from tanbr_ray.moe.build import load_or_build_info
     from tanbr_ray.moe.store import weights_checksum
     from tanbr_ray.sim.config import DEFAULT_CONFIG, QUICK_CONFIG, load_config
-    from tanbr_ray.sim.loop import run_simulation
+    from tanbr_ray.sim.loop import RECOVERY_TOLERANCE, run_simulation
     from tanbr_ray.sim.report import format_paired, format_table, latency_ratios, write_results
     from tanbr_ray.sim.seeds import paired_section, run_seeds, seeds_section
     from tanbr_ray.tracking import log_simulation
@@ -83,9 +83,9 @@ def simulate(
     for line in latency_ratios(s):
         typer.echo(line)
     if s["policies"].get("Tanbr", {}).get("recovery_slots"):
-        typer.echo(f"Tanbr: slots until its gap to the oracle is back within 1 point of its level before each mix "
-                   f"change: {s['policies']['Tanbr']['recovery_slots']} (None = not within the run, or no full "
-                   f"window before or after the change)")
+        typer.echo(f"Tanbr: slots until its gap to the oracle is back within {100 * RECOVERY_TOLERANCE:g} "
+                   f"point(s) of its level before each mix change: {s['policies']['Tanbr']['recovery_slots']} "
+                   f"(None = not within the run, or no full window before or after the change)")
     for line in format_paired(s):
         typer.echo(line)
     typer.echo(f"monitor error (total variation, second half): "
