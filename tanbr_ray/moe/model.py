@@ -169,6 +169,7 @@ class TaskMoE(nn.Module):
         self.merge_operator = "linear"
         self.regmean_alpha = 0.9
         self._merger: Merger | None = None
+        self._cast: tuple | None = None  # (which w1/w2 it was cast from, the experts with bf16 w1/w2)
         self.tokenizer = None  # set by build/load: the base model's tokenizer
         self.max_len_single = 64
         self.max_len_pair = 128
@@ -219,6 +220,22 @@ class TaskMoE(nn.Module):
         if not 0 <= e < self.num_experts:
             raise ValueError(f"expert index {e} outside 0..{self.num_experts - 1}")
         return {k: self.experts[k][:, e] for k in FFN_KEYS}
+
+    def serving_experts(self) -> Mapping[str, torch.Tensor]:
+        """The experts as the token-routed, soft and oracle modes read them. At inference under bf16
+        autocast, w1 and w2 are cast once and kept: autocast casts every expert weight a pass touches
+        at every pass (its cast cache keeps leaf tensors only, and one expert is a slice), which made
+        those modes slower in bf16 than in fp32. The cast is the one autocast makes, so outputs are
+        bit-identical; the copy is remade when the weights change (in place or by a reload)."""
+        dev = self.experts["w1"].device.type
+        if (torch.is_grad_enabled() or not torch.is_autocast_enabled(dev)
+                or torch.get_autocast_dtype(dev) != torch.bfloat16):
+            return self.experts
+        key = tuple((self.experts[k].data_ptr(), self.experts[k]._version) for k in ("w1", "w2"))
+        if self._cast is None or self._cast[0] != key:
+            self._cast = (key, {k: v.detach().to(torch.bfloat16) if k in ("w1", "w2") else v
+                                for k, v in self.experts.items()})
+        return self._cast[1]
 
     def base_state(self) -> dict[str, torch.Tensor]:
         return {k: self.base[k][self.moe_layers] for k in FFN_KEYS}
@@ -281,7 +298,8 @@ class TaskMoE(nn.Module):
                 self.check_state(state)
             use_adapt = bool(self.adapted.item()) if adapted is None else bool(adapted)
         elif spec.ffn == "task":
-            state = self.expert_state(self.task_index(task))
+            e = self.task_index(task)
+            state = {k: v[:, e] for k, v in self.serving_experts().items()}
 
         def moe_ffn(l, h, mask):
             m = moe_idx[l]
@@ -311,13 +329,14 @@ class TaskMoE(nn.Module):
         topv, topi = p.topk(k, dim=-1)
         topv = (topv / topv.sum(-1, keepdim=True)).to(h.dtype)
         out = torch.zeros_like(hf)
+        experts = self.serving_experts()
         for e in range(self.num_experts):
             sel = topi == e
             rows = sel.any(-1).nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
             w = (topv * sel).sum(-1)[rows]
-            p_e = {kk: self.experts[kk][m, e] for kk in FFN_KEYS}
+            p_e = {kk: experts[kk][m, e] for kk in FFN_KEYS}
             y = w[:, None] * ffn(hf[rows], p_e, self.eps, self.dropout, self.training)
             out.index_add_(0, rows, y.to(out.dtype))
         return out.reshape(shape)
@@ -331,7 +350,7 @@ class TaskMoE(nn.Module):
     def _soft(self, m: int, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """SMEAR-style soft merging: each example's FFN is Σ_k p_k(example) W_k (per layer)."""
         p = self.soft_weights(m, h, attention_mask).to(h.dtype)
-        E = {kk: self.experts[kk][m] for kk in FFN_KEYS}
+        E = {kk: v[m] for kk, v in self.serving_experts().items()}
         a = F.gelu(torch.einsum("bth,bih->bti", h, torch.einsum("bk,kih->bih", p, E["w1"])) + (p @ E["b1"])[:, None])
         y = torch.einsum("bti,bhi->bth", a, torch.einsum("bk,khi->bhi", p, E["w2"])) + (p @ E["b2"])[:, None]
         y = F.dropout(y, self.dropout, self.training)
