@@ -55,19 +55,34 @@ class SimConfig(BaseModel):
                                "comparator's random candidates are the first of them); 0 = a fresh draw every play")
     regret_sample: int = Field(32, ge=0, description="pool examples per task every fixed x is scored on to pick "
                                "each node's best fixed x (weighted by the node's task counts); 0 = the whole pool")
+    regret_finalists: int = Field(4, ge=1, le=1000, description="per node, the candidates with the best "
+                                  "screened estimate that are then scored on all the node's requests; the one with "
+                                  "the most credit there is the best fixed x in hindsight (1 = the screen's pick)")
     policies: list[str] = Field(default_factory=lambda: list(POLICIES))
     merge_operator: Literal["linear", "fisher", "regmean"] | None = Field(
         None, description="how every x-policy's x merges the experts; None = the model's own (MoEConfig.merge_operator)")
     tanbr: TanbrConfig = Field(default_factory=TanbrConfig)
     threads: int | None = Field(None, ge=1, description="torch threads; None = torch's default")
     bf16: bool = Field(False, description="nodes serve under bfloat16 autocast: the scored sample, the measured "
-                       "batch latency and the cluster's replicas. Merged models score 1.5x faster on CPUs with "
-                       "AMX/AVX512-BF16, but the token-routed modes cast all K experts at every pass and ran slower")
+                       "batch latency and the cluster's replicas (merged and full-MoE modes score 2.4x faster "
+                       "on a CPU with AVX512-BF16; logits move ~1e-3). `auto` (the embedded scenarios): where "
+                       "the hardware has bf16 units (`precision.native_bf16`), as the model build chooses")
     seed: int = 0
     seeds: int | list[int] | None = Field(None, description="several runs: a count (seed, seed+1, ...) or a list; "
                                           "results report each policy's mean ± sd and Tanbr's paired differences")
     wandb: Literal["online", "offline", "disabled"] | None = None
     out: str = "results/simulate"
+
+    @field_validator("bf16", mode="before")
+    @classmethod
+    def _bf16(cls, v):
+        if v == "auto":
+            import torch
+
+            from tanbr_ray.moe.precision import native_bf16
+
+            return native_bf16("cuda" if torch.cuda.is_available() else "cpu")
+        return v
 
     @field_validator("fleet", mode="before")
     @classmethod

@@ -23,7 +23,10 @@ from tanbr_ray.moe.metrics import glue_score, request_credit
 from tanbr_ray.moe.precision import bf16
 from tanbr_ray.sim.memo import DiskMemo, entry_key
 
-STATE_CACHE = 48  # merged states kept (28 MB each here): a slot's 9 nodes, and the x they replay on the ψ grid
+# merged states kept (28 MB each in fp32, 14 under bf16): a slot's 9 nodes, the x they replay on the ψ
+# grid, and Random's 64 points, which the regret comparator's random candidates then reuse (at 48,
+# Random's plays re-merged half its points: 125 merges for 64 x)
+STATE_CACHE = 128
 MAX_ROWS = 32  # rows per forward pass: batches of ~32 are the fastest per example on CPU
 # A forward pass costs about CALL_TOKENS padded tokens' worth before its first token (measured here:
 # 1 row of 16 tokens 16 ms, 32 rows x 128 tokens 0.19 ms per token — the weights stream from memory

@@ -8,8 +8,8 @@ Per slot, in order, each step one call:
   3. push      — a new x means pushing the merged FFN weights to the node (bytes / bandwidth, and the
                  edge's own push: the Ray backend's replicas acknowledge it). Merging is not a step of
                  its own: it happens where the weights are made, by the cluster's mergers while the
-                 slot is decided, or locally by the evaluator just before a merge's rows run (it keeps
-                 48 merged states, so a slot of 128 distinct x is never held at once);
+                 slot is decided, or locally by the evaluator just before a merge's rows run (a bounded
+                 LRU of merged states, `evaluate.STATE_CACHE`);
   4. serve     — every node's requests run through its model: every request is served (it counts in
                  the queueing latency, and the monitor saw it), and a seeded sample of
                  `scored_per_slot` of them is scored exactly by the MoE (locally, each distinct merge
@@ -451,14 +451,15 @@ class Simulation:
             out[task] = [(task, int(i)) for i in np.sort(np.random.default_rng([3, v]).permutation(size)[:k])]
         return out
 
-    def best_fixed_credit(self) -> np.ndarray:
+    def best_fixed_credit(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Per-slot credit of the best fixed x in hindsight, one per node (each node has its own mix
-        and budget). Every candidate is scored once per task on `selection_rows`; a node's estimate
-        of a candidate weighs those task means by the node's own request count of each task over the
-        run: the candidate's expected credit on the node's traffic, with the same examples for every
-        candidate, so the comparison between candidates is paired. The winner is then scored on all
-        the node's requests. Candidates several nodes share (the random points, each expert alone)
-        run once."""
+        and budget), and each node's winner. Two stages, so the winner is the best in hindsight and
+        not merely the luckiest on a small sample: every candidate is screened once per task on
+        `selection_rows` (a node's estimate weighs those task means by the node's own request count
+        of each task over the run, the same examples for every candidate, so the ranking is paired);
+        the node's `regret_finalists` best are then scored on all the node's requests, and the one
+        with the most credit there is the comparator. Candidates several nodes share (the random
+        points, each expert alone) are screened once."""
         select = self.selection_rows()
         plans = []  # (node, all its rows, its candidate specs, its request count per task)
         for n in range(len(self.nodes)):
@@ -471,16 +472,25 @@ class Simulation:
         sel_rows = [r for task in self.tasks for r in select[task]]
         task_of = np.asarray([self.tasks.index(t) for t, _ in sel_rows])
         table = {}  # spec -> mean credit per task on the selection rows
-        for spec in tqdm(specs, desc="best fixed x", disable=not self.progress, leave=False):
+        for spec in tqdm(specs, desc="best fixed x: screen", disable=not self.progress, leave=False):
             credit = self.row_credit(sel_rows, self.ev.predict_rows(spec, sel_rows))
             table[spec] = np.asarray([credit[task_of == v].mean() for v in range(self.V)])
-        best = {n: max(cands, key=lambda spec: float(table[spec] @ counts)) for n, _, cands, counts in plans}
-        self.ev.prefetch([(best[n], rows) for n, rows, _, _ in plans])
-        out = np.zeros(self.cfg.slots)
-        for n in best:
-            for t in range(self.cfg.slots):
-                out[t] += self.serve(best[n], t, n)[1].sum()
-        return out
+        finalists = {n: sorted(cands, key=lambda spec: -float(table[spec] @ counts))[:self.cfg.regret_finalists]
+                     for n, _, cands, counts in plans}  # stable: ties keep the candidate order
+        work: dict[Spec, list] = {}  # each finalist once, over the rows of every node it is a finalist of
+        for n, rows, _, _ in plans:
+            for spec in finalists[n]:
+                work.setdefault(spec, []).extend(rows)
+        for spec, rows in tqdm(work.items(), desc="best fixed x: finalists", disable=not self.progress, leave=False):
+            self.ev.predict_rows(spec, rows)
+        out, winners = np.zeros(self.cfg.slots), {}
+        for n, _, _, _ in plans:
+            per_slot = {spec: np.asarray([self.serve(spec, t, n)[1].sum() for t in range(self.cfg.slots)])
+                        for spec in finalists[n]}
+            best = max(finalists[n], key=lambda spec: float(per_slot[spec].sum()))
+            out += per_slot[best]
+            winners[self.nodes[n][0]] = np.frombuffer(best[1], dtype=np.float64).copy()
+        return out, winners
 
     def task_metric(self, task: str, indices: np.ndarray, preds: np.ndarray) -> float:
         """The task's GLUE metric over scored requests; STS-B as its mean per-request credit (see
@@ -550,7 +560,7 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
         router, edge = backend(sim, name) if backend is not None else (None, None)
         runs[name] = sim.run_policy(name, on_slot, router, edge)
     phases["policies"] = time.perf_counter() - t0 - phases["setup"]
-    best_credit = sim.best_fixed_credit()
+    best_credit, best_x = sim.best_fixed_credit()
     phases["best_fixed"] = time.perf_counter() - t0 - phases["setup"] - phases["policies"]
     counts = next(iter(runs.values())).counts
     safe = np.maximum(counts, 1)
@@ -626,6 +636,7 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
         "compute_ms_batch1": sim.costs.compute_ms,
         "batch_ms": {m: dict(zip(map(str, SERVICE_BATCHES), v)) for m, v in sim.costs.batch_ms.items()},
         "monitor_error_tv": sim.monitor_error(),
+        "best_fixed_x": {node: x.round(6).tolist() for node, x in best_x.items()},
     })
     return SimOutput(summary, series, sim.tasks, [f"expert:{t}" for t in sim.tasks], [n for n, _ in sim.nodes],
                      {n: c.name for n, c in sim.nodes}, sim.wl.mix_changes, cfg.slot_seconds,
