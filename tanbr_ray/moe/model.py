@@ -216,10 +216,10 @@ class TaskMoE(nn.Module):
         return self.expert_of[task]
 
     def expert_state(self, e: int) -> dict[str, torch.Tensor]:
-        """Expert e of every MoE layer as a state ([layers, ...] tensors)."""
+        """Expert e of every MoE layer as a state ([layers, ...] tensors), as `serving_experts` holds it."""
         if not 0 <= e < self.num_experts:
             raise ValueError(f"expert index {e} outside 0..{self.num_experts - 1}")
-        return {k: self.experts[k][:, e] for k in FFN_KEYS}
+        return {k: v[:, e] for k, v in self.serving_experts().items()}
 
     def serving_experts(self) -> Mapping[str, torch.Tensor]:
         """The experts as the token-routed, soft and oracle modes read them. At inference under bf16
@@ -298,8 +298,7 @@ class TaskMoE(nn.Module):
                 self.check_state(state)
             use_adapt = bool(self.adapted.item()) if adapted is None else bool(adapted)
         elif spec.ffn == "task":
-            e = self.task_index(task)
-            state = {k: v[:, e] for k, v in self.serving_experts().items()}
+            state = self.expert_state(self.task_index(task))
 
         def moe_ffn(l, h, mask):
             m = moe_idx[l]

@@ -10,10 +10,12 @@ import copy
 from pathlib import Path
 from typing import Literal, Sequence
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tanbr_ray.fileio import read_yaml_mapping
+from tanbr_ray.moe.precision import native_bf16
 from tanbr_ray.router.tanbr import TanbrConfig
 from tanbr_ray.sim.queueing import QueueConfig
 from tanbr_ray.sim.workload import SCHEDULES
@@ -77,10 +79,6 @@ class SimConfig(BaseModel):
     @classmethod
     def _bf16(cls, v):
         if v == "auto":
-            import torch
-
-            from tanbr_ray.moe.precision import native_bf16
-
             return native_bf16("cuda" if torch.cuda.is_available() else "cpu")
         return v
 

@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from tanbr_ray.moe.infer import _to_pred
 from tanbr_ray.moe.metrics import glue_score, request_credit
@@ -140,13 +141,14 @@ class PoolEvaluator:
                     self.disk.put(keys[r], float(v))
         return np.asarray([memo[(t, int(i))] for t, i in rows], dtype=np.float64)
 
-    def prefetch(self, work: Sequence[tuple[Spec, Sequence[Row]]]) -> None:
+    def prefetch(self, work: Sequence[tuple[Spec, Sequence[Row]]], desc: str | None = None) -> None:
         """Run the rows of many (spec, rows) requests, each spec once over the union of its rows, so
-        requests that share a model share forward passes (later `predict_rows` calls hit the memo)."""
+        requests that share a model share forward passes (later `predict_rows` calls hit the memo).
+        `desc`: show a progress bar over the specs under that name."""
         by_spec: dict[Spec, list[Row]] = {}
         for spec, rows in work:
             by_spec.setdefault(spec, []).extend(rows)
-        for spec, rows in by_spec.items():
+        for spec, rows in tqdm(by_spec.items(), desc=desc, disable=desc is None, leave=False):
             self.predict_rows(spec, rows)
 
     @torch.no_grad()

@@ -477,12 +477,8 @@ class Simulation:
             table[spec] = np.asarray([credit[task_of == v].mean() for v in range(self.V)])
         finalists = {n: sorted(cands, key=lambda spec: -float(table[spec] @ counts))[:self.cfg.regret_finalists]
                      for n, _, cands, counts in plans}  # stable: ties keep the candidate order
-        work: dict[Spec, list] = {}  # each finalist once, over the rows of every node it is a finalist of
-        for n, rows, _, _ in plans:
-            for spec in finalists[n]:
-                work.setdefault(spec, []).extend(rows)
-        for spec, rows in tqdm(work.items(), desc="best fixed x: finalists", disable=not self.progress, leave=False):
-            self.ev.predict_rows(spec, rows)
+        self.ev.prefetch([(spec, rows) for n, rows, _, _ in plans for spec in finalists[n]],
+                         desc="best fixed x: finalists" if self.progress else None)
         out, winners = np.zeros(self.cfg.slots), {}
         for n, _, _, _ in plans:
             per_slot = {spec: np.asarray([self.serve(spec, t, n)[1].sum() for t in range(self.cfg.slots)])
