@@ -106,6 +106,32 @@ def _param_bytes(tensors) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
+class CastOnce:
+    """bf16 copies of FFN matmul weights (w1, w2) for inference under bf16 autocast. Autocast's cast
+    cache keeps only leaf tensors that need grad, so it recast these weights at every pass (a
+    merged FFN at batch 1 cost more than the top-1 MoE). The copy is the cast autocast makes, so
+    outputs are bit-identical; it is remade when a weight changes (in place or by a reload). Outside
+    bf16 inference (fp32, or training) the weights pass through untouched."""
+
+    KEYS = ("w1", "w2")
+
+    def __init__(self):
+        self._entry: tuple | None = None  # (which tensors, at which version; their cast copies)
+
+    def get(self, ffns: Sequence[Mapping[str, torch.Tensor]]) -> Sequence[Mapping[str, torch.Tensor]]:
+        dev = ffns[0]["w1"].device.type
+        if (torch.is_grad_enabled() or not torch.is_autocast_enabled(dev)
+                or torch.get_autocast_dtype(dev) != torch.bfloat16):
+            return ffns
+        key = tuple((p[k].data_ptr(), p[k]._version) for p in ffns for k in self.KEYS)
+        entry = self._entry
+        if entry is None or entry[0] != key:
+            entry = (key, [{k: v.detach().to(torch.bfloat16) if k in self.KEYS else v for k, v in p.items()}
+                           for p in ffns])
+            self._entry = entry  # one assignment: a thread sharing this sees the old entry or the new
+        return entry[1]
+
+
 class TaskMoE(nn.Module):
     """A BERT whose FFN blocks in `moe_layers` are K task experts; see the module docstring."""
 
@@ -169,7 +195,7 @@ class TaskMoE(nn.Module):
         self.merge_operator = "linear"
         self.regmean_alpha = 0.9
         self._merger: Merger | None = None
-        self._cast: tuple | None = None  # (which w1/w2 it was cast from, the experts with bf16 w1/w2)
+        self._cast = CastOnce()  # the experts with bf16 w1/w2, for inference under bf16 autocast
         self.tokenizer = None  # set by build/load: the base model's tokenizer
         self.max_len_single = 64
         self.max_len_pair = 128
@@ -222,20 +248,10 @@ class TaskMoE(nn.Module):
         return {k: v[:, e] for k, v in self.serving_experts().items()}
 
     def serving_experts(self) -> Mapping[str, torch.Tensor]:
-        """The experts as the token-routed, soft and oracle modes read them. At inference under bf16
-        autocast, w1 and w2 are cast once and kept: autocast casts every expert weight a pass touches
-        at every pass (its cast cache keeps leaf tensors only, and one expert is a slice), which made
-        those modes slower in bf16 than in fp32. The cast is the one autocast makes, so outputs are
-        bit-identical; the copy is remade when the weights change (in place or by a reload)."""
-        dev = self.experts["w1"].device.type
-        if (torch.is_grad_enabled() or not torch.is_autocast_enabled(dev)
-                or torch.get_autocast_dtype(dev) != torch.bfloat16):
-            return self.experts
-        key = tuple((self.experts[k].data_ptr(), self.experts[k]._version) for k in ("w1", "w2"))
-        if self._cast is None or self._cast[0] != key:
-            self._cast = (key, {k: v.detach().to(torch.bfloat16) if k in ("w1", "w2") else v
-                                for k, v in self.experts.items()})
-        return self._cast[1]
+        """The experts as the token-routed, soft and oracle modes read them: at inference under bf16
+        autocast, with w1 and w2 cast once (see `CastOnce`; one expert is a slice, which autocast's
+        cast cache never keeps, so every pass recast every expert it touched)."""
+        return self._cast.get([self.experts])[0]
 
     def base_state(self) -> dict[str, torch.Tensor]:
         return {k: self.base[k][self.moe_layers] for k in FFN_KEYS}
@@ -470,6 +486,7 @@ class DenseModel(nn.Module):
             nn.ParameterDict({k: nn.Parameter(torch.zeros(shapes[k]), requires_grad=False) for k in FFN_KEYS})
             for _ in range(L))
         self.heads = nn.ModuleDict({TaskMoE._hk(t): Head(H, head_hidden, NUM_LABELS[t], 0.0) for t in tasks})
+        self._cast = CastOnce()  # the shell's own FFNs with bf16 w1/w2, for inference under bf16 autocast
         self.eval()
 
     @classmethod
@@ -514,7 +531,7 @@ class DenseModel(nn.Module):
         key = task.replace("-", "_")
         if key not in self.heads:
             raise ValueError(f"unknown task {task!r}; tasks: {self.tasks}")
-        layers = self.ffn if ffn_layers is None else ffn_layers
+        layers = self._cast.get(self.ffn) if ffn_layers is None else ffn_layers
         mask = extended_mask(attention_mask, self.embeddings.word_embeddings.weight.dtype)
         h = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         for l, att in enumerate(self.attn):
@@ -530,9 +547,10 @@ class MergedVersion:
 
     def __init__(self, shell: DenseModel, ffn_layers: list[Mapping[str, torch.Tensor]]):
         self.shell, self.ffn_layers = shell, ffn_layers
+        self._cast = CastOnce()  # this version's FFNs with bf16 w1/w2, for inference under bf16 autocast
 
     def __call__(self, input_ids, attention_mask, token_type_ids, task: str) -> torch.Tensor:
-        return self.shell(input_ids, attention_mask, token_type_ids, task, ffn_layers=self.ffn_layers)
+        return self.shell(input_ids, attention_mask, token_type_ids, task, ffn_layers=self._cast.get(self.ffn_layers))
 
     def resident_bytes(self) -> int:
         """The shell (everything but the MoE layers' FFNs) plus this version's FFNs."""

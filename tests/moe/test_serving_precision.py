@@ -38,3 +38,39 @@ def test_the_cast_follows_changes_to_the_experts(tiny_moe):
         assert torch.equal(after, tiny_moe.experts["w1"].to(torch.bfloat16)) and not torch.equal(after, before)
     with bf16("cpu"):  # training (grad on): autocast handles the leaves itself, no stale copy
         assert tiny_moe.serving_experts() is tiny_moe.experts
+
+
+def _dense_logits(model):
+    torch.manual_seed(1)
+    ids = torch.randint(0, 1000, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    return model(ids, mask, torch.zeros_like(ids), "SST-2")
+
+
+def test_merged_models_cast_their_ffns_once_and_change_no_output(tiny_moe, monkeypatch):
+    """The dense model a node serves (its shell, and a merged version on it) reads bf16 w1/w2 made
+    once, bit-identical to autocast casting the fp32 FFNs at every pass; fp32 passes them through."""
+    shell = tiny_moe.dense_model(x=[0.3, 0.7])
+    version = shell.with_ffn(tiny_moe.merged_state([0.6, 0.4]))
+    for model, owner, layers in ((shell, shell, list(shell.ffn)), (version, version, version.ffn_layers)):
+        with torch.no_grad(), bf16("cpu"):
+            cast = _dense_logits(model)
+            kept = owner._cast.get(layers)
+            assert all(p["w1"].dtype == torch.bfloat16 and p["b1"].dtype == torch.float32 for p in kept)
+            assert owner._cast.get(layers) is kept  # made once
+            with monkeypatch.context() as m:
+                m.setattr(owner._cast, "get", lambda ffns: ffns)
+                per_pass = _dense_logits(model)
+        assert torch.equal(cast, per_pass)
+        with torch.no_grad():
+            assert owner._cast.get(layers) is layers
+
+
+def test_a_reloaded_shell_serves_its_new_ffns(tiny_moe):
+    shell = tiny_moe.dense_model(x=[0.3, 0.7])
+    other = tiny_moe.dense_model(x=[0.9, 0.1])
+    with torch.no_grad(), bf16("cpu"):
+        before = _dense_logits(shell)
+        shell.load_state_dict(other.state_dict())
+        assert torch.equal(_dense_logits(shell), _dense_logits(other)) and not torch.equal(before, _dense_logits(shell))
