@@ -15,7 +15,7 @@ from tanbr_ray.moe.precision import native_bf16
 from tanbr_ray.sim.config import POLICIES, SimConfig, load_config
 from tanbr_ray.sim.evaluate import PoolEvaluator, merged_spec
 from tanbr_ray.sim.fleet import Fleet, load_fleet
-from tanbr_ray.sim.loop import Simulation, run_simulation
+from tanbr_ray.sim.loop import Simulation, host_costs, run_simulation
 from tanbr_ray.sim.report import latency_ratios, write_results
 from tanbr_ray.stats import recovery_slots
 
@@ -89,6 +89,18 @@ def test_deterministic_under_seed(tiny_moe, result):
         if a.choices is not None:
             assert np.array_equal(a.choices, b.choices)
         assert result.summary["policies"][name]["scores"] == again.summary["policies"][name]["scores"]
+        # one measurement of the host's service times per model and precision: same arrivals, same latency
+        assert again.summary["policies"][name]["latency_ms_p50"] == result.summary["policies"][name]["latency_ms_p50"]
+    assert again.summary["batch_ms"] == result.summary["batch_ms"]
+
+
+def test_service_times_are_measured_once_per_model_and_precision(tiny_moe):
+    fp32 = host_costs(tiny_moe, bf16=False)
+    assert host_costs(tiny_moe, bf16=False) is fp32
+    bf16 = host_costs(tiny_moe, bf16=True)
+    assert bf16 is not fp32 and host_costs(tiny_moe, bf16=True) is bf16
+    assert set(fp32.batch_ms) == {"merged", "oracle", "top1", "top2", "soft"}
+    assert all(len(v) == 3 and min(v) > 0 for v in fp32.batch_ms.values())
 
 
 @pytest.mark.parametrize("spec_of", [lambda: merged_spec(np.array([0.3, 0.7])), lambda: ("top2",),
