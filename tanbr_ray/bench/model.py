@@ -82,11 +82,22 @@ def _mix_value(table: dict, psi: dict[str, float], half: int) -> float:
     return float(sum(w * table[t][half] for t, w in psi.items()))
 
 
+def split_state(lower: Mapping[str, torch.Tensor], upper: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A merged state whose lower half of MoE layers comes from `lower` and the rest from `upper`.
+    Every operator merges each layer on its own, so this is the merge with one x per layer half."""
+    out = {}
+    for k, a in lower.items():
+        h = a.shape[0] // 2
+        out[k] = torch.cat([a[:h], upper[k][h:]])
+    return out
+
+
 def landscape(moe, pool: CreditTable, mixes: list[np.ndarray], op: str, budget: int, random_candidates: int,
-              finalists: int, seed: int, progress: bool) -> dict:
+              finalists: int, seed: int, progress: bool, layer_split: bool = False) -> dict:
     """One operator's landscape: per mix uniform, x = ψ, x ∝ ψ², the ψ-family's best (p chosen on
     half A) and the best of a wider search (the family plus the best screened random x, chosen on
-    half A), all scored on half B."""
+    half A), all scored on half B. `layer_split` adds the best pair of ψ powers for the lower and
+    upper halves of the MoE layers (chosen on A): does one x per layer half open room one x lacks?"""
     tasks, K = moe.tasks, moe.num_experts
     psis = [{t: float(v[i]) for i, t in enumerate(tasks) if v[i] > 0} for v in mixes]
     uniform = pool.credit(tasks, state=moe.merged_state(np.full(K, 1.0 / K), op))
@@ -97,7 +108,8 @@ def landscape(moe, pool: CreditTable, mixes: list[np.ndarray], op: str, budget: 
     per_mix = []
     for v, psi in tqdm(list(zip(mixes, psis)), desc=f"{op}: mixes", disable=not progress, leave=False):
         fam = psi_family(v, budget)
-        fam_tab = {p: pool.credit(psi, state=moe.merged_state(x, op)) for p, x in fam.items()}
+        fam_states = {p: moe.merged_state(x, op) for p, x in fam.items()}
+        fam_tab = {p: pool.credit(psi, state=st) for p, st in fam_states.items()}
         ranked = np.argsort([-sum(w * s[t] for t, w in psi.items()) for s in screen], kind="stable")[:finalists]
         fin_tab = {int(i): pool.credit(psi, state=moe.merged_state(randoms[i], op)) for i in ranked}
         p_best = max(PSI_POWERS, key=lambda p: _mix_value(fam_tab[p], psi, 0))
@@ -116,7 +128,15 @@ def landscape(moe, pool: CreditTable, mixes: list[np.ndarray], op: str, budget: 
             "best_search_x": [round(float(a), 4) for a in x_best],
             "best_search_on_selection_half": _mix_value(tab_best, psi, 0),
         })
+        if layer_split:
+            split_tab = {(a, b): fam_tab[a] if a == b else pool.credit(psi, state=split_state(fam_states[a], fam_states[b]))
+                         for a in PSI_POWERS for b in PSI_POWERS}
+            pair = max(split_tab, key=lambda ab: _mix_value(split_tab[ab], psi, 0))
+            per_mix[-1].update(best_layer_split=_mix_value(split_tab[pair], psi, 1), layer_split_powers=list(pair),
+                               best_layer_split_in_hindsight=max(_mix_value(t, psi, 1) for t in split_tab.values()),
+                               best_psi_family_in_hindsight=max(_mix_value(fam_tab[p], psi, 1) for p in PSI_POWERS))
     keys = ("best_psi_family", "best_search", "psi_merge", "psi2", "uniform")
+    keys += ("best_layer_split", "best_layer_split_in_hindsight", "best_psi_family_in_hindsight") if layer_split else ()
     mean = {k: float(np.mean([m[k] for m in per_mix])) for k in keys}
     mean["psi"] = mean.pop("psi_merge")
     return {"mean": mean, "mixes": per_mix, "uniform_per_task": {t: uniform[t][1] for t in tasks}}
@@ -174,6 +194,7 @@ def run_bench(
     finalists: int = 2,
     budget: int = 3,
     operators=OPERATORS,
+    layer_split: bool = False,
     bf16: bool = False,
     runs: int = 20,
     warmup: int = 3,
@@ -233,7 +254,7 @@ def run_bench(
     pool = CreditTable(moe, {t: s.head(landscape_examples, seed + 1) for t, s in dev.items()}, seed, progress,
                        screen_examples if random_candidates else 0)
     mix_vs = draw_mixes(K, mixes, seed + 11)
-    by_op = {op: landscape(moe, pool, mix_vs, op, budget, random_candidates, finalists, seed, progress)
+    by_op = {op: landscape(moe, pool, mix_vs, op, budget, random_candidates, finalists, seed, progress, layer_split)
              for op in tqdm(operators, desc="landscape per operator", disable=not progress)}
     refs_tab = {
         "static_regmean": lambda: pool.credit(tasks, state=moe.static_state("regmean")) if moe.stats is not None else None,
@@ -363,6 +384,9 @@ def format_table(res: dict) -> str:
     for op, v in res["landscape_by_operator"].items():
         mm = v["mean"]
         lines.append(f"  {op:9} {mm['best_psi_family']:8.3f} {mm['best_search']:7.3f} {mm['psi']:6.3f} {mm['psi2']:6.3f} {mm['uniform']:7.3f}")
+        if "best_layer_split" in mm:
+            lines.append(f"  {'':9} one ψ power per layer half: {mm['best_layer_split']:.3f} chosen on A "
+                         f"({mm['best_layer_split_in_hindsight']:.3f} best on B itself; ψ-family {mm['best_psi_family_in_hindsight']:.3f})")
     lines.append("  reference: " + ", ".join(f"{k} {v:.3f}" for k, v in ref.items() if v is not None))
     op = lm["best_operator"]
     lines += [f"  per mix ({op}):", f"    {'mix (top tasks)':34} {'psi-best':>8} {'p':>4} {'search':>7} {'psi':>6} {'uniform':>7} {'regmean':>7} {'oracle':>6}"]

@@ -22,12 +22,17 @@ def test_build_then_bench_model(tmp_path, data_dir):
     r = runner.invoke(
         app,
         ["bench", "model", *common, "--json", str(out), "--eval-examples", "8", "--mixes", "2", "--random-candidates", "3",
-         "--landscape-examples", "8", "--screen-examples", "2", "--finalists", "1", "--budget", "2", "--runs", "2", "--bf16"],
+         "--landscape-examples", "8", "--screen-examples", "2", "--finalists", "1", "--budget", "2", "--runs", "2", "--bf16",
+         "--layer-split"],
     )
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     assert set(res["modes"]) == {"dense", "merged", "top1", "top2", "soft", "oracle"}
     assert res["landscape_meta"]["budget"] == 2 and "oracle" in r.output and "experts (task-oracle routing" in r.output
+    split = res["landscape_by_operator"]["linear"]["mean"]
+    assert 0 <= split["best_layer_split"] <= split["best_layer_split_in_hindsight"] <= 1
+    assert split["best_psi_family_in_hindsight"] <= split["best_layer_split_in_hindsight"]  # the pairs hold the family
+    assert "one ψ power per layer half" in r.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("tasks: [SST-2, SQuAD]\n")
     r = runner.invoke(app, ["build-moe", "--config", str(bad), "--models-dir", str(tmp_path / "models")])

@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+import torch
 
-from tanbr_ray.bench.model import MIN_TASK_SHARE, draw_mixes, landscape
+from tanbr_ray.bench.model import MIN_TASK_SHARE, draw_mixes, landscape, split_state
 from tanbr_ray.simplex import PSI_POWERS, psi_family, snap_to_grid
 from tanbr_ray.moe.merge import validate_x
 
@@ -90,3 +91,37 @@ def test_landscape_chooses_on_half_a_and_scores_on_half_b():
     assert m["uniform"] == pytest.approx(0.5)
     assert m["best_search_on_selection_half"] >= 0.2 * fam[4.0][0] + 0.8 * fam[4.0][1] - 1e-12
     assert res["mean"]["psi2"] == pytest.approx(0.2 * fam[2.0][0] + 0.8 * (1 - fam[2.0][1]))
+
+
+class _LayeredMoE(_FakeMoE):
+    """Two MoE layers; a state holds x per layer."""
+
+    def merged_state(self, x, op):
+        return {"w": torch.as_tensor(np.stack([x, x]))}
+
+
+class _LayeredPool(_FakePool):
+    """SST-2 reads the lower layer's x, QNLI the upper layer's, on both halves: one x per layer half
+    can serve both tasks at once, one x for all layers cannot."""
+
+    def credit(self, tasks, mode="merged", state=None):
+        w = state["w"].numpy()
+        return {t: (float(w[layer, i]),) * 2 for i, (t, layer) in enumerate([("SST-2", 0), ("QNLI", 1)]) if t in tasks}
+
+
+def test_split_state_takes_the_lower_half_from_one_merge_and_the_rest_from_the_other():
+    lower, upper = {"w": torch.zeros(4, 3)}, {"w": torch.ones(4, 3)}
+    assert split_state(lower, upper)["w"][:, 0].tolist() == [0, 0, 1, 1]
+
+
+def test_layer_split_finds_one_power_per_layer_half():
+    mixes = [np.array([0.2, 0.8])]
+    res = landscape(_LayeredMoE(), _LayeredPool(), mixes, "linear", budget=2, random_candidates=0,
+                    finalists=0, seed=0, progress=False, layer_split=True)
+    m, fam = res["mixes"][0], psi_family(mixes[0], 2)
+    # the lower layers want the most SST-2 weight (the flattest power), the upper the most QNLI
+    assert m["layer_split_powers"] == [0.5, 4.0]
+    assert m["best_layer_split"] == pytest.approx(0.2 * fam[0.5][0] + 0.8 * fam[4.0][1])
+    assert m["best_layer_split"] > m["best_psi_family"] == pytest.approx(m["best_psi_family_in_hindsight"])
+    assert "best_layer_split" not in landscape(_LayeredMoE(), _LayeredPool(), mixes, "linear", budget=2,
+                                               random_candidates=0, finalists=0, seed=0, progress=False)["mean"]
