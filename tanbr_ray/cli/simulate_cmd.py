@@ -36,7 +36,7 @@ def simulate(
     from tanbr_ray.moe.store import weights_checksum
     from tanbr_ray.sim.config import DEFAULT_CONFIG, QUICK_CONFIG, load_config
     from tanbr_ray.sim.loop import RECOVERY_TOLERANCE, run_simulation
-    from tanbr_ray.sim.report import format_paired, format_table, latency_ratios, write_results
+    from tanbr_ray.sim.report import format_paired, format_table, latency_ratios, provenance_line, write_results
     from tanbr_ray.sim.seeds import paired_section, run_seeds, seeds_section
     from tanbr_ray.tracking import log_simulation
 
@@ -82,6 +82,13 @@ def simulate(
                 f"headline: 2nd-half credit", header, rows)
     for line in latency_ratios(s):
         typer.echo(line)
+    if provenance_line(s):
+        typer.echo(provenance_line(s))
+    if s.get("memo"):
+        m = s["memo"]
+        typer.echo(f"prediction memo REFUSED, every prediction recomputed: {m['refused']}" if m["refused"] else
+                   f"prediction memo: {m['hits']} predictions reused, {m['verified']} of them recomputed "
+                   f"and equal ({m['file']})")
     if s["policies"].get("Tanbr", {}).get("recovery_slots"):
         typer.echo(f"Tanbr: slots until its gap to the oracle is back within {100 * RECOVERY_TOLERANCE:g} "
                    f"point(s) of its level before each mix change: {s['policies']['Tanbr']['recovery_slots']} "

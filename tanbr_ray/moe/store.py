@@ -8,6 +8,7 @@ never unpickles.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -44,6 +45,7 @@ def save_moe(moe: TaskMoE, cfg: MoEConfig, directory: str | os.PathLike, build: 
         "build": build or {},
     }
     atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=float)))
+    moe.identity = {"key": d.name, "weights_sha256": meta["files"][WEIGHTS]["sha256"]}
     return d
 
 
@@ -87,6 +89,7 @@ def load_moe(directory: str | os.PathLike, device="cpu") -> tuple[TaskMoE, MoECo
         except ValueError as e:
             raise ValueError(f"{d / STATS}: {e}") from e
     moe.eval()
+    moe.identity = {"key": d.name, "weights_sha256": files[WEIGHTS][1]}
     return moe, cfg, meta
 
 
@@ -107,3 +110,15 @@ def _read_verified(path: Path, size: int, sha256: str) -> dict[str, torch.Tensor
 def weights_checksum(directory: str | os.PathLike) -> str:
     """The sha256 its config records for a cached model's weights (names what was computed with it)."""
     return str(read_meta(directory)["files"][WEIGHTS]["sha256"])
+
+
+def model_identity(moe) -> dict:
+    """What a result was computed with: a stored model's cache key and weights sha256 (as its config
+    records them); a model that was never stored is hashed from its state dict instead."""
+    if getattr(moe, "identity", None):
+        return dict(moe.identity)
+    h = hashlib.sha256()
+    for name, t in sorted(moe.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"key": "unsaved", "weights_sha256": "state:" + h.hexdigest()}

@@ -2,8 +2,11 @@
 
 What does not change between slots is computed once: `TaskMoE.prepare` caches each pool example's
 hidden states up to the first MoE layer's FFN (tokenisation, embeddings, the layers below and that
-layer's attention), and predictions are memoised per (model spec, example), so a merge that is played
-again (Tanbr's leaves, static merges, the full MoE) never recomputes an example it already served.
+layer's attention; in memory, for this run only), and predictions are memoised per (model spec,
+example), so a merge that is played again (Tanbr's leaves, static merges, the full MoE) never
+recomputes an example it already served. Across runs, the disk memo (`sim/memo.py`) is keyed by the
+example's content; a seeded sample of its hits is recomputed and compared before any is used
+(`MemoCheck`), so a stale or altered file cannot pass for a measurement.
 Only the requested rows run, and requests of different tasks that meet the same model run in one
 batch (the trunk of a merged or routed model does not depend on the task; only the heads do), so a
 slot costs what it serves, in as few forward passes as its distinct models allow.
@@ -11,8 +14,10 @@ slot costs what it serves, in as few forward passes as its distinct models allow
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -22,7 +27,7 @@ from tqdm.auto import tqdm
 from tanbr_ray.moe.infer import _to_pred
 from tanbr_ray.moe.metrics import glue_score, request_credit
 from tanbr_ray.moe.precision import bf16
-from tanbr_ray.sim.memo import DiskMemo, entry_key
+from tanbr_ray.sim.memo import DiskMemo, example_id
 
 # merged states kept (28 MB each in fp32, 14 under bf16): a slot's 9 nodes, the x they replay on the ψ
 # grid, and Random's 64 points, which the regret comparator's random candidates then reuse (at 48,
@@ -68,13 +73,61 @@ def chunk_by_width(widths: Sequence[int], call_tokens: int = CALL_TOKENS,
     return out[::-1]
 
 
+class MemoMismatch(RuntimeError):
+    """A disk-memo prediction disagreed with the model recomputing it: the file cannot be trusted."""
+
+
+@dataclass
+class MemoCheck:
+    """Which disk-memo hits are recomputed before use: the first `first` hits after each `begin` (a
+    policy, the regret comparator), then a seeded `fraction` of the rest (chosen by hashing the entry
+    key with the seed, so the sample does not depend on the order requests arrive in).
+
+    A stored class agrees when the recomputed logits put it within `class_tol` of their maximum
+    (exact argmax, but a near-tie that the batch's padding flips is no evidence of a bad file); a
+    regression output agrees within `value_tol`."""
+
+    seed: int = 0
+    first: int = 32
+    fraction: float = 0.01
+    class_tol: float = 1e-4
+    value_tol: float = 1e-4
+    left: int = 0  # of `first`, in the current stretch
+    checked: int = 0  # over the run
+
+    def begin(self) -> None:
+        self.left = self.first
+
+    def pick(self, key: int) -> bool:
+        if self.left > 0:
+            self.left -= 1
+            return True
+        digest = hashlib.blake2b(key.to_bytes(8, "little", signed=True), digest_size=4,
+                                 key=self.seed.to_bytes(8, "little", signed=True)).digest()
+        return int.from_bytes(digest, "little") < self.fraction * 2**32
+
+    def agrees(self, task: str, stored: float, logits: torch.Tensor) -> bool:
+        if task == "STS-B":
+            return abs(float(logits[0]) - stored) <= self.value_tol
+        return float(logits[int(stored)]) >= float(logits.max()) - self.class_tol
+
+
+def check_for(bf16_serving: bool, seed: int) -> MemoCheck:
+    """Tolerances for the precision the predictions were made in. Measured on the default model: the
+    same rows in other batches move fp32 logits by < 1e-5 and bf16 logits by up to ~0.03 (bf16 rounds
+    every matmul's output, so the reduction order the batch shape picks shows)."""
+    return MemoCheck(seed=seed, class_tol=0.1, value_tol=0.1) if bf16_serving else MemoCheck(seed=seed)
+
+
 class PoolEvaluator:
     """Predictions for (spec, task, example index) over a fixed pool of dev examples."""
 
     def __init__(self, moe, pool: Mapping[str, object], batch_size: int = 32, progress: bool = False,
-                 bf16: bool = False, merge_operator: str | None = None, memo: DiskMemo | None = None):
+                 bf16: bool = False, merge_operator: str | None = None, memo: DiskMemo | None = None,
+                 check: MemoCheck | None = None):
         self.moe = moe
         self.disk = memo  # predictions of earlier runs of this model (None: this run only)
+        self.check = check or check_for(bf16, 0)  # which of the disk memo's hits are recomputed
         self.disk_hits = 0
         self.merge_operator = merge_operator  # None: the model's own
         self.pool = dict(pool)
@@ -88,6 +141,8 @@ class PoolEvaluator:
             for row, idx in enumerate(b.index):
                 self.where[b.task][int(idx)] = (b_no, row)
                 self.width[b.task][int(idx)] = int(lengths[row])
+        # each example's content hash: what the disk memo keys it by, and what names the pool
+        self.ids = {t: [example_id(t, *self.text(t, i)) for i in range(len(self.labels[t]))] for t in self.labels}
         self._memo: dict[Spec, dict[Row, float]] = {}
         self._states: OrderedDict[Spec, dict] = OrderedDict()
         self.forwards = 0  # examples actually run through the model
@@ -128,11 +183,12 @@ class PoolEvaluator:
         memo = self._memo.setdefault(spec, {})
         missing = sorted({(t, int(i)) for t, i in rows} - memo.keys(), key=lambda r: (self.width[r[0]][r[1]], r))
         if missing and self.disk is not None:
-            keys = {r: entry_key(spec, *r) for r in missing}
-            found = {r: self.disk.get(k) for r, k in keys.items()}
-            memo.update({r: v for r, v in found.items() if v is not None})
-            self.disk_hits += sum(v is not None for v in found.values())
-            missing = [r for r in missing if found[r] is None]
+            keys = {r: self.disk.key(spec, self.ids[r[0]][r[1]]) for r in missing}
+            found = {r: v for r in missing if (v := self.disk.get(keys[r])) is not None}
+            self._verify(spec, {r: found[r] for r in found if self.check.pick(keys[r])})
+            memo.update(found)
+            self.disk_hits += len(found)
+            missing = [r for r in missing if r not in found]
         if missing:
             preds = self._run(spec, missing)
             memo.update(zip(missing, preds))
@@ -140,6 +196,29 @@ class PoolEvaluator:
                 for r, v in zip(missing, preds):
                     self.disk.put(keys[r], float(v))
         return np.asarray([memo[(t, int(i))] for t, i in rows], dtype=np.float64)
+
+    def _verify(self, spec: Spec, stored: dict[Row, float]) -> None:
+        """Recompute these disk-memo hits; raise `MemoMismatch` if any disagrees (`MemoCheck.agrees`)."""
+        if not stored:
+            return
+        rows = sorted(stored, key=lambda r: (self.width[r[0]][r[1]], r))
+        logits: dict[Row, torch.Tensor] = {}
+        self._run(spec, rows, logits)
+        self.check.checked += len(rows)
+        bad = [r for r in rows if not self.check.agrees(r[0], stored[r], logits[r])]
+        if bad:
+            t, i = bad[0]
+            raise MemoMismatch(f"{len(bad)} of {len(rows)} recomputed predictions of {spec[0]} disagree with the "
+                               f"memo (e.g. {t} pool example {i}: stored {stored[bad[0]]:g}, logits "
+                               f"{[round(float(v), 4) for v in logits[bad[0]]]})")
+
+    def data_identity(self) -> dict:
+        """Content hashes of the pool (each task's examples, in order) and of its labels: two runs
+        with the same hashes, model and config scored the same requests."""
+        pool = {t: hashlib.sha256(b"".join(ids)).hexdigest() for t, ids in self.ids.items()}
+        labels = {t: hashlib.sha256(np.ascontiguousarray(y, dtype=np.float64).tobytes()).hexdigest()
+                  for t, y in self.labels.items()}
+        return {"examples": {t: len(y) for t, y in self.labels.items()}, "pool_sha256": pool, "labels_sha256": labels}
 
     def prefetch(self, work: Sequence[tuple[Spec, Sequence[Row]]], desc: str | None = None) -> None:
         """Run the rows of many (spec, rows) requests, each spec once over the union of its rows, so
@@ -156,9 +235,10 @@ class PoolEvaluator:
         """Logits of one task's pool examples, in the given order (runs them; no memo)."""
         return self.logits_rows(spec, [(task, int(i)) for i in indices])[task][1]
 
-    def _run(self, spec: Spec, rows: list[Row]) -> list[float]:
+    def _run(self, spec: Spec, rows: list[Row], logits_out: dict | None = None) -> list[float]:
         """Predictions for rows sorted by length, in chunks of similar length (`chunk_by_width`; the
-        oracle's FFN depends on the task, so it batches one task at a time)."""
+        oracle's FFN depends on the task, so it batches one task at a time). `logits_out`, if given,
+        receives each row's logits."""
         t0 = time.perf_counter()
         preds = {}
         groups = [[r for r in rows if r[0] == t] for t in self.labels] if spec[0] == "oracle" else [rows]
@@ -170,6 +250,8 @@ class PoolEvaluator:
                 self.real_tokens += sum(widths[s:e])
                 for task, (where, logits) in self.logits_rows(spec, chunk).items():
                     preds.update(zip([chunk[k] for k in where], _to_pred(task, logits)))
+                    if logits_out is not None:
+                        logits_out.update(zip([chunk[k] for k in where], logits))
         self.run_seconds += time.perf_counter() - t0
         return [float(preds[r]) for r in rows]
 

@@ -24,6 +24,8 @@ time to swap experts in from storage when the model does not fit the node's memo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import weakref
 from dataclasses import dataclass
@@ -34,12 +36,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tanbr_ray.moe.data import NUM_LABELS, load_task
+from tanbr_ray.moe.data import NUM_LABELS, load_task, resolve_data_dir
+from tanbr_ray.moe.store import model_identity
 from tanbr_ray.moe.infer import interleaved_latency, mode_forward
 from tanbr_ray.router import Policy, TaskMonitor, registry
 from tanbr_ray.simplex import psi_family, random_points
 from tanbr_ray.sim.config import SimConfig
-from tanbr_ray.sim.evaluate import PoolEvaluator, Spec, merged_spec
+from tanbr_ray.sim.evaluate import MemoMismatch, PoolEvaluator, Spec, check_for, merged_spec
 from tanbr_ray.sim.fleet import Fleet, NodeClass, load_fleet
 from tanbr_ray.sim.memo import DiskMemo
 from tanbr_ray.sim.output import PolicySeries, SimOutput
@@ -269,7 +272,8 @@ class Simulation:
         # one pool for every seed (requests differ by seed, the examples they draw from do not), so
         # predictions memoised for one seed serve the next
         pool = {t: load_task(t, "dev", cfg.data_dir).head(cfg.pool_per_task, seed=0) for t in self.tasks}
-        self.ev = PoolEvaluator(moe, pool, progress=progress, bf16=cfg.bf16, merge_operator=cfg.merge_operator, memo=memo)
+        self.ev = PoolEvaluator(moe, pool, progress=progress, bf16=cfg.bf16, merge_operator=cfg.merge_operator,
+                                memo=memo, check=check_for(cfg.bf16, cfg.seed))
         self.wl = generate(self.tasks, {t: len(pool[t]) for t in self.tasks}, [c.rate for _, c in self.nodes],
                            cfg.slot_seconds, cfg.slots, cfg.schedule, cfg.seed, cfg.switch_every,
                            [None if c.mix is None else np.asarray([c.mix.get(t, 0.0) for t in self.tasks])
@@ -335,6 +339,7 @@ class Simulation:
         and the cached evaluator with the latency model. The Ray backend passes the router actor and
         the Serve replicas instead; the loop, the workload and the scoring stay the same."""
         cfg, T, N = self.cfg, self.cfg.slots, len(self.nodes)
+        self.ev.check.begin()  # the first disk-memo hits of every policy are recomputed and compared
         fixed = STATIC_SPECS.get(name)
         if router is None and fixed is None:
             router = PolicyRouter(make_policy(name, cfg, self.K, self.V, self.task_experts, self.tasks))
@@ -474,6 +479,7 @@ class Simulation:
         the node's `regret_finalists` best are then scored on all the node's requests, and the one
         with the most credit there is the comparator. Candidates several nodes share (the random
         points, each expert alone) are screened once."""
+        self.ev.check.begin()
         select = self.selection_rows()
         plans = []  # (node, all its rows, its candidate specs, its request count per task)
         for n in range(len(self.nodes)):
@@ -547,6 +553,34 @@ def _p50_by_class(latency: np.ndarray, node: np.ndarray, nodes) -> dict[str, flo
 Backend = Callable[["Simulation", str], "tuple[SlotRouter | None, EdgeServing | None]"]
 
 
+NOT_RESULT_KEYS = ("name", "out", "wandb", "data_dir", "models_dir")  # where things live, not what is measured
+
+
+def run_identity(cfg: SimConfig, model: dict, data: dict) -> dict:
+    """The model and data a run measured, and a fingerprint of them with its config: runs with the
+    same fingerprint scored the same requests of the same examples on the same model, so their
+    figures compare (and, seed for seed, repeat)."""
+    what = {"model": model["weights_sha256"], "pool": data["pool_sha256"], "labels": data["labels_sha256"],
+            "config": {k: v for k, v in cfg.model_dump().items() if k not in NOT_RESULT_KEYS}}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+    return {"model": model, "data": data, "fingerprint": digest[:16]}
+
+
+def _play(cfg: SimConfig, moe, fleet, progress, on_slot, backend, memo):
+    """Every policy, then the best fixed x in hindsight: (sim, runs, best, phase seconds)."""
+    t0 = time.perf_counter()
+    sim = Simulation(cfg, moe, fleet, progress, memo)
+    phases = {"setup": time.perf_counter() - t0}  # pool cache, workload, measured costs
+    runs = {}
+    for name in tqdm(cfg.policies, desc="policies", disable=not progress):
+        router, edge = backend(sim, name) if backend is not None else (None, None)
+        runs[name] = sim.run_policy(name, on_slot, router, edge)
+    phases["policies"] = time.perf_counter() - t0 - phases["setup"]
+    best = sim.best_fixed_credit()
+    phases["best_fixed"] = time.perf_counter() - t0 - phases["setup"] - phases["policies"]
+    return sim, runs, best, phases
+
+
 def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bool = True,
                    on_slot: SlotCallback | None = None, backend: Backend | None = None,
                    memo_dir: str | Path | None = None) -> SimOutput:
@@ -555,23 +589,19 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
     `on_slot(policy, slot, slot_score, running_score)` is called after every slot (Tune reports
     through it, so schedulers can stop bad trials early). `backend(sim, policy)` gives the router and
     edge a policy runs on (None, None = this process); the Ray backend passes the cluster's.
-    `memo_dir` (a folder for this model's weights) keeps exact predictions across runs and seeds."""
+    `memo_dir` (a folder for this model's weights) keeps exact predictions across runs and seeds; if
+    a recomputed sample of its hits disagrees, the file is refused and the run starts over without it."""
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     memo = None
     if memo_dir is not None:
-        op = cfg.merge_operator or moe.merge_operator
-        memo = DiskMemo(memo_dir, f"{op}-{'bf16' if cfg.bf16 else 'fp32'}")
-    sim = Simulation(cfg, moe, fleet, progress, memo)
-    phases = {"setup": time.perf_counter() - t0}  # pool cache, workload, measured costs
-    runs = {}
-    for name in tqdm(cfg.policies, desc="policies", disable=not progress):
-        router, edge = backend(sim, name) if backend is not None else (None, None)
-        runs[name] = sim.run_policy(name, on_slot, router, edge)
-    phases["policies"] = time.perf_counter() - t0 - phases["setup"]
-    best_credit, best_x = sim.best_fixed_credit()
-    phases["best_fixed"] = time.perf_counter() - t0 - phases["setup"] - phases["policies"]
+        memo = DiskMemo(memo_dir, cfg.merge_operator or moe.merge_operator, "bf16" if cfg.bf16 else "fp32")
+    try:
+        sim, runs, (best_credit, best_x), phases = _play(cfg, moe, fleet, progress, on_slot, backend, memo)
+    except MemoMismatch as e:
+        memo.refuse(str(e))
+        sim, runs, (best_credit, best_x), phases = _play(cfg, moe, fleet, progress, on_slot, backend, memo)
     counts = next(iter(runs.values())).counts
     safe = np.maximum(counts, 1)
     oracle_credit = runs["Oracle"].credit if "Oracle" in runs else sim.run_policy("Oracle").credit
@@ -634,6 +664,10 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
         "scored_requests_per_second": scored * len(runs) / wall,
         "model_forwards": int(sim.ev.forwards),
         "memo_hits": int(sim.ev.disk_hits),
+        "memo": None if memo is None else {"file": str(memo.path), "hits": int(sim.ev.disk_hits),
+                                           "verified": int(sim.ev.check.checked), "refused": memo.refused},
+        **run_identity(cfg, model_identity(moe), {"source": str(resolve_data_dir(cfg.data_dir) or "hub"),
+                                                   "split": "dev", "pool_seed": 0, **sim.ev.data_identity()}),
         "padded_tokens_per_real": sim.ev.padded_tokens / max(sim.ev.real_tokens, 1),
         "wall_seconds": wall,
         "wall_seconds_phases": phases,

@@ -8,6 +8,7 @@ headless machines and must not need a display.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import os
@@ -96,6 +97,18 @@ def format_table(summary: dict) -> tuple[list[str], list[list[str]]]:
             ]
         )
     return header, rows
+
+
+def provenance_line(summary: dict) -> str | None:
+    """One line naming the model and data a run measured and the fingerprint comparable runs share."""
+    if "fingerprint" not in summary:
+        return None
+    m, d = summary["model"], summary["data"]
+    pool = hashlib.sha256("".join(d["pool_sha256"][t] + d["labels_sha256"][t] for t in sorted(d["pool_sha256"])).encode())
+    n = sorted(set(d["examples"].values()))
+    return (f"model {m['key']} (weights sha256 {m['weights_sha256'][:12]}…), pool of {'/'.join(map(str, n))} "
+            f"{d['split']} examples a task from {d['source']} (examples+labels sha256 {pool.hexdigest()[:12]}…); "
+            f"runs with fingerprint {summary['fingerprint']} measured the same model, data and config: comparable")
 
 
 def format_paired(summary: dict) -> list[str]:
@@ -401,7 +414,8 @@ def _summary_md(out: SimOutput) -> bytes:
     parts += ["; ".join(facts) + ".", "", "## Policies", "",
               "Scores in percent; MB = 10^6 bytes; regrets are cumulative, in per-request credit "
               f"({_credit_note(out)}).", "",
-              _md_table(header, rows), "", *[f"- {line}" for line in latency_ratios(s)], "",
+              _md_table(header, rows), "", *[f"- {line}" for line in latency_ratios(s)],
+              *([f"- {provenance_line(s)}"] if provenance_line(s) else []), "",
               "## Score per task (%)", "",
               _md_table(["Policy", *tasks], task_rows), "", "## Plots", ""]
     titles = {

@@ -297,26 +297,133 @@ def test_balanced_credit_weights_classes_by_their_training_share(tiny_moe):
         _cfg(credit="f1")
 
 
-def test_disk_memo_reuses_predictions_and_refuses_a_corrupt_file(tiny_moe, tmp_path):
+def _memo_file(folder):
     from tanbr_ray.sim.memo import DiskMemo
 
+    f = next(folder.glob("*.safetensors"))
+    op, precision = f.stem.split("-")
+    return f, lambda: DiskMemo(folder, op, precision)
+
+
+def _credits(out):
+    return {name: p["credit"] for name, p in out.summary["policies"].items()}
+
+
+def test_disk_memo_reuses_predictions_and_refuses_a_corrupt_file(tiny_moe, tmp_path):
     cfg = _cfg(policies=["Tanbr", "RegMean", "Oracle"])
     first = run_simulation(cfg, tiny_moe, fleet=Fleet(**FLEET), progress=False, memo_dir=tmp_path)
     again = run_simulation(cfg, tiny_moe, fleet=Fleet(**FLEET), progress=False, memo_dir=tmp_path)
     assert first.summary["memo_hits"] == 0 and again.summary["memo_hits"] > 0
-    assert again.summary["model_forwards"] < first.summary["model_forwards"]
-    for name in cfg.policies:
-        assert again.summary["policies"][name]["credit"] == first.summary["policies"][name]["credit"]
-    f = next(tmp_path.glob("*.safetensors"))
+    # same data, same config: every prediction comes from the memo; only the verification sample runs
+    assert again.summary["model_forwards"] == again.summary["memo"]["verified"] > 0
+    assert again.summary["memo"]["refused"] is None
+    assert _credits(again) == _credits(first)
+    assert again.summary["fingerprint"] == first.summary["fingerprint"]
+    f, memo = _memo_file(tmp_path)
     data = bytearray(f.read_bytes())
     data[-3] ^= 0xFF
     f.write_bytes(bytes(data))
-    assert DiskMemo(tmp_path, f.stem).refused and not DiskMemo(tmp_path, f.stem).table
+    assert memo().refused and not memo().table
     third = run_simulation(cfg, tiny_moe, fleet=Fleet(**FLEET), progress=False, memo_dir=tmp_path)
     assert third.summary["memo_hits"] == 0  # nothing trusted from the corrupt file
-    for name in cfg.policies:
-        assert third.summary["policies"][name]["credit"] == first.summary["policies"][name]["credit"]
-    assert not DiskMemo(tmp_path, f.stem).refused  # and the next save replaced it
+    assert _credits(third) == _credits(first)
+    assert not memo().refused  # and the next save replaced it
+
+
+def _rotated_glue(tmp_path, tasks):
+    """A GLUE copy whose dev files hold the same examples rotated by half: a pool drawn from it takes
+    the same positions as one drawn from the original, but (nearly all) other examples."""
+    src = os.environ["TANBR_DATA_DIR"]
+    for task in tasks:
+        lines = open(os.path.join(src, task, "dev.jsonl")).read().splitlines()
+        (tmp_path / task).mkdir(parents=True)
+        (tmp_path / task / "dev.jsonl").write_text("\n".join(lines[len(lines) // 2:] + lines[:len(lines) // 2]) + "\n")
+    return tmp_path
+
+
+def test_a_pool_sharing_positions_but_not_examples_computes_its_own_predictions(tiny_moe, tmp_path):
+    cfg = _cfg(policies=["RegMean", "Oracle"])
+    run_simulation(cfg, tiny_moe, fleet=Fleet(**FLEET), progress=False, memo_dir=tmp_path / "memo")
+    other = cfg.model_copy(update={"data_dir": str(_rotated_glue(tmp_path / "glue", tiny_moe.tasks))})
+    warm = run_simulation(other, tiny_moe, fleet=Fleet(**FLEET), progress=False, memo_dir=tmp_path / "memo")
+    cold = run_simulation(other, tiny_moe, fleet=Fleet(**FLEET), progress=False)
+    assert _credits(warm) == _credits(cold)
+    assert warm.summary["data"]["pool_sha256"] != run_simulation(
+        cfg, tiny_moe, fleet=Fleet(**FLEET), progress=False).summary["data"]["pool_sha256"]
+    assert warm.summary["memo_hits"] < cold.summary["model_forwards"] // 4  # (almost) nothing to reuse
+
+
+def test_changing_pool_per_task_changes_what_is_reused_not_what_it_means(tiny_moe, tmp_path):
+    cfg = _cfg(policies=["Tanbr", "RegMean", "Oracle"])
+    run_simulation(cfg, tiny_moe, fleet=Fleet(**FLEET), progress=False, memo_dir=tmp_path)
+    smaller = cfg.model_copy(update={"pool_per_task": 7})
+    warm = run_simulation(smaller, tiny_moe, fleet=Fleet(**FLEET), progress=False, memo_dir=tmp_path)
+    cold = run_simulation(smaller, tiny_moe, fleet=Fleet(**FLEET), progress=False)
+    assert warm.summary["memo_hits"] > 0 and warm.summary["memo"]["refused"] is None
+    assert _credits(warm) == _credits(cold)
+    assert warm.summary["fingerprint"] == cold.summary["fingerprint"] != run_simulation(
+        cfg, tiny_moe, fleet=Fleet(**FLEET), progress=False).summary["fingerprint"]
+
+
+def test_an_altered_memo_entry_is_caught_and_the_file_refused(tiny_moe, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tanbr_ray.fileio import atomic_write_json, sha256_file
+    from tanbr_ray.sim.evaluate import MemoCheck, MemoMismatch
+    from tanbr_ray.sim.memo import FORMAT
+
+    cfg = _cfg(policies=["RegMean", "Oracle"])
+    first = run_simulation(cfg, tiny_moe, fleet=Fleet(**FLEET), progress=False, memo_dir=tmp_path)
+    f, memo = _memo_file(tmp_path)
+
+    def alter(which):  # flip stored classes (SST-2 and MNLI are both classification), checksum kept valid
+        t = load_file(str(f))
+        preds = t["preds"].clone()
+        preds[which] = (preds[which] + 1) % 2
+        save_file({"keys": t["keys"], "preds": preds}, str(f))
+        atomic_write_json(f.with_suffix(".json"), {"format": FORMAT, "sha256": sha256_file(f), "entries": len(preds)})
+
+    # one entry: a sample that checks every hit finds it
+    alter([0])
+    ev = PoolEvaluator(tiny_moe, {t: load_task(t, "dev").head(12, seed=0) for t in tiny_moe.tasks},
+                       memo=memo(), check=MemoCheck(first=0, fraction=1.0))
+    altered = next(iter(load_file(str(f))["keys"][:1].tolist()))
+    specs = [("static", "regmean"), ("oracle",)]
+    with pytest.raises(MemoMismatch, match="disagree with the memo"):
+        for spec in specs:
+            for task in tiny_moe.tasks:
+                ev.predict(spec, task, np.arange(12))
+    assert altered in memo().table  # nothing written yet: the caller refuses the file
+    # every entry: the run's own sample catches it, refuses the file, recomputes and says so
+    alter(slice(None))
+    again = run_simulation(cfg, tiny_moe, fleet=Fleet(**FLEET), progress=False, memo_dir=tmp_path)
+    assert "disagree with the memo" in again.summary["memo"]["refused"]
+    assert again.summary["memo_hits"] == 0 and _credits(again) == _credits(first)
+    assert not memo().refused  # the recomputed predictions replaced the file
+    assert run_simulation(cfg, tiny_moe, fleet=Fleet(**FLEET), progress=False,
+                          memo_dir=tmp_path).summary["memo"]["refused"] is None
+
+
+def test_a_memo_of_the_old_position_keyed_format_is_not_read(tiny_moe, tmp_path):
+    cfg = _cfg(policies=["RegMean"])
+    first = run_simulation(cfg, tiny_moe, fleet=Fleet(**FLEET), progress=False, memo_dir=tmp_path)
+    f, memo = _memo_file(tmp_path)
+    meta = json.loads(f.with_suffix(".json").read_text())
+    f.with_suffix(".json").write_text(json.dumps({**meta, "format": "tanbr-prediction-memo/1"}))
+    assert "tanbr-prediction-memo/1" in memo().refused and not memo().table
+    again = run_simulation(cfg, tiny_moe, fleet=Fleet(**FLEET), progress=False, memo_dir=tmp_path)
+    assert again.summary["memo_hits"] == 0 and "memo/1" in again.summary["memo"]["refused"]
+    assert _credits(again) == _credits(first)
+    assert memo().refused is None and memo().table  # rewritten in the current format
+
+
+def test_results_state_their_model_and_data(result, tiny_moe):
+    s = result.summary
+    assert s["model"] == tiny_moe.identity and len(s["model"]["weights_sha256"]) == 64
+    pool = {t: load_task(t, "dev").head(12, seed=0) for t in tiny_moe.tasks}
+    assert s["data"]["examples"] == {t: 12 for t in tiny_moe.tasks}
+    assert s["data"]["pool_sha256"] == PoolEvaluator(tiny_moe, pool).data_identity()["pool_sha256"]
+    assert set(s["data"]["labels_sha256"]) == set(tiny_moe.tasks) and len(s["fingerprint"]) == 16
 
 
 def test_scored_sample_is_a_subset_and_equals_the_full_forward(tiny_moe):
