@@ -70,9 +70,9 @@ def config_cases(tmp: Path) -> list[tuple[str, callable]]:
 
     (tmp / "model").mkdir(exist_ok=True)
     w("model/config.json", '{"format": "tanbr-task-moe/1", "moe_config": {"tasks": ["SST-2"]}, "files": {}}')
-    store = CheckpointStore(tmp / "ckpt")
+    store = CheckpointStore(str(tmp / "ckpt"))
     store.save(lambda d: (d / "state.json").write_text("{}"))
-    (store.checkpoints()[0] / "state.json").write_text("{tampered}")
+    store.damage(store.checkpoints()[0], "state.json", keep_fraction=0.5)
     return [
         ("sim config: slots out of range", lambda: load_config(w("sim.yaml", "slots: 0\n"))),
         ("sim config: unknown key", lambda: load_config(w("sim2.yaml", "slotz: 3\n"))),

@@ -98,7 +98,7 @@ def _next_decision(client: DecisionClient, after: float, timeout_s: float = 120.
         time.sleep(0.05)
 
 
-def _kill(action: str, client: DecisionClient, router_name: str, checkpoint_dir: str) -> dict:
+def _kill(action: str, client: DecisionClient, router_name: str, storage: str) -> dict:
     """One kill; what the bench needs to measure it afterwards."""
     before = _leader(client)
     if action == "merger":
@@ -107,7 +107,7 @@ def _kill(action: str, client: DecisionClient, router_name: str, checkpoint_dir:
         rep = fi.kill_replica(edge_deployment("board"))
     else:
         if action == "corrupt":
-            rep = fi.corrupt_checkpoint(checkpoint_dir)
+            rep = fi.corrupt_checkpoint(storage)
             rep.update(fi.kill_leader(client, wait=False))
         else:
             rep = fi.kill_leader(client, wait=False)
@@ -119,7 +119,7 @@ def _kill(action: str, client: DecisionClient, router_name: str, checkpoint_dir:
     return rep
 
 
-def run_faults(url: str, router_name: str, decision_actors: int, checkpoint_dir: str, load: LoadThread,
+def run_faults(url: str, router_name: str, decision_actors: int, storage: str, load: LoadThread,
                gap_s: float, pair_gap_s: float = 20.0) -> list[dict]:
     """Inject FAULTS in turn; per fault the kills made (measured after the run by `summarize_faults`)."""
     client = DecisionClient(router_name, decision_actors)
@@ -132,7 +132,7 @@ def run_faults(url: str, router_name: str, decision_actors: int, checkpoint_dir:
         for i, action in enumerate(kills):
             if i:
                 time.sleep(max(0.0, fault["kills"][0]["t_kill"] + pair_gap_s - time.time()))
-            fault["kills"].append(_kill(action, client, router_name, checkpoint_dir))
+            fault["kills"].append(_kill(action, client, router_name, storage))
         # the slot log lives in the actors (a killed one loses its own): read it once the window is over
         time.sleep(max(0.0, fault["kills"][-1]["t_kill"] + WINDOW_S - time.time()))
         states = client.states()

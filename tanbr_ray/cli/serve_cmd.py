@@ -119,7 +119,7 @@ def bench_reliability(
 
     tmp = Path(tempfile.mkdtemp(prefix="tanbr-reliability-"))
     args = AppArgs(model=model, slot_seconds=slot_seconds,
-                   router={"policy": "Tanbr", "checkpoint_dir": str(tmp / "checkpoints"), "sample_per_slot": 8,
+                   router={"policy": "Tanbr", "storage": str(tmp / "checkpoints"), "sample_per_slot": 8,
                            "standby": True, "mergers": 2},
                    api={"rate_limit_per_s": 1e6, "rate_burst": 1_000_000})
     moe = load_or_build(args.moe(), args.models_dir, progress=True)
@@ -132,7 +132,7 @@ def bench_reliability(
         load = rb.LoadThread(url, bodies, concurrency)
         load.start()
         try:
-            raw = rb.run_faults(url, args.router_name, args.router.decision_actors(), args.router.checkpoint_dir,
+            raw = rb.run_faults(url, args.router_name, args.router.decision_actors(), args.router.storage,
                                 load, gap, pair_gap)
         finally:
             load.stop.set()

@@ -28,6 +28,9 @@ def simulate(
     replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="with --backend ray: edge replica "
                                            "processes in all, the fleet's nodes multiplexed onto them (at least "
                                            "one per class); default one per node."),
+    memo: bool = typer.Option(True, "--memo/--no-memo", help="Reuse and keep exact predictions on disk, keyed by "
+                              "model, serving spec and the example's content; a seeded sample of the reused ones "
+                              "is recomputed and compared every run. --no-memo computes every prediction."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Simulate Tanbr and every baseline on an edge fleet; write results JSON/CSV, PNGs and a summary."""
@@ -57,7 +60,7 @@ def simulate(
     typer.echo(f"model: {moe_cfg.name} (built on first use, then reused from the models cache)")
     built = load_or_build_info(moe_cfg, cfg.models_dir, progress=progress, data_dir=cfg.data_dir)
     moe = built.moe
-    memo_dir = built.cache_dir / "predictions" / weights_checksum(built.cache_dir)[:16]
+    memo_dir = built.cache_dir / "predictions" / weights_checksum(built.cache_dir)[:16] if memo else None
     if backend == "ray":
         from tanbr_ray.cluster.driver import run_ray_simulation
 

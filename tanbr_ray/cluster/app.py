@@ -11,20 +11,37 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tanbr_ray.cluster.api import ApiSettings
 from tanbr_ray.cluster.decision_service import RouterSpec
 from tanbr_ray.cluster.names import APP_NAME, ROUTER_NAME, edge_deployment, edge_resource
 from tanbr_ray.moe import MoEConfig, default_config, quick_config
 from tanbr_ray.moe.config import load_config as load_moe_config
+from tanbr_ray.sim.config import load_config as load_sim_config
+from tanbr_ray.sim.config import scenario_path
 from tanbr_ray.sim.fleet import Fleet, load_fleet
 
 
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        v = v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 class AppArgs(BaseModel):
+    """The served app. Its router is the one a simulation scenario measures: `scenario` names it and
+    supplies the router's `tanbr:` block, seed and Random's points, the merge operator, the model and
+    the precision; keys given here (`router.tanbr.tree.rho`, `merge_operator`, ...) override it."""
+
     model_config = ConfigDict(extra="forbid")
 
+    scenario: str = Field("default", description="default | quick | a simulation YAML: the router it measures")
     model: Literal["default", "quick"] = "default"
+    merge_operator: Literal["linear", "fisher", "regmean"] | None = Field(
+        None, description="how x merges the experts; None = the model's own (after the scenario's)")
     moe_config: str | None = Field(None, description="a MoE YAML instead of the named model")
     models_dir: str | None = None
     data_dir: str | None = None
@@ -38,10 +55,31 @@ class AppArgs(BaseModel):
                                  "multiplexed onto them (at least one per class); None = one per node")
     api: ApiSettings = Field(default_factory=ApiSettings)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_scenario(cls, raw):
+        """Fill what the args leave out from the scenario; the router's keys merge key by key."""
+        if not isinstance(raw, dict):
+            return raw
+        try:
+            sim = load_sim_config(scenario_path(raw.get("scenario", "default")))
+        except ValueError as exc:
+            raise ValueError(f"scenario: {exc}") from exc
+        router = raw.get("router") or {}
+        router = router.model_dump(mode="json") if isinstance(router, BaseModel) else router
+        if not isinstance(router, dict):
+            return raw  # the field's own validation names the problem
+        base = {"tanbr": sim.tanbr.model_dump(mode="json"), "seed": sim.seed, "random_points": sim.random_points}
+        return {"model": sim.model, "merge_operator": sim.merge_operator, "bf16": sim.bf16,
+                **raw, "router": _deep_merge(base, router)}
+
     def moe(self) -> MoEConfig:
+        """The model's config, merging with the app's operator (not part of the model's cache key)."""
         if self.moe_config:
-            return load_moe_config(self.moe_config)
-        return quick_config() if self.model == "quick" else default_config()
+            cfg = load_moe_config(self.moe_config)
+        else:
+            cfg = quick_config() if self.model == "quick" else default_config()
+        return cfg.model_copy(update={"merge_operator": self.merge_operator}) if self.merge_operator else cfg
 
     def load_fleet(self) -> Fleet:
         return load_fleet(self.fleet)

@@ -6,10 +6,11 @@ the slot clock: every slot it collects what the replicas served, has a merger sc
 pushes the (version, x, weights ref) assignments to every replica. It imports no model code, so it
 starts in about a second.
 
-Leader and standby: two such actors share the checkpoint directory. The standby keeps its imports and
-objects warm and holds a `watch` call open on the leader; when the leader dies, Ray fails that call
-(the actor-death signal), the standby claims the next term (election.py), restores the newest
-checkpoint, re-publishes and closes the next slot at once. Ray restarts the dead one, which comes back
+Leader and standby: two such actors share the router's storage (a path or URI every machine reads)
+and its terms in Ray's GCS key-value store, nothing else. The standby keeps its imports and objects
+warm and holds a `watch` call open on the leader; when the leader dies, Ray fails that call (the
+actor-death signal), the standby claims the next term (election.py), restores the newest checkpoint
+from storage, re-publishes and closes the next slot at once. Ray restarts the dead one, which comes back
 as the new standby. Slot ids keep every call exactly-once across the takeover: a slot already decided
 re-answers, a slot already learned from is not learned from again.
 
@@ -55,8 +56,10 @@ class DecisionActor:
             from ray import serve  # noqa: F401 - imported now, so a takeover does not pay for it
 
         self.reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
-        self.election = Election(self.spec.checkpoint_dir) if actors > 1 else None
+        self.election = Election(router_name) if actors > 1 else None
         self.svc = DecisionService(self.spec, self.meta, self.fleet, restore=False)  # warm; restored on taking over
+        if self.election is not None:  # a checkpoint commits only while this actor holds the newest term
+            self.svc.fence = lambda: self.election.fence(self.term)
         self.term: int | None = None
         self.position = "starting"
         self.refs: dict[bytes, ray.ObjectRef] = {}
@@ -126,10 +129,7 @@ class DecisionActor:
                     if self.election.claim(1, self.name):
                         await self._lead(1, "first term")
                     continue
-                if cur.leader is None and time.time() - cur.mtime < 2.0:  # a claim being written
-                    await asyncio.sleep(0.05)
-                    continue
-                if cur.leader not in (None, self.name) and await self._leads(cur):
+                if cur.leader != self.name and await self._leads(cur):
                     if not await self._watch(cur):
                         continue  # the lead changed hands some other way: look again
                     # Ray's actor-death signal: the leader is gone, claim the next term now
@@ -391,7 +391,7 @@ def _log_failure(fut) -> None:
 
 def start_decision(spec: dict, meta: dict, fleet: dict, router_name: str, live: dict | None = None,
                    detached: bool = True, resources: dict | None = None) -> list:
-    """Create (or reuse) the decision actors (a leader, and a standby with checkpoint_dir) and wait
+    """Create (or reuse) the decision actors (a leader, and a standby when there is storage) and wait
     until one leads and has published."""
     from tanbr_ray.cluster.decision_client import DecisionClient
 

@@ -11,8 +11,8 @@ x changed), then after the slot `update` with the nodes' per-task rewards. Live 
 `observe` with what each node served, so psi comes from the node monitors; the simulation passes its
 own psi-hat, computed by the same monitors, so both backends choose alike.
 
-Durability: with `checkpoint_dir`, every decide/update/reset ends with an atomic checksummed
-checkpoint (policy state incl. bandit network, A and RNG; monitors; versions; the slot ids done), and
+Durability: with `storage` (a path or URI every machine reads: NFS, `s3://`, `gs://`), every
+decide/update/reset ends with a checksummed checkpoint there (policy state incl. bandit network, A and RNG; monitors; versions; the slot ids done), and
 `restore` loads the newest valid one. Calls carry slot ids, so a call retried after a crash or a
 takeover is applied exactly once: nothing lost, nothing repeated.
 """
@@ -51,26 +51,27 @@ class RouterSpec(BaseModel):
     tanbr: TanbrConfig = Field(default_factory=TanbrConfig)
     threads: int | None = Field(None, ge=1)
     sample_per_slot: int = Field(32, ge=0, le=10_000, description="served requests scored label-free per node")
-    checkpoint_dir: str | None = Field(None, description="checkpoint every slot here; restore on start")
+    storage: str | None = Field(None, description="where decision state lives: a path every machine of the cluster "
+                                "reads (NFS), or an object-store URI (s3://, gs://); checkpoint every slot, restore on start")
     checkpoint_keep: int = Field(3, ge=2, le=1000)
     mergers: int = Field(2, ge=1, le=16, description="merger actors, each holding the experts (stateless)")
     standby: bool | None = Field(None, description="a standby decision actor that takes over when the leader "
-                                                   "dies; needs checkpoint_dir; None = on when checkpoint_dir is set")
+                                                   "dies; needs storage; None = on when storage is set")
 
-    @field_validator("checkpoint_dir")
+    @field_validator("storage")
     @classmethod
     def _expand(cls, v: str | None) -> str | None:
-        return None if v is None else os.path.expanduser(v)
+        return None if v is None or "://" in v else os.path.expanduser(v)
 
     @model_validator(mode="after")
     def _standby_needs_checkpoints(self) -> "RouterSpec":
-        if self.standby and not self.checkpoint_dir:
-            raise ValueError("router.standby: needs router.checkpoint_dir (the standby restores from it)")
+        if self.standby and not self.storage:
+            raise ValueError("router.standby: needs router.storage (the standby restores from it)")
         return self
 
     def decision_actors(self) -> int:
         """1 (a leader) or 2 (leader + standby)."""
-        return 2 if (self.standby is None and self.checkpoint_dir) or self.standby else 1
+        return 2 if (self.standby is None and self.storage) or self.standby else 1
 
 
 class ModelMeta(BaseModel):
@@ -115,7 +116,8 @@ class DecisionService:
         self.node_index = {name: n for n, (name, _) in enumerate(self.nodes)}
         self.task_experts = np.asarray(meta.task_experts)
         self.version = 0
-        self.store = CheckpointStore(spec.checkpoint_dir, spec.checkpoint_keep) if spec.checkpoint_dir else None
+        self.store = CheckpointStore(spec.storage, spec.checkpoint_keep) if spec.storage else None
+        self.fence = None  # set by the decision actor: raises when a newer term has replaced it
         self.restored_from: str | None = None
         self.refused: list[str] = []  # checkpoints refused at restore (corrupt), newest first
         self._reset(spec.policy)
@@ -133,7 +135,7 @@ class DecisionService:
             choices = [p for p in registry.ROUTER_POLICIES if p != "Oracle"]
             raise ValueError(f"policy: {policy!r} is not a router policy; choose from {', '.join(choices)}")
         if self.store is not None and policy not in CHECKPOINTABLE:
-            raise ValueError(f"policy: {policy!r} cannot be checkpointed; with checkpoint_dir use one of "
+            raise ValueError(f"policy: {policy!r} cannot be checkpointed; with storage use one of "
                              f"{', '.join(CHECKPOINTABLE)}")
         self.policy_name = policy
         self.policy = registry.make_policy(policy, self.meta.num_experts, len(self.tasks), self.spec.seed,
@@ -226,8 +228,8 @@ class DecisionService:
         return samples
 
     # --- durability -----------------------------------------------------------------------------
-    def checkpoint(self) -> Path | None:
-        return None if self.store is None else self.store.save(self._write)
+    def checkpoint(self) -> str | None:
+        return None if self.store is None else self.store.save(self._write, fence=self.fence)
 
     def _write(self, d: Path) -> None:
         if isinstance(self.policy, Tanbr):
@@ -296,6 +298,7 @@ class DecisionService:
 
     def state(self) -> dict:
         return {
+            "router": {**self.spec.model_dump(mode="json"), "merge_operator": self.meta.merge_operator},
             "policy": self.policy_name, "version": self.version, "slot": self.slot, "tasks": self.tasks,
             "decided_slot": self.decided_slot, "updated_slot": self.updated_slot, "observed_slot": self.observed_slot,
             "restored_from": self.restored_from, "refused_checkpoints": self.refused,

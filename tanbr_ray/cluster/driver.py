@@ -53,10 +53,10 @@ class ServeEdge:
     """EdgeServing over the Serve replicas: push with acks, then every node's requests at once."""
 
     def __init__(self, sim: Simulation, client: DecisionClient, edges: dict, pushes: list[PushResult], timing: dict,
-                 policy: str = "", faults: list | None = None, checkpoint_dir: str | None = None,
+                 policy: str = "", faults: list | None = None, storage: str | None = None,
                  router_name: str = ""):
         self.sim, self.client, self.edges, self.pushes, self.timing = sim, client, edges, pushes, timing
-        self.policy, self.faults, self.checkpoint_dir = policy, faults or [], checkpoint_dir
+        self.policy, self.faults, self.storage = policy, faults or [], storage
         self.router_name = router_name
         self.versions: dict[str, int] = {}  # node -> the version the last push assigned
         self.failed_requests = 0  # requests whose call failed (a replica died under them) and were re-sent
@@ -71,7 +71,7 @@ class ServeEdge:
                 elif f.action == "kill_replica":
                     f.report.update(fi.kill_replica(edge_deployment(f.target)))
                 else:
-                    f.report.update(fi.corrupt_checkpoint(self.checkpoint_dir))
+                    f.report.update(fi.corrupt_checkpoint(self.storage))
                     f.report.update(fi.kill_leader(self.client))
 
     def push(self, t: int, specs) -> None:
@@ -108,11 +108,11 @@ class ServeEdge:
 
 def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | None = None,
                        progress: bool = True, address: str | None = None, on_slot=None,
-                       checkpoint_dir: str | None = None, faults: list | None = None,
+                       storage: str | None = None, faults: list | None = None,
                        replicas: int | None = None) -> SimOutput:
     """Start a local multi-node cluster (or join `address`, or use the Ray this process is connected
     to), deploy the app, run the simulation on it. `faults` (faults.Fault) are injected on the way.
-    With `checkpoint_dir` the decision leader has a standby. `replicas` caps the edge replica
+    With `storage` the decision leader has a standby. `replicas` caps the edge replica
     processes (nodes multiplexed onto them; `app.replica_plan`); None = one per node."""
     from contextlib import nullcontext
 
@@ -131,9 +131,9 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
     with ctx:
         serve.start(proxy_location="Disabled")
         router_policies = [p for p in cfg.policies if p not in STATIC_SPECS]
-        args = AppArgs(model=cfg.model, models_dir=cfg.models_dir, data_dir=cfg.data_dir, slot_seconds=0,
+        args = AppArgs(model=cfg.model, merge_operator=cfg.merge_operator, models_dir=cfg.models_dir, data_dir=cfg.data_dir, slot_seconds=0,
                        router=RouterSpec(policy=router_policies[0] if router_policies else "Tanbr", seed=cfg.seed,
-                                         random_points=cfg.random_points, tanbr=cfg.tanbr, threads=cfg.threads, checkpoint_dir=checkpoint_dir),
+                                         random_points=cfg.random_points, tanbr=cfg.tanbr, threads=cfg.threads, storage=storage),
                        router_name=f"tanbr-router-sim-{cfg.seed}", replicas=replicas, bf16=cfg.bf16)
         serve.run(make_app(args, fleet, moe_cfg), name=APP_NAME, route_prefix=None)
         client = DecisionClient(args.router_name, args.router.decision_actors())
@@ -148,7 +148,7 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
             if name in STATIC_SPECS:
                 return None, None
             client.call("reset", name)
-            edge_of[name] = ServeEdge(sim, client, edges, pushes, timing, name, faults, checkpoint_dir, args.router_name)
+            edge_of[name] = ServeEdge(sim, client, edges, pushes, timing, name, faults, storage, args.router_name)
             return ActorRouter(client, timing), edge_of[name]
 
         def slot_done(name, t, *scores):

@@ -1,20 +1,20 @@
-"""Who leads: numbered terms claimed by atomic file creation next to the checkpoints (Ray-free).
+"""Who leads: numbered terms claimed by put-if-absent in Ray's GCS key-value store.
 
-The decision actors share the checkpoint directory (the standby restores from it), so the same place
-arbitrates leadership: `claim(term)` creates `leader/term-<n>.json` with O_CREAT|O_EXCL, which exactly
-one claimant can do. The newest term names the leader; a leader that sees a newer term has been
-replaced and steps down (fencing), so two actors never both act for the same term.
+Nothing here touches a disk: the GCS is what every machine of a Ray cluster shares, so the decision
+actors elect a leader wherever Ray placed them. `claim(term)` stores `<router>/term/<n>` only if it is
+absent, which exactly one claimant can do. The newest term names the leader; a leader that sees a
+newer term has been replaced and steps down, and `fence` refuses its writes (checkpoints commit only
+after it), so two actors never both act for one router. The GCS outlives a dead head node only with
+Ray's GCS fault tolerance (an external Redis; see docs/cluster.md).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-PREFIX = "term-"
+KV_NAMESPACE = "tanbr"
 KEEP = 16
 
 
@@ -25,45 +25,68 @@ class NotLeader(RuntimeError):
 @dataclass(frozen=True)
 class Term:
     term: int
-    leader: str | None  # None: the file is still being written (its claimant holds the term)
-    mtime: float = field(default=0.0, compare=False)
+    leader: str
+    at: float = field(default=0.0, compare=False)
+
+
+class RayKV:
+    """Ray's internal key-value store (in the GCS), the only state every node of a cluster shares."""
+
+    def put_if_absent(self, key: str, value: bytes) -> bool:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        return not _internal_kv_put(key, value, overwrite=False, namespace=KV_NAMESPACE)  # True: existed
+
+    def get(self, key: str) -> bytes | None:
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        return _internal_kv_get(key, namespace=KV_NAMESPACE)
+
+    def keys(self, prefix: str) -> list[str]:
+        from ray.experimental.internal_kv import _internal_kv_list
+
+        return [k.decode() for k in _internal_kv_list(prefix, namespace=KV_NAMESPACE)]
+
+    def delete(self, key: str) -> None:
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        _internal_kv_del(key, namespace=KV_NAMESPACE)
 
 
 class Election:
-    def __init__(self, checkpoint_dir: str | os.PathLike):
-        self.dir = Path(checkpoint_dir) / "leader"
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, router_name: str, kv: RayKV | None = None):
+        self.prefix = f"{router_name}/term/"
+        self.kv = kv or RayKV()
 
-    def _terms(self) -> list[Path]:
-        return sorted(self.dir.glob(f"{PREFIX}*.json"), reverse=True)
+    def _numbers(self) -> list[int]:
+        return sorted((int(k[len(self.prefix):]) for k in self.kv.keys(self.prefix)
+                       if k[len(self.prefix):].isdigit()), reverse=True)
 
     def current(self) -> Term | None:
-        """The newest term, or None before any actor ever led here."""
-        for p in self._terms():
-            try:
-                n = int(p.stem[len(PREFIX):])
-            except ValueError:
-                continue
-            try:
-                mtime = p.stat().st_mtime
-                leader = json.loads(p.read_text())["leader"]
-            except (OSError, ValueError, KeyError):
-                leader = None
-            return Term(n, leader, mtime)
+        """The newest term, or None before any actor of this router ever led."""
+        for n in self._numbers():
+            raw = self.kv.get(f"{self.prefix}{n:012d}")
+            if raw is not None:
+                rec = json.loads(raw)
+                return Term(n, rec["leader"], rec["at"])
         return None
 
     def claim(self, term: int, who: str) -> bool:
         """Take `term` for `who`; False when another actor took it first."""
-        path = self.dir / f"{PREFIX}{term:08d}.json"
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        rec = json.dumps({"term": term, "leader": who, "at": time.time()}).encode()
+        if not self.kv.put_if_absent(f"{self.prefix}{term:012d}", rec):
             return False
-        try:
-            os.write(fd, json.dumps({"term": term, "leader": who, "at": time.time()}).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        for old in self._terms()[KEEP:]:
-            old.unlink(missing_ok=True)
+        for old in self._numbers()[KEEP:]:
+            self.kv.delete(f"{self.prefix}{old:012d}")
         return True
+
+    def fence(self, term: int | None) -> None:
+        """Raise NotLeader unless `term` is the newest: a replaced leader's writes are refused."""
+        cur = self.current()
+        if term is None or cur is None or cur.term != term:
+            raise NotLeader(f"term {term} is not the newest ({cur.term if cur else None})")
+
+    def forget(self) -> None:
+        """Drop every term of this router (its app was deleted: the next deployment starts afresh)."""
+        for n in self._numbers():
+            self.kv.delete(f"{self.prefix}{n:012d}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import ray
@@ -83,10 +82,9 @@ def kill_replica(deployment: str) -> dict:
     return {"killed": names[0], "t_kill_wall": time.time()}
 
 
-def corrupt_checkpoint(checkpoint_dir: str | Path) -> dict:
-    """Truncate the newest checkpoint's bandit file (what a crash of the disk under it would leave)."""
-    newest = CheckpointStore(checkpoint_dir).checkpoints()[0]
-    victim = next(p for p in sorted(newest.rglob("*")) if p.is_file() and p.name != "MANIFEST.json"
-                  and p.suffix in (".safetensors", ".json"))
-    victim.write_bytes(victim.read_bytes()[: max(1, victim.stat().st_size // 3)])
-    return {"corrupted": str(victim)}
+def corrupt_checkpoint(storage: str) -> dict:
+    """Truncate the newest checkpoint's bandit file in storage (what a failed disk or upload leaves)."""
+    store = CheckpointStore(storage)
+    newest = store.checkpoints()[0]
+    victim = next(f for f in store.files(newest) if f.endswith((".safetensors", ".json")))
+    return {"corrupted": store.damage(newest, victim)}

@@ -121,6 +121,11 @@ class SimConfig(BaseModel):
         return v
 
 
+def scenario_path(name: str | Path) -> Path:
+    """An embedded scenario by name (`default`, `quick`) or a simulation YAML by path."""
+    return {"default": DEFAULT_CONFIG, "quick": QUICK_CONFIG}.get(str(name), Path(name))
+
+
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
     """Set dotted keys (`a.b.c=value`, value parsed as YAML) in a copy of `raw`."""
     out = copy.deepcopy(raw)

@@ -20,21 +20,46 @@ def RouterService(spec, moe, fleet):  # noqa: N802 - the decision side of the ol
 
 
 def test_store_publishes_whole_checkpoints_and_prunes(tmp_path):
-    store = CheckpointStore(tmp_path, keep=2)
+    store = CheckpointStore(str(tmp_path), keep=2)
     for i in range(4):
         store.save(lambda d, i=i: (d / "a.json").write_text(json.dumps({"i": i})))
-    assert [p.name for p in store.checkpoints()] == ["ckpt-00000003", "ckpt-00000002"]
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert store.checkpoints() == ["ckpt-00000003", "ckpt-00000002"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000002", "ckpt-00000003"]
     path, errors = store.latest()
-    assert path.name == "ckpt-00000003" and errors == []
+    assert path.name == "ckpt-00000003" and errors == [] and json.loads((path / "a.json").read_text()) == {"i": 3}
+
+
+def test_an_object_store_without_rename_gets_whole_checkpoints_only():
+    """pyarrow's in-memory filesystem stands in for s3:// or gs://: the manifest, written last, is the
+    commit point; an upload that died before it is never restored, and is swept by the next save."""
+    store = CheckpointStore("mock:///bucket/router", keep=2)
+    store.save(lambda d: (d / "policy").mkdir() or (d / "policy" / "w.bin").write_bytes(b"\x01" * 64))
+    store._put(store._path("ckpt-00000001", "policy", "w.bin"), b"\x02" * 10)  # died mid-upload: no manifest
+    assert store.checkpoints() == ["ckpt-00000000"]
+    path, errors = store.latest()
+    assert path.name == "ckpt-00000000" and (path / "policy" / "w.bin").read_bytes() == b"\x01" * 64 and not errors
+    assert store.save(lambda d: (d / "s.json").write_text("{}")) == "ckpt-00000002"  # never the dead one's number
+    assert store.checkpoints() == ["ckpt-00000002", "ckpt-00000000"] and "ckpt-00000001" not in store._listed()
+
+
+def test_a_fenced_writer_commits_nothing(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    store.save(lambda d: (d / "s.json").write_text("{}"))
+
+    def fence():
+        raise RuntimeError("term 3 supersedes 2")
+
+    with pytest.raises(RuntimeError, match="supersedes"):
+        store.save(lambda d: (d / "s.json").write_text('{"stale": true}'), fence=fence)
+    assert store.checkpoints() == ["ckpt-00000000"] and store._listed() == ["ckpt-00000000"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "alter", "delete", "manifest"])
 def test_corrupt_newest_checkpoint_is_refused_naming_the_file(tmp_path, damage):
-    store = CheckpointStore(tmp_path)
+    store = CheckpointStore(str(tmp_path))
     for i in range(2):
         store.save(lambda d, i=i: (d / "state.bin").write_bytes(bytes([i]) * 1000))
-    newest = store.checkpoints()[0]
+    newest = tmp_path / store.checkpoints()[0]
     f = newest / "state.bin"
     if damage == "truncate":
         f.write_bytes(f.read_bytes()[:10])
@@ -48,7 +73,12 @@ def test_corrupt_newest_checkpoint_is_refused_naming_the_file(tmp_path, damage):
     assert path.name == "ckpt-00000000"
     assert len(errors) == 1 and str(newest) in errors[0]
     with pytest.raises(ValueError, match="ckpt-00000001"):
-        store.verify(newest)
+        store.verify("ckpt-00000001")
+
+
+def test_storage_that_is_not_a_filesystem_is_refused():
+    with pytest.raises(ValueError, match="storage 'nope://x'"):
+        CheckpointStore("nope://x")
 
 
 def _feedback(svc, xs, rng):
@@ -75,7 +105,7 @@ def test_restart_restores_everything_and_retries_are_exactly_once(tiny, fleet, t
     ref = RouterService(RouterSpec(policy="Tanbr"), moe, fleet)
     _run(ref, 5, np.random.default_rng(0))
 
-    spec = RouterSpec(policy="Tanbr", checkpoint_dir=str(tmp_path))
+    spec = RouterSpec(policy="Tanbr", storage=str(tmp_path))
     a = RouterService(spec, moe, fleet)
     rng = np.random.default_rng(0)
     _run(a, 3, rng)
@@ -95,11 +125,11 @@ def test_restart_restores_everything_and_retries_are_exactly_once(tiny, fleet, t
 
 def test_corrupt_newest_checkpoint_loses_exactly_one_step(tiny, fleet, tmp_path):
     _, _, moe = tiny
-    spec = RouterSpec(policy="Tanbr", checkpoint_dir=str(tmp_path))
+    spec = RouterSpec(policy="Tanbr", storage=str(tmp_path))
     a = RouterService(spec, moe, fleet)
     _run(a, 3, np.random.default_rng(0))
-    newest = CheckpointStore(tmp_path).checkpoints()[0]
-    (newest / "policy" / "bandit.safetensors").write_bytes(b"garbage")
+    newest = CheckpointStore(str(tmp_path)).checkpoints()[0]
+    (tmp_path / newest / "policy" / "bandit.safetensors").write_bytes(b"garbage")
     b = RouterService(spec, moe, fleet)
     assert b.updated_slot == 1 and b.decided_slot == 2  # the step before the corrupt one
     assert "bandit.safetensors" in b.refused[0] and b.state()["refused_checkpoints"] == b.refused
@@ -108,7 +138,7 @@ def test_corrupt_newest_checkpoint_loses_exactly_one_step(tiny, fleet, tmp_path)
 def test_checkpointing_refuses_policies_it_cannot_persist(tiny, fleet, tmp_path):
     _, _, moe = tiny
     with pytest.raises(ValueError, match="cannot be checkpointed"):
-        RouterService(RouterSpec(policy="Random", checkpoint_dir=str(tmp_path)), moe, fleet)
+        RouterService(RouterSpec(policy="Random", storage=str(tmp_path)), moe, fleet)
     with pytest.raises(ValueError, match="not a router policy"):
         RouterService(RouterSpec(policy="Switch-top2"), moe, fleet)
 
@@ -120,7 +150,7 @@ def test_a_standby_restoring_the_checkpoints_replays_exactly_once(tiny, fleet, t
     ref = RouterService(RouterSpec(policy="Tanbr"), moe, fleet)
     _run(ref, 5, np.random.default_rng(0))
 
-    spec = RouterSpec(policy="Tanbr", checkpoint_dir=str(tmp_path))
+    spec = RouterSpec(policy="Tanbr", storage=str(tmp_path))
     leader = RouterService(spec, moe, fleet)
     standby = DecisionService(spec, _meta(moe), fleet, restore=False)  # warm, restores only when it takes over
     assert standby.restored_from is None and standby.decided_slot == -1
@@ -141,7 +171,7 @@ def test_live_slots_observe_and_learn_once_per_slot_id(tiny, fleet, tmp_path):
     """Live order: slot 0 is observed, slot 1 decided, then slot 0 learned from with the x and psi it was
     decided with; each step is a no-op when replayed (a new leader closing the same slot)."""
     _, _, moe = tiny
-    spec = RouterSpec(policy="Tanbr", checkpoint_dir=str(tmp_path))
+    spec = RouterSpec(policy="Tanbr", storage=str(tmp_path))
     svc = RouterService(spec, moe, fleet)
     xs0 = svc.decide(None, 0)
     reports = [{"heads": {"board-0": ["SST-2"] * 5}, "sample": {"board-0": [("SST-2", "fine", None, 1.0)]}}]
@@ -162,8 +192,8 @@ def test_live_slots_observe_and_learn_once_per_slot_id(tiny, fleet, tmp_path):
 
 def test_router_spec_standby_needs_checkpoints(tmp_path):
     assert RouterSpec().decision_actors() == 1
-    assert RouterSpec(checkpoint_dir=str(tmp_path)).decision_actors() == 2
-    assert RouterSpec(checkpoint_dir=str(tmp_path), standby=False).decision_actors() == 1
+    assert RouterSpec(storage=str(tmp_path)).decision_actors() == 2
+    assert RouterSpec(storage=str(tmp_path), standby=False).decision_actors() == 1
     with pytest.raises(ValueError, match="standby"):
         RouterSpec(standby=True)
     with pytest.raises(ValueError, match="mergers"):

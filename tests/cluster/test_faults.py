@@ -38,7 +38,7 @@ def test_leader_merger_standby_and_replica_kills_lose_nothing(cluster, tiny, fle
     faults = [Fault("Tanbr", 1, "kill_leader"),  # mid-slot: decided, served after the takeover
               Fault("Tanbr", 2, "kill_merger"), Fault("Tanbr", 2, "kill_replica", target="board"),
               Fault("Tanbr", 2, "kill_leader", phase="end")]  # the standby that took over, after its update
-    out = run_ray_simulation(cfg, tiny[0], tiny[2], fleet=fleet, progress=False, checkpoint_dir=str(tmp_path),
+    out = run_ray_simulation(cfg, tiny[0], tiny[2], fleet=fleet, progress=False, storage=str(tmp_path),
                              faults=faults)
     r = out.summary["ray"]
     first, merger, replica, second = r["faults"]
@@ -61,7 +61,7 @@ def test_leader_merger_standby_and_replica_kills_lose_nothing(cluster, tiny, fle
 
 def test_corrupt_newest_checkpoint_costs_exactly_one_slot(cluster, tiny, fleet, cfg, tmp_path):
     faults = [Fault("Tanbr", 1, "corrupt_checkpoint", phase="end")]
-    out = run_ray_simulation(cfg, tiny[0], tiny[2], fleet=fleet, progress=False, checkpoint_dir=str(tmp_path),
+    out = run_ray_simulation(cfg, tiny[0], tiny[2], fleet=fleet, progress=False, storage=str(tmp_path),
                              faults=faults)
     f = out.summary["ray"]["faults"][0]
     assert f["corrupted"] in f["refused_checkpoints"][0]  # refused, naming the file

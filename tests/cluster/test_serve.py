@@ -29,7 +29,7 @@ def url(tiny, fleet, tmp_path_factory):
     cfg, models, _ = tiny
     args = AppArgs(models_dir=str(models), slot_seconds=1.0, router_name=ROUTER,
                    router={"policy": "Tanbr", "sample_per_slot": 8,
-                           "checkpoint_dir": str(tmp_path_factory.mktemp("ckpt"))})
+                           "storage": str(tmp_path_factory.mktemp("ckpt"))})
     with local_service(args, "127.0.0.1", _free_port(), fleet=fleet, moe_cfg=cfg, ready_timeout_s=240) as u:
         yield u
 

@@ -16,7 +16,7 @@ from tanbr_ray.sim.config import POLICIES, SimConfig, load_config
 from tanbr_ray.sim.evaluate import PoolEvaluator, merged_spec
 from tanbr_ray.sim.fleet import Fleet, load_fleet
 from tanbr_ray.sim.loop import Simulation, host_costs, run_simulation
-from tanbr_ray.sim.report import latency_ratios, write_results
+from tanbr_ray.sim.report import latency_ratios, provenance_line, write_results
 from tanbr_ray.stats import recovery_slots
 
 TINY = dict(name="tiny-sim", tiny_base=TinyBase(), tasks=["SST-2", "MNLI"], train_examples=32, batch_size=16,
@@ -424,6 +424,8 @@ def test_results_state_their_model_and_data(result, tiny_moe):
     assert s["data"]["examples"] == {t: 12 for t in tiny_moe.tasks}
     assert s["data"]["pool_sha256"] == PoolEvaluator(tiny_moe, pool).data_identity()["pool_sha256"]
     assert set(s["data"]["labels_sha256"]) == set(tiny_moe.tasks) and len(s["fingerprint"]) == 16
+    line = provenance_line(s)
+    assert s["fingerprint"] in line and s["model"]["weights_sha256"][:12] in line and "12 dev examples" in line
 
 
 def test_scored_sample_is_a_subset_and_equals_the_full_forward(tiny_moe):
