@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tanbr_ray.cluster.api import ApiSettings
 from tanbr_ray.cluster.decision_service import RouterSpec
-from tanbr_ray.cluster.names import APP_NAME, ROUTER_NAME, edge_deployment, edge_resource
+from tanbr_ray.cluster.names import APP_NAME, HEAD_RESOURCE, ROUTER_NAME, edge_deployment, edge_resource
 from tanbr_ray.moe import MoEConfig, default_config, quick_config
 from tanbr_ray.moe.config import load_config as load_moe_config
 from tanbr_ray.sim.config import load_config as load_sim_config
@@ -124,7 +124,10 @@ def start_router(a: AppArgs, fleet: Fleet, moe_cfg: MoEConfig):
     from tanbr_ray.cluster.decision_actor import start_decision
     from tanbr_ray.cluster.merger import start_mergers
 
+    from tanbr_ray.cluster.placement import check_cluster
+
     r = a.router
+    check_cluster(r.decision_actors(), [c.name for c in fleet.classes])
     meta = start_mergers(a.router_name, r.mergers, moe_cfg.model_dump(mode="json"), a.models_dir, a.data_dir,
                          r.threads, r.sample_per_slot)
     live = {"slot_seconds": a.slot_seconds, "app": APP_NAME, "edges": [edge_deployment(c.name) for c in fleet.classes]}
@@ -137,6 +140,7 @@ def stop_router(a: AppArgs) -> None:
     import ray
 
     from tanbr_ray.cluster.names import NAMESPACE, decision_name, merger_name
+    from tanbr_ray.cluster.placement import remove_control_group
 
     names = [decision_name(a.router_name, i) for i in range(a.router.decision_actors())]
     names += [merger_name(a.router_name, i) for i in range(a.router.mergers)]
@@ -145,6 +149,7 @@ def stop_router(a: AppArgs) -> None:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
         except ValueError:
             pass
+    remove_control_group(a.router_name)
 
 
 def make_app(args: dict | AppArgs, fleet: Fleet | None = None, moe_cfg: MoEConfig | None = None):
@@ -152,6 +157,7 @@ def make_app(args: dict | AppArgs, fleet: Fleet | None = None, moe_cfg: MoEConfi
     `fleet` and `moe_cfg` override the args' files (the simulation passes the objects it already holds)."""
     from tanbr_ray.cluster.edge import EdgeNode
     from tanbr_ray.cluster.ingress import Ingress
+    from tanbr_ray.cluster.placement import SHARE
 
     a = parse_args(args)
     fleet = fleet or a.load_fleet()
@@ -172,5 +178,6 @@ def make_app(args: dict | AppArgs, fleet: Fleet | None = None, moe_cfg: MoEConfi
         edges[c.name] = EdgeNode.options(name=edge_deployment(c.name), num_replicas=replicas, ray_actor_options=opts).bind(
             c.name, a.router_name, a.threads, a.router.sample_per_slot, n_dec, n_merge, cap, a.bf16)
     nodes = {node: cls.name for node, cls in fleet.nodes()}
-    return Ingress.bind(edges, nodes, meta.tasks, a.router_name, n_dec, a.api.model_dump())
+    ingress = Ingress.options(ray_actor_options={"num_cpus": 0, "resources": {HEAD_RESOURCE: SHARE}})
+    return ingress.bind(edges, nodes, meta.tasks, a.router_name, n_dec, a.api.model_dump())
 

@@ -390,16 +390,22 @@ def _log_failure(fut) -> None:
 
 
 def start_decision(spec: dict, meta: dict, fleet: dict, router_name: str, live: dict | None = None,
-                   detached: bool = True, resources: dict | None = None) -> list:
-    """Create (or reuse) the decision actors (a leader, and a standby when there is storage) and wait
+                   detached: bool = True) -> list:
+    """Create (or reuse) the decision actors (a leader, and a standby when there is storage), each in
+    its bundle of the router's STRICT_SPREAD placement group on a `tanbr_control` machine, and wait
     until one leads and has published."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     from tanbr_ray.cluster.decision_client import DecisionClient
+    from tanbr_ray.cluster.placement import control_group
 
     n = RouterSpec(**spec).decision_actors()
+    pg = control_group(router_name, n)
     actors = [ray.remote(concurrency_groups={"query": 4, "watch": 4})(_DecisionActor).options(
         name=decision_name(router_name, i), namespace=NAMESPACE, get_if_exists=True,
-        lifetime="detached" if detached else None, num_cpus=0, resources=resources or {}, max_concurrency=16,
-        max_restarts=-1, max_task_retries=0).remote(spec, meta, fleet, router_name, i, n, live) for i in range(n)]
+        lifetime="detached" if detached else None, num_cpus=0, max_concurrency=16, max_restarts=-1,
+        max_task_retries=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+    ).remote(spec, meta, fleet, router_name, i, n, live) for i in range(n)]
     ray.get([a.ready.remote() for a in actors])
     DecisionClient(router_name, n).wait_leader()
     return actors

@@ -1,6 +1,7 @@
-"""A multi-node Ray cluster on one machine for the demo, the tests and the benches: a head (decision
-actors, mergers, ingress) and one Ray node per edge class carrying that class's custom resource — the
-same resources that cluster.yaml declares on real machines, so the deployments are pinned the same way.
+"""A multi-node Ray cluster on one machine for the demo, the tests and the benches: a head (leading
+decision actor, mergers, ingress: `tanbr_head`, `tanbr_control`, `tanbr_merger`) and one Ray node per
+edge class carrying that class's custom resource (the first also `tanbr_control`, for the standby) —
+the same resources that cluster.yaml declares on real machines, so everything is placed the same way.
 Every node advertises 127.0.0.1, so no cluster traffic leaves the loopback interface."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import math
 import os
 from contextlib import contextmanager
 
-from tanbr_ray.cluster.names import HEAD_RESOURCE, LOOPBACK, NAMESPACE, edge_resource
+from tanbr_ray.cluster.names import CONTROL_RESOURCE, HEAD_RESOURCE, LOOPBACK, MERGER_RESOURCE, NAMESPACE, edge_resource
 from tanbr_ray.sim.fleet import Fleet
 
 OBJECT_STORE_MB = 512  # per node; the head holds every published version, replicas map theirs zero-copy
@@ -39,12 +40,14 @@ def local_cluster(fleet: Fleet, head_cpus: int = 2, object_store_mb: int = OBJEC
     pin_loopback()
     store = object_store_mb * 2**20
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": head_cpus, "resources": {HEAD_RESOURCE: 1}, "object_store_memory": 2 * store,
+        "num_cpus": head_cpus, "resources": {HEAD_RESOURCE: 1, CONTROL_RESOURCE: 1, MERGER_RESOURCE: 1},
+        "object_store_memory": 2 * store,
         "include_dashboard": False, "node_ip_address": LOOPBACK})
     try:
-        for c in fleet.classes:
+        for i, c in enumerate(fleet.classes):  # the first edge machine also hosts the standby decision actor
+            extra = {CONTROL_RESOURCE: 1} if i == 0 else {}
             cluster.add_node(num_cpus=max(1, math.ceil(c.count * c.replica_cpus)),
-                             resources={edge_resource(c.name): c.count}, object_store_memory=store,
+                             resources={edge_resource(c.name): c.count, **extra}, object_store_memory=store,
                              node_ip_address=LOOPBACK)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)

@@ -17,7 +17,8 @@ import ray
 import torch
 
 from tanbr_ray.cluster.decision_service import ModelMeta, x_key
-from tanbr_ray.cluster.names import NAMESPACE, merger_name
+from tanbr_ray.cluster.names import MERGER_RESOURCE, NAMESPACE, merger_name
+from tanbr_ray.cluster.placement import SHARE
 from tanbr_ray.moe import MoEConfig, load_or_build
 from tanbr_ray.moe.data import PAIR, TaskSplit
 from tanbr_ray.moe.edge import edge_package
@@ -97,11 +98,13 @@ class Merger:
 
 def start_mergers(router_name: str, n: int, moe_config: dict, models_dir: str | None, data_dir: str | None,
                   threads: int | None, sample_per_slot: int, detached: bool = True) -> ModelMeta:
-    """Create (or reuse) the n named mergers, wait until each has loaded the model; the model's meta."""
+    """Create (or reuse) the n named mergers on `tanbr_merger` machines, wait until each has loaded the
+    model; the model's meta."""
     # merges never wait behind a slot's scoring (a few seconds of full-MoE forwards under load)
     cls = ray.remote(concurrency_groups={"merge": 1, "score": 1})(Merger)
     actors = [cls.options(name=merger_name(router_name, i), namespace=NAMESPACE, get_if_exists=True,
                           lifetime="detached" if detached else None, num_cpus=0, max_restarts=-1,
+                          resources={MERGER_RESOURCE: SHARE},
                           max_task_retries=0).remote(moe_config, models_dir, data_dir, threads, sample_per_slot)
               for i in range(n)]
     ray.get([a.ready.remote() for a in actors])

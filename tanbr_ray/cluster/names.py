@@ -3,7 +3,9 @@
 ROUTER_NAME = "tanbr-router"  # the base name: the decision actors and the mergers are named after it
 NAMESPACE = "tanbr"
 APP_NAME = "tanbr"
-HEAD_RESOURCE = "tanbr_head"
+HEAD_RESOURCE = "tanbr_head"  # the HTTP ingress
+CONTROL_RESOURCE = "tanbr_control"  # decision actors (leader and standby on two such machines)
+MERGER_RESOURCE = "tanbr_merger"  # mergers: they hold the full MoE
 LOOPBACK = "127.0.0.1"  # the local cluster's nodes, the tests and the benches use this address only
 
 

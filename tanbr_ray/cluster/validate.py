@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from tanbr_ray.cluster.names import HEAD_RESOURCE, edge_resource
+from tanbr_ray.cluster.names import CONTROL_RESOURCE, HEAD_RESOURCE, MERGER_RESOURCE, edge_resource
 from tanbr_ray.fileio import read_yaml_mapping
 
 
@@ -147,13 +147,17 @@ def declared_resources(cfg: dict) -> dict[str, dict[str, float]]:
 
 
 def check_cluster_resources(cfg: dict, classes: list[str]) -> None:
-    """Every edge class needs a node that carries `edge_<class>`, and the head `tanbr_head`.
+    """Every edge class needs a node that carries `edge_<class>`; some node `tanbr_head` (ingress) and
+    `tanbr_merger` (mergers); two places `tanbr_control` (leader and standby on different machines).
 
-    Why: Serve places an edge class's replicas by that custom resource; without a node declaring it
-    the replicas stay pending forever instead of failing.
+    Why: Ray places each role by its custom resource; without a node declaring it the actors stay
+    pending forever instead of failing.
     """
     declared = declared_resources(cfg)
-    missing = [r for r in [edge_resource(c) for c in classes] + [HEAD_RESOURCE] if r not in declared]
+    missing = [r for r in [edge_resource(c) for c in classes] + [HEAD_RESOURCE, MERGER_RESOURCE, CONTROL_RESOURCE]
+               if r not in declared]
+    if CONTROL_RESOURCE in declared and len(declared[CONTROL_RESOURCE]) < 2:
+        missing.append(f"{CONTROL_RESOURCE} on a second node type (the standby lives off the leader's machine)")
     if missing:
         raise ValueError(
             f"cluster config {cfg.get('cluster_name', '?')}: no node type declares {missing} in `resources` "

@@ -103,7 +103,9 @@ def test_onprem_worker_ips_all_have_an_edge_class():
     table = " ".join(raw["worker_start_ray_commands"])
     for ip in raw["provider"]["worker_ips"]:
         assert f'" {ip} "' in table, ip
-    assert f"'{{\"{HEAD_RESOURCE}\": 1}}'" in " ".join(raw["head_start_ray_commands"])
+    head = " ".join(raw["head_start_ray_commands"])
+    assert all(f'"{r}": 1' in head for r in (HEAD_RESOURCE, "tanbr_control", "tanbr_merger"))
+    assert '"tanbr_control": 1' in table  # the standby's machine is a worker
 
 
 @pytest.mark.parametrize("name", CLUSTER_FILES)
@@ -334,3 +336,11 @@ def test_app_args_override_the_scenario_key_by_key():
     assert AppArgs(**a.model_dump()) == a  # a resolved dump resolves to itself
     with pytest.raises(ValueError, match="scenario"):
         AppArgs(scenario="/nonexistent/scenario.yaml")
+
+
+def test_a_cluster_with_nowhere_for_the_standby_is_refused(tmp_path):
+    raw = yaml.safe_load((ROOT / "cluster-aws.yaml").read_text())
+    del raw["available_node_types"]["edge_microdc"]["resources"]["tanbr_control"]
+    cfg = check_cluster_config(_write(tmp_path, raw, "cluster.yaml"))
+    with pytest.raises(ValueError, match="tanbr_control on a second node type"):
+        check_cluster_resources(cfg, list(_fleet_classes()))

@@ -85,6 +85,22 @@ def test_replicas_are_pinned_to_their_class_nodes(url):
         assert "tanbr_head" not in resources[r["ray_node"]]
 
 
+def test_every_actor_runs_on_a_machine_carrying_its_role(url):
+    """Read back from Ray's state API: decision actors on `tanbr_control` machines, leader and standby
+    apart; mergers on `tanbr_merger`; the ingress on `tanbr_head`."""
+    from ray.util.state import list_actors
+
+    resources = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    alive = {a.name: a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.name}
+    decision = [alive[decision_name(ROUTER, i)] for i in range(2)]
+    assert len(set(decision)) == 2 and all(resources[n].get("tanbr_control", 0) > 0 for n in decision)
+    for i in range(2):
+        assert resources[alive[merger_name(ROUTER, i)]].get("tanbr_merger", 0) > 0
+    ingress = [a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+               if a.class_name.endswith("Ingress")]
+    assert ingress and all(resources[n].get("tanbr_head", 0) > 0 for n in ingress)
+
+
 def test_live_slots_push_to_every_replica_and_learn(url):
     for _ in range(6):  # traffic for board-0 only: its monitor should see SST-2
         assert _infer(url, {"text_a": "dull and far too long", "head": "SST-2", "node": "board-0"}).status_code == 200

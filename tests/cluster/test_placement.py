@@ -1,0 +1,28 @@
+"""A cluster that cannot place the app is refused at deploy, naming what is missing."""
+
+import pytest
+import ray
+
+from tanbr_ray.cluster.app import AppArgs, start_router
+from tanbr_ray.cluster.placement import check_cluster
+
+
+@pytest.fixture(scope="module")
+def bare():
+    """One machine with no tanbr resources (what `ray start` gives without --resources)."""
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, resources={"tanbr_control": 1})
+    yield
+    ray.shutdown()
+
+
+def test_a_cluster_without_the_roles_resources_is_refused_with_them_named(bare, fleet, tiny):
+    cfg, models, _ = tiny
+    with pytest.raises(ValueError) as e:
+        start_router(AppArgs(models_dir=str(models), router={"storage": "/tmp/unused-router-state"}), fleet, cfg)
+    msg = str(e.value)
+    assert "tanbr_control on 2 machines (leader and standby apart), found on 1" in msg
+    assert "tanbr_merger on no machine" in msg and "tanbr_head on no machine" in msg
+    assert "edge_board on no machine" in msg and "edge_dc on no machine" in msg
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if "tanbr" in a.get("name", "")]
+    with pytest.raises(ValueError, match="tanbr_merger on no machine"):
+        check_cluster(1, [])  # one decision actor fits; the mergers still have nowhere to go
