@@ -55,6 +55,20 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def open_storage(uri: str):
+    """(pyarrow filesystem, base path) of a storage location: a local or NFS path (`~` expanded, made
+    absolute) or a URI pyarrow opens (`s3://`, `gs://`, ...), as Ray Train and Tune take `storage_path`.
+    What every machine of a cluster reads: decision checkpoints, published models."""
+    import pyarrow.fs as pafs
+
+    if "://" not in uri:
+        uri = os.path.abspath(os.path.expanduser(uri))
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"storage {uri!r}: not a path or a filesystem URI pyarrow can open ({exc})") from exc
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str = "config") -> dict:
     """Parse a YAML (or JSON) file that must hold a mapping (empty = {}), or raise a ValueError naming it."""
     try:

@@ -37,6 +37,9 @@ def build_moe_cmd(
     config: Path = typer.Option(None, "--config", help="YAML/JSON MoEConfig instead of the default/quick preset"),
     rebuild: bool = typer.Option(False, "--rebuild", help="build even if a valid cache exists"),
     threads: int = typer.Option(None, "--threads", min=1, help="torch CPU threads (1 is faster when the cores are shared)"),
+    publish: str = typer.Option(None, "--publish", help="also upload it to this storage location (a path every "
+                                "machine mounts, or s3://... / gs://...): mergers and Tune trials on other machines "
+                                "fetch it from there (pass it as model_source) instead of building it"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Build the default task-expert MoE (or reuse its cache) and print where it lives."""
@@ -54,6 +57,14 @@ def build_moe_cmd(
     typer.echo(f"build time (recorded): {info.get('build_seconds', float('nan')):.1f}s; this run: {took:.1f}s")
     if info.get("stages"):
         typer.echo("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in info["stages"].items()))
+    if publish:
+        from tanbr_ray.moe.publish import publish as publish_model
+
+        try:
+            where = publish_model(built.cache_dir, publish)
+        except (ValueError, OSError) as exc:
+            raise typer.BadParameter(f"--publish: {exc}") from exc
+        typer.echo(f"published: {where} (model_source: {publish})")
 
 
 @bench_app.command("model")

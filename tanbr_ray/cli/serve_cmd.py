@@ -36,7 +36,7 @@ def serve_cmd(
         raise typer.BadParameter(str(exc)) from exc
     moe_cfg = args.moe()
     typer.echo(f"model: {moe_cfg.name} (built on first use, then reused from the models cache)")
-    load_or_build(moe_cfg, args.models_dir, progress=True, data_dir=args.data_dir)
+    load_or_build(moe_cfg, args.models_dir, progress=True)  # here: the nodes fetch it from the cluster storage
     host, port = host or http.get("host", "127.0.0.1"), port or http.get("port", 8000)
     with local_service(args, host, port, moe_cfg=moe_cfg) as url:
         typer.echo(f"serving on {url}: POST /v1/infer, GET /healthz, GET /v1/state (Ctrl-C stops)")

@@ -43,8 +43,11 @@ class AppArgs(BaseModel):
     merge_operator: Literal["linear", "fisher", "regmean"] | None = Field(
         None, description="how x merges the experts; None = the model's own (after the scenario's)")
     moe_config: str | None = Field(None, description="a MoE YAML instead of the named model")
-    models_dir: str | None = None
-    data_dir: str | None = None
+    model_source: str | None = Field(None, description="where `tanbr build-moe --publish` put the model (a path "
+                                     "every machine mounts, s3://, gs://): mergers fetch it from there into their "
+                                     "machine's cache; None = each merger's machine must hold it already")
+    models_dir: str | None = Field(None, description="the models cache on every machine; None = each machine's "
+                                   "default ($TANBR_MODELS_DIR or ~/.cache/tanbr_ray/models)")
     fleet: str | None = Field(None, description="fleet YAML; None = the packaged default fleet")
     router: RouterSpec = Field(default_factory=RouterSpec)
     router_name: str = Field(ROUTER_NAME, min_length=1)
@@ -128,8 +131,8 @@ def start_router(a: AppArgs, fleet: Fleet, moe_cfg: MoEConfig):
 
     r = a.router
     check_cluster(r.decision_actors(), [c.name for c in fleet.classes])
-    meta = start_mergers(a.router_name, r.mergers, moe_cfg.model_dump(mode="json"), a.models_dir, a.data_dir,
-                         r.threads, r.sample_per_slot)
+    meta = start_mergers(a.router_name, r.mergers, moe_cfg.model_dump(mode="json"), a.model_source, r.threads,
+                         r.sample_per_slot, a.models_dir)
     live = {"slot_seconds": a.slot_seconds, "app": APP_NAME, "edges": [edge_deployment(c.name) for c in fleet.classes]}
     start_decision(r.model_dump(mode="json"), meta.model_dump(), fleet.model_dump(mode="json"), a.router_name, live)
     return meta

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -26,21 +25,11 @@ from typing import Callable
 
 import pyarrow.fs as pafs
 
-from tanbr_ray.fileio import sha256_bytes
+from tanbr_ray.fileio import open_storage, sha256_bytes
 
 MANIFEST = "MANIFEST.json"
 PREFIX = "ckpt-"
 _NAME = re.compile(rf"^{PREFIX}(\d{{8}})$")
-
-
-def open_storage(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, base path) of a storage URI or a local path (`~` expanded, made absolute)."""
-    if "://" not in uri:
-        uri = os.path.abspath(os.path.expanduser(uri))
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise ValueError(f"storage {uri!r}: not a path or a filesystem URI pyarrow can open ({exc})") from exc
 
 
 class CheckpointStore:

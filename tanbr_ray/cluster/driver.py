@@ -22,7 +22,7 @@ from tanbr_ray.cluster.decision_client import DecisionClient
 from tanbr_ray.cluster.decision_service import RouterSpec
 from tanbr_ray.cluster.edge import call_node
 from tanbr_ray.cluster.names import APP_NAME, LOOPBACK, NAMESPACE, edge_deployment
-from tanbr_ray.cluster.local import local_cluster, pin_loopback
+from tanbr_ray.cluster.local import local_cluster, pin_loopback, publish_model
 from tanbr_ray.cluster.push import PushResult, push, summarize
 from tanbr_ray.moe import MoEConfig
 from tanbr_ray.sim.config import SimConfig
@@ -109,11 +109,13 @@ class ServeEdge:
 def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | None = None,
                        progress: bool = True, address: str | None = None, on_slot=None,
                        storage: str | None = None, faults: list | None = None,
-                       replicas: int | None = None) -> SimOutput:
+                       replicas: int | None = None, model_source: str | None = None) -> SimOutput:
     """Start a local multi-node cluster (or join `address`, or use the Ray this process is connected
     to), deploy the app, run the simulation on it. `faults` (faults.Fault) are injected on the way.
     With `storage` the decision leader has a standby. `replicas` caps the edge replica
-    processes (nodes multiplexed onto them; `app.replica_plan`); None = one per node."""
+    processes (nodes multiplexed onto them; `app.replica_plan`); None = one per node. The mergers
+    fetch the model from `model_source`; on a local cluster started here, None publishes this
+    process's cached model to the cluster's storage first."""
     from contextlib import nullcontext
 
     from ray import serve
@@ -128,10 +130,12 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         if address.startswith(LOOPBACK):
             pin_loopback()
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-    with ctx:
+    with ctx as cluster:
+        if model_source is None and cluster is not None:
+            model_source = publish_model(cluster, moe_cfg, cfg.models_dir)
         serve.start(proxy_location="Disabled")
         router_policies = [p for p in cfg.policies if p not in STATIC_SPECS]
-        args = AppArgs(model=cfg.model, merge_operator=cfg.merge_operator, models_dir=cfg.models_dir, data_dir=cfg.data_dir, slot_seconds=0,
+        args = AppArgs(model=cfg.model, merge_operator=cfg.merge_operator, model_source=model_source, slot_seconds=0,
                        router=RouterSpec(policy=router_policies[0] if router_policies else "Tanbr", seed=cfg.seed,
                                          random_points=cfg.random_points, tanbr=cfg.tanbr, threads=cfg.threads, storage=storage),
                        router_name=f"tanbr-router-sim-{cfg.seed}", replicas=replicas, bf16=cfg.bf16)

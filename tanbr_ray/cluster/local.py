@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 
 from tanbr_ray.cluster.names import CONTROL_RESOURCE, HEAD_RESOURCE, LOOPBACK, MERGER_RESOURCE, NAMESPACE, edge_resource
@@ -30,25 +32,38 @@ def pin_loopback() -> None:
         constants.ENABLE_RAY_CLUSTER = False
 
 
+def machine_env(root: str, node: str) -> dict[str, str]:
+    """A Ray node's own home and models cache (its raylet's environment, which its workers inherit)."""
+    home = os.path.join(root, node)
+    os.makedirs(os.path.join(home, "models"), exist_ok=True)
+    return {"HOME": home, "TANBR_MODELS_DIR": os.path.join(home, "models")}
+
+
 @contextmanager
 def local_cluster(fleet: Fleet, head_cpus: int = 2, object_store_mb: int = OBJECT_STORE_MB):
-    """Start head + one node per class, connect this process, yield the Cluster; tear it all down."""
+    """Start head + one node per class, connect this process, yield the Cluster; tear it all down.
+    Each node gets its own home and models cache (`Cluster.node_dirs`), so nothing is shared between
+    them but Ray and the storage locations the app is given: a model cached here is not on them."""
     import ray
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     pin_loopback()
     store = object_store_mb * 2**20
+    root = tempfile.mkdtemp(prefix="tanbr-nodes-")
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": head_cpus, "resources": {HEAD_RESOURCE: 1, CONTROL_RESOURCE: 1, MERGER_RESOURCE: 1},
-        "object_store_memory": 2 * store,
+        "object_store_memory": 2 * store, "env_vars": machine_env(root, "head"),
         "include_dashboard": False, "node_ip_address": LOOPBACK})
+    cluster.node_dirs = {"head": os.path.join(root, "head")}
+    cluster.storage = os.path.join(root, "storage")  # what every node reads: the stand-in for NFS or s3://
     try:
         for i, c in enumerate(fleet.classes):  # the first edge machine also hosts the standby decision actor
             extra = {CONTROL_RESOURCE: 1} if i == 0 else {}
+            cluster.node_dirs[c.name] = os.path.join(root, c.name)
             cluster.add_node(num_cpus=max(1, math.ceil(c.count * c.replica_cpus)),
                              resources={edge_resource(c.name): c.count, **extra}, object_store_memory=store,
-                             node_ip_address=LOOPBACK)
+                             env_vars=machine_env(root, c.name), node_ip_address=LOOPBACK)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
         yield cluster
@@ -61,3 +76,14 @@ def local_cluster(fleet: Fleet, head_cpus: int = 2, object_store_mb: int = OBJEC
         finally:
             ray.shutdown()
             cluster.shutdown()
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def publish_model(cluster, moe_cfg, models_dir=None) -> str:
+    """Publish the model this process has cached into the local cluster's storage; returns the
+    model_source its machines fetch it from (they never read this process's cache)."""
+    from tanbr_ray.moe.config import default_models_dir
+    from tanbr_ray.moe.publish import publish
+
+    publish(os.path.join(models_dir or default_models_dir(), moe_cfg.cache_dirname()), cluster.storage)
+    return cluster.storage

@@ -19,27 +19,29 @@ import torch
 from tanbr_ray.cluster.decision_service import ModelMeta, x_key
 from tanbr_ray.cluster.names import MERGER_RESOURCE, NAMESPACE, merger_name
 from tanbr_ray.cluster.placement import SHARE
-from tanbr_ray.moe import MoEConfig, load_or_build
+from tanbr_ray.moe import MoEConfig
 from tanbr_ray.moe.data import PAIR, TaskSplit
 from tanbr_ray.moe.edge import edge_package
 from tanbr_ray.moe.infer import _to_pred, make_batches
+from tanbr_ray.moe.publish import load_model
 
 CACHE = 16  # merged x kept per merger (a slot's distinct x are few; a re-publish hits the cache)
 
 
 class Merger:
-    def __init__(self, moe_config: dict, models_dir: str | None = None, data_dir: str | None = None,
-                 threads: int | None = None, sample_per_slot: int = 32):
+    def __init__(self, moe_config: dict, model_source: str | None = None, threads: int | None = None,
+                 sample_per_slot: int = 32, models_dir: str | None = None):
         t0 = time.perf_counter()
         if threads:
             torch.set_num_threads(threads)
         self.cfg = MoEConfig(**moe_config)
-        self.moe = load_or_build(self.cfg, models_dir, progress=False, data_dir=data_dir)
+        # this machine's cache, else the published copy: a merger never builds the model
+        self.moe, self.model_from = load_model(self.cfg, models_dir, model_source)
         self.sample_per_slot = sample_per_slot
         self.pkg_ref: ray.ObjectRef | None = None
         self.cache: OrderedDict[bytes, dict[str, torch.Tensor]] = OrderedDict()
         self.merges = 0
-        self.started = {"load_model_s": time.perf_counter() - t0,
+        self.started = {"load_model_s": time.perf_counter() - t0, "model_from": self.model_from,
                         "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
 
     @ray.method(concurrency_group="merge")
@@ -96,8 +98,8 @@ class Merger:
         return out
 
 
-def start_mergers(router_name: str, n: int, moe_config: dict, models_dir: str | None, data_dir: str | None,
-                  threads: int | None, sample_per_slot: int, detached: bool = True) -> ModelMeta:
+def start_mergers(router_name: str, n: int, moe_config: dict, model_source: str | None, threads: int | None,
+                  sample_per_slot: int, models_dir: str | None = None, detached: bool = True) -> ModelMeta:
     """Create (or reuse) the n named mergers on `tanbr_merger` machines, wait until each has loaded the
     model; the model's meta."""
     # merges never wait behind a slot's scoring (a few seconds of full-MoE forwards under load)
@@ -105,7 +107,7 @@ def start_mergers(router_name: str, n: int, moe_config: dict, models_dir: str | 
     actors = [cls.options(name=merger_name(router_name, i), namespace=NAMESPACE, get_if_exists=True,
                           lifetime="detached" if detached else None, num_cpus=0, max_restarts=-1,
                           resources={MERGER_RESOURCE: SHARE},
-                          max_task_retries=0).remote(moe_config, models_dir, data_dir, threads, sample_per_slot)
+                          max_task_retries=0).remote(moe_config, model_source, threads, sample_per_slot, models_dir)
               for i in range(n)]
     ray.get([a.ready.remote() for a in actors])
     return ModelMeta(**ray.get(actors[0].meta.remote()))

@@ -54,3 +54,15 @@ def tiny(tmp_path_factory, data_dir):
 @pytest.fixture(scope="session")
 def fleet():
     return Fleet(**FLEET)
+
+
+@pytest.fixture(scope="session")
+def published(tiny, tmp_path_factory):
+    """The tiny model published to a storage location (what `tanbr build-moe --publish` does): the
+    cluster's nodes fetch it from there into caches of their own."""
+    from tanbr_ray.moe.publish import publish
+
+    cfg, d, _ = tiny
+    storage = str(tmp_path_factory.mktemp("storage"))
+    publish(d / cfg.cache_dirname(), storage)
+    return storage

@@ -34,12 +34,13 @@ def uninterrupted(tiny, fleet, cfg):
     return run_simulation(cfg, tiny[2], fleet=fleet, progress=False)
 
 
-def test_leader_merger_standby_and_replica_kills_lose_nothing(cluster, tiny, fleet, cfg, uninterrupted, tmp_path):
+def test_leader_merger_standby_and_replica_kills_lose_nothing(cluster, tiny, published, fleet, cfg, uninterrupted,
+                                                              tmp_path):
     faults = [Fault("Tanbr", 1, "kill_leader"),  # mid-slot: decided, served after the takeover
               Fault("Tanbr", 2, "kill_merger"), Fault("Tanbr", 2, "kill_replica", target="board"),
               Fault("Tanbr", 2, "kill_leader", phase="end")]  # the standby that took over, after its update
     out = run_ray_simulation(cfg, tiny[0], tiny[2], fleet=fleet, progress=False, storage=str(tmp_path),
-                             faults=faults)
+                             faults=faults, model_source=published)
     r = out.summary["ray"]
     first, merger, replica, second = r["faults"]
     for kill in (first, second):
@@ -59,10 +60,10 @@ def test_leader_merger_standby_and_replica_kills_lose_nothing(cluster, tiny, fle
     assert np.array_equal(a.score, b.score) and np.array_equal(a.choices, b.choices)
 
 
-def test_corrupt_newest_checkpoint_costs_exactly_one_slot(cluster, tiny, fleet, cfg, tmp_path):
+def test_corrupt_newest_checkpoint_costs_exactly_one_slot(cluster, tiny, published, fleet, cfg, tmp_path):
     faults = [Fault("Tanbr", 1, "corrupt_checkpoint", phase="end")]
     out = run_ray_simulation(cfg, tiny[0], tiny[2], fleet=fleet, progress=False, storage=str(tmp_path),
-                             faults=faults)
+                             faults=faults, model_source=published)
     f = out.summary["ray"]["faults"][0]
     assert f["corrupted"] in f["refused_checkpoints"][0]  # refused, naming the file
     assert f["updated_slot_before"] == 1 and f["updated_slot_after"] == 0  # slot 1's update was lost

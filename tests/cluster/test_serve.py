@@ -25,9 +25,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def url(tiny, fleet, tmp_path_factory):
-    cfg, models, _ = tiny
-    args = AppArgs(models_dir=str(models), slot_seconds=1.0, router_name=ROUTER,
+def url(tiny, published, fleet, tmp_path_factory):
+    cfg, _, _ = tiny
+    args = AppArgs(model_source=published, slot_seconds=1.0, router_name=ROUTER,
                    router={"policy": "Tanbr", "sample_per_slot": 8,
                            "storage": str(tmp_path_factory.mktemp("ckpt"))})
     with local_service(args, "127.0.0.1", _free_port(), fleet=fleet, moe_cfg=cfg, ready_timeout_s=240) as u:
@@ -85,20 +85,23 @@ def test_replicas_are_pinned_to_their_class_nodes(url):
         assert "tanbr_head" not in resources[r["ray_node"]]
 
 
-def test_every_actor_runs_on_a_machine_carrying_its_role(url):
-    """Read back from Ray's state API: decision actors on `tanbr_control` machines, leader and standby
-    apart; mergers on `tanbr_merger`; the ingress on `tanbr_head`."""
-    from ray.util.state import list_actors
+def _node_of(actor) -> str:
+    return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
 
+
+def test_every_actor_runs_on_a_machine_carrying_its_role(url):
+    """Read back from Ray: decision actors on `tanbr_control` machines, leader and standby apart;
+    mergers on `tanbr_merger`; the ingress on `tanbr_head`."""
     resources = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-    alive = {a.name: a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.name}
-    decision = [alive[decision_name(ROUTER, i)] for i in range(2)]
+    decision = [_node_of(ray.get_actor(decision_name(ROUTER, i), namespace=NAMESPACE)) for i in range(2)]
     assert len(set(decision)) == 2 and all(resources[n].get("tanbr_control", 0) > 0 for n in decision)
     for i in range(2):
-        assert resources[alive[merger_name(ROUTER, i)]].get("tanbr_merger", 0) > 0
-    ingress = [a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-               if a.class_name.endswith("Ingress")]
-    assert ingress and all(resources[n].get("tanbr_head", 0) > 0 for n in ingress)
+        assert resources[_node_of(ray.get_actor(merger_name(ROUTER, i), namespace=NAMESPACE))].get("tanbr_merger", 0) > 0
+    ingress = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Ingress" in a["name"]]
+    assert ingress
+    for a in ingress:
+        node = _node_of(ray.get_actor(a["name"], namespace=a["namespace"]))
+        assert resources[node].get("tanbr_head", 0) > 0
 
 
 def test_live_slots_push_to_every_replica_and_learn(url):

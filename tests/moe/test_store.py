@@ -130,3 +130,47 @@ def test_presets_build_in_bf16_only_where_the_hardware_has_it(monkeypatch):
         assert default_config(device="cpu", bf16=True).bf16 is True
     assert default_config(device="cpu", bf16=False).key() != default_config(device="cpu", bf16=True).key()
     assert default_config(bf16=True).cache_dirname() == "minilm-task-moe-b41d8eec1eb3"
+
+
+def _published(tmp_path, tiny_cfg, data_dir):
+    from tanbr_ray.moe.build import load_or_build_info
+    from tanbr_ray.moe.publish import publish
+
+    built = load_or_build_info(tiny_cfg, tmp_path / "built", progress=False, data_dir=data_dir)
+    publish(built.cache_dir, str(tmp_path / "storage"))
+    return built, tmp_path / "storage" / tiny_cfg.cache_dirname()
+
+
+def test_a_published_model_is_fetched_verified_into_another_machines_cache(tmp_path, tiny_cfg, data_dir):
+    from tanbr_ray.moe.publish import load_model
+
+    built, remote = _published(tmp_path, tiny_cfg, data_dir)
+    assert sorted(p.name for p in remote.iterdir()) == ["config.json", "model.safetensors", "stats.safetensors"]
+    moe, how = load_model(tiny_cfg, tmp_path / "other", str(tmp_path / "storage"))
+    assert how == "fetched" and moe.identity == built.moe.identity
+    for k, v in built.moe.state_dict().items():
+        assert torch.equal(v, moe.state_dict()[k]), k
+    assert load_model(tiny_cfg, tmp_path / "other", str(tmp_path / "nowhere"))[1] == "cache"  # no second fetch
+    with pytest.raises(ValueError, match=r"not in this machine's cache .*third.*tanbr build-moe --publish"):
+        load_model(tiny_cfg, tmp_path / "third", None)  # never built here, nothing to fetch: no build either
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter", "missing"])
+def test_a_corrupt_published_model_is_refused_naming_the_file(tmp_path, tiny_cfg, data_dir, damage):
+    from tanbr_ray.moe.publish import load_model
+
+    _, remote = _published(tmp_path, tiny_cfg, data_dir)
+    victim = remote / "model.safetensors"
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:1000])
+    elif damage == "alter":
+        data = bytearray(victim.read_bytes())
+        data[-5] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    else:
+        victim.unlink()
+    cache = tmp_path / "other"
+    with pytest.raises(ValueError, match=r"published model file .*model\.safetensors"):
+        load_model(tiny_cfg, cache, str(tmp_path / "storage"))
+    assert not cache.exists() or not any(p.name == tiny_cfg.cache_dirname() for p in cache.iterdir())
+    assert not list(cache.glob(".fetch-*"))  # the partial download is gone; nothing cached was touched
