@@ -53,6 +53,8 @@ class AppArgs(BaseModel):
     router_name: str = Field(ROUTER_NAME, min_length=1)
     slot_seconds: float = Field(30.0, ge=0.0, description="live slot length; 0 = slots driven externally")
     threads: int = Field(1, ge=1, le=64, description="torch threads per edge replica")
+    merger_gpus: float = Field(0.0, ge=0.0, le=8.0, description="GPUs (fractions allowed) per merger: it merges "
+                               "and scores on the one Ray gives it; edge classes set their own `replica_gpus`")
     bf16: bool = Field(False, description="edge replicas serve under bfloat16 autocast")
     replicas: int | None = Field(None, ge=1, description="edge replica processes for the whole fleet, nodes "
                                  "multiplexed onto them (at least one per class); None = one per node")
@@ -132,27 +134,17 @@ def start_router(a: AppArgs, fleet: Fleet, moe_cfg: MoEConfig):
     r = a.router
     check_cluster(r.decision_actors(), [c.name for c in fleet.classes])
     meta = start_mergers(a.router_name, r.mergers, moe_cfg.model_dump(mode="json"), a.model_source, r.threads,
-                         r.sample_per_slot, a.models_dir)
+                         r.sample_per_slot, a.models_dir, a.merger_gpus)
     live = {"slot_seconds": a.slot_seconds, "app": APP_NAME, "edges": [edge_deployment(c.name) for c in fleet.classes]}
     start_decision(r.model_dump(mode="json"), meta.model_dump(), fleet.model_dump(mode="json"), a.router_name, live)
     return meta
 
 
 def stop_router(a: AppArgs) -> None:
-    """Kill the decision actors and mergers for good (they are detached: nothing else ends them)."""
-    import ray
+    """Kill the decision actors and mergers for good (what their app's deletion does, at once)."""
+    from tanbr_ray.cluster.lifecycle import end_router
 
-    from tanbr_ray.cluster.names import NAMESPACE, decision_name, merger_name
-    from tanbr_ray.cluster.placement import remove_control_group
-
-    names = [decision_name(a.router_name, i) for i in range(a.router.decision_actors())]
-    names += [merger_name(a.router_name, i) for i in range(a.router.mergers)]
-    for name in names:
-        try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-        except ValueError:
-            pass
-    remove_control_group(a.router_name)
+    end_router(a.router_name, a.router.decision_actors(), a.router.mergers)
 
 
 def make_app(args: dict | AppArgs, fleet: Fleet | None = None, moe_cfg: MoEConfig | None = None):
@@ -175,7 +167,7 @@ def make_app(args: dict | AppArgs, fleet: Fleet | None = None, moe_cfg: MoEConfi
         # is not exactly balanced (measured: capped at ceil(nodes / replicas), a node was evicted and
         # held nowhere at the end of a 32-node run), and an evicted node reloads its weights.
         cap = 1 if per_replica == 1 else c.count
-        opts = {"num_cpus": c.replica_cpus, "resources": {edge_resource(c.name): 1}}
+        opts = {"num_cpus": c.replica_cpus, "num_gpus": c.replica_gpus, "resources": {edge_resource(c.name): 1}}
         if c.replica_memory_mb:
             opts["memory"] = c.replica_memory_mb * 2**20
         edges[c.name] = EdgeNode.options(name=edge_deployment(c.name), num_replicas=replicas, ray_actor_options=opts).bind(

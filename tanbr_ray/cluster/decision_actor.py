@@ -29,6 +29,7 @@ from collections import deque
 import numpy as np
 import ray
 
+from tanbr_ray.cluster import lifecycle
 from tanbr_ray.cluster.decision_service import DecisionService, ModelMeta, RouterSpec, x_key
 from tanbr_ray.cluster.election import Election, NotLeader, Term
 from tanbr_ray.cluster.merger_pool import MergerPool
@@ -79,6 +80,9 @@ class DecisionActor:
         self._publish_lock = asyncio.Lock()
         self._step_lock = asyncio.Lock()
         asyncio.run_coroutine_threadsafe(self._supervise(), self.loop).add_done_callback(_log_failure)
+        if live:
+            self._router = (router_name, actors)
+            asyncio.run_coroutine_threadsafe(self._follow_app(), self.loop).add_done_callback(_log_failure)
 
     # --- plumbing ---------------------------------------------------------------------------------
     def _run(self, coro):
@@ -105,6 +109,19 @@ class DecisionActor:
         log.warning("%s steps down: %s", self.name, why)
         self.term, self.position = None, "standby"
         self._snap()
+
+    async def _follow_app(self) -> None:
+        """Live and die with the app (lifecycle.py): once it has been listed, its absence for
+        GONE_CHECKS checks in a row ends the router, this actor last."""
+        seen, gone = False, 0
+        while gone < lifecycle.GONE_CHECKS:
+            await asyncio.sleep(lifecycle.CHECK_S)
+            listed = await asyncio.get_running_loop().run_in_executor(None, lifecycle.app_listed, self.live["app"])
+            seen, gone = seen or listed, 0 if listed or not seen else gone + 1
+        router_name, actors = self._router
+        lifecycle.end_router(router_name, actors, self.spec.mergers, spare=self.name,
+                             group=ray.util.get_current_placement_group())
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     # --- who leads --------------------------------------------------------------------------------
     async def _supervise(self) -> None:

@@ -66,7 +66,8 @@ class Merger:
         receipt and passes the weights' ref on, so the weights never travel through it."""
         k = x_key(x)
         if k not in self.cache:
-            self.cache[k] = self.moe.merged_state(np.asarray(x, dtype=np.float64))
+            # on the host: the object store carries it to replicas that may have no GPU
+            self.cache[k] = {n: t.cpu() for n, t in self.moe.merged_state(np.asarray(x, dtype=np.float64)).items()}
             self.merges += 1
             while len(self.cache) > CACHE:
                 self.cache.popitem(last=False)
@@ -90,6 +91,7 @@ class Merger:
                                   np.zeros(len(rows)))
                 ref = np.zeros(len(rows))
                 for b in make_batches(self.moe, [split]):
+                    b = b.to(self.moe.device)
                     logits = self.moe(b.input_ids, b.attention_mask, b.token_type_ids, task, mode="top2")
                     ref[b.index] = _to_pred(task, logits)
                 r[v] = float(np.mean(np.abs(ref - np.asarray([s[3] for s in rows])) < 1e-6))
@@ -99,14 +101,15 @@ class Merger:
 
 
 def start_mergers(router_name: str, n: int, moe_config: dict, model_source: str | None, threads: int | None,
-                  sample_per_slot: int, models_dir: str | None = None, detached: bool = True) -> ModelMeta:
-    """Create (or reuse) the n named mergers on `tanbr_merger` machines, wait until each has loaded the
-    model; the model's meta."""
+                  sample_per_slot: int, models_dir: str | None = None, num_gpus: float = 0.0,
+                  detached: bool = True) -> ModelMeta:
+    """Create (or reuse) the n named mergers on `tanbr_merger` machines (each with `num_gpus` of a GPU,
+    which it then merges and scores on), wait until each has loaded the model; the model's meta."""
     # merges never wait behind a slot's scoring (a few seconds of full-MoE forwards under load)
     cls = ray.remote(concurrency_groups={"merge": 1, "score": 1})(Merger)
     actors = [cls.options(name=merger_name(router_name, i), namespace=NAMESPACE, get_if_exists=True,
                           lifetime="detached" if detached else None, num_cpus=0, max_restarts=-1,
-                          resources={MERGER_RESOURCE: SHARE},
+                          resources={MERGER_RESOURCE: SHARE}, num_gpus=num_gpus,
                           max_task_retries=0).remote(moe_config, model_source, threads, sample_per_slot, models_dir)
               for i in range(n)]
     ray.get([a.ready.remote() for a in actors])

@@ -55,8 +55,10 @@ def edge_package(moe: TaskMoE, adapted: bool | None = None) -> EdgePackage:
 class EdgeModel:
     """A node's model: the shell from the package, merged FFNs swapped in per version."""
 
-    def __init__(self, pkg: EdgePackage, threads: int | None = None, bf16: bool = False):
+    def __init__(self, pkg: EdgePackage, threads: int | None = None, bf16: bool = False, device: str | None = None):
         self.bf16 = bf16  # serve under bf16 autocast, as the simulation scores with `bf16`
+        # the GPU Ray gave this process (CUDA_VISIBLE_DEVICES), else the CPU
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if threads:
             torch.set_num_threads(threads)
         self.tasks = list(pkg.tasks)
@@ -67,7 +69,7 @@ class EdgeModel:
         if unexpected or set(missing) - allowed:
             raise ValueError(f"edge package does not match its config: missing {sorted(set(missing) - allowed)}, "
                              f"unexpected {sorted(unexpected)}")
-        self.shell = shell
+        self.shell = shell.to(self.device)
         with tempfile.TemporaryDirectory() as d:
             for name, data in pkg.tokenizer_files.items():
                 (Path(d) / Path(name).name).write_bytes(data)
@@ -76,7 +78,7 @@ class EdgeModel:
 
     def load_ffn(self, state: dict[str, torch.Tensor]) -> None:
         """Swap in merged FFNs: the new model is complete before it replaces the old one."""
-        self.model = self.shell.with_ffn(state)
+        self.model = self.shell.with_ffn({k: v.to(self.device) for k, v in state.items()})
 
     def resident_bytes(self) -> int:
         return 0 if self.model is None else self.model.resident_bytes()
@@ -97,5 +99,6 @@ class EdgeModel:
         out = np.zeros(len(text_a))
         with bf16(next(self.shell.parameters()).device, enabled=self.bf16):
             for b in bucket_batches(self.tokenizer, split, self.max_len[task], batch_size=32):
+                b = b.to(self.device)
                 out[b.index] = _to_pred(task, model(b.input_ids, b.attention_mask, b.token_type_ids, task).float())
         return out

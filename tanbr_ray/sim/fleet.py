@@ -43,6 +43,8 @@ class NodeClass(BaseModel):
     mix: dict[str, float] | None = Field(None, description="the class's task mix (else drawn per node)")
     replica_cpus: float = Field(0.25, gt=0.0, le=256.0, description="Ray CPUs per Serve replica of this class")
     replica_memory_mb: int | None = Field(None, ge=64, description="Ray memory reservation per replica")
+    replica_gpus: float = Field(0.0, ge=0.0, le=8.0, description="Ray GPUs per Serve replica of this class "
+                                "(fractions allowed); the replica serves on the GPU it is given")
 
     @field_validator("mix")
     @classmethod

@@ -120,6 +120,9 @@ class TuneSpec(BaseModel):
     address: str | None = Field(None, description="Ray cluster address ('auto' on a head node); None = local")
     storage: str | None = Field(None, description="Ray storage path (shared FS or s3:// on a cluster); "
                                                   "None = the results directory")
+    model_source: str | None = Field(None, description="where `tanbr build-moe --publish` put the model: trials "
+                                     "on other machines fetch it from there; None = the driver builds or loads it "
+                                     "into this machine's cache, and trials elsewhere must find it in theirs")
     out: str | None = Field(None, description="results directory; None = results/tune/<name>")
     wandb: WandbSettings = Field(default_factory=WandbSettings)
 

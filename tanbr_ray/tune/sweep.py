@@ -103,8 +103,17 @@ def run_sweep(spec: TuneSpec, sim_raw: dict, config_dir: Path = Path("."), out: 
     else:
         scheduler = FIFOScheduler()
     threads = max(1, int(spec.resources.cpu))
+    if spec.model_source is None:  # built once here, with progress; trials never build it
+        from tanbr_ray.moe import MoEConfig, default_config, quick_config
+        from tanbr_ray.moe.build import load_or_build_info
+
+        base = SimConfig(**sim_raw)
+        moe_cfg = MoEConfig(**_moe_raw(spec)) if spec.moe_config else (
+            quick_config() if base.model == "quick" else default_config())
+        load_or_build_info(moe_cfg, base.models_dir, progress=verbose > 0, data_dir=base.data_dir)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=sim_raw, moe_raw=_moe_raw(spec), threads=threads),
+        tune.with_parameters(run_trial, base=sim_raw, moe_raw=_moe_raw(spec), threads=threads,
+                             model_source=spec.model_source),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     storage = spec.storage or str(out_dir)
     started = _init_ray(spec)

@@ -1,8 +1,9 @@
 """One Tune trial = one simulation of the Tanbr policy with the trial's settings.
 
 Runs in a Ray worker, so everything it needs travels in its arguments (the resolved base simulation
-config, the MoE config as a dict) — nothing is read from the driver's memory. The MoE is loaded from
-the on-disk cache that `load_or_build` keeps; only the first trial on a fresh machine builds it.
+config, the MoE config as a dict, where the model is published) — nothing is read from the driver's
+memory or disk. The MoE comes from the worker machine's cache, else it is fetched from `model_source`
+and verified (`moe.publish.load_model`); a trial never builds it (the sweep's driver builds it once).
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ def trial_sim_config(base: dict, params: dict, threads: int | None) -> SimConfig
     return SimConfig(**raw)
 
 
-def _load_moe(cfg: SimConfig, moe_raw: dict | None):
-    from tanbr_ray.moe import MoEConfig, default_config, load_or_build, quick_config
+def _load_moe(cfg: SimConfig, moe_raw: dict | None, model_source: str | None):
+    from tanbr_ray.moe import MoEConfig, default_config, quick_config
+    from tanbr_ray.moe.publish import load_model
 
     moe_cfg = MoEConfig(**moe_raw) if moe_raw else (quick_config() if cfg.model == "quick" else default_config())
     key = f"{cfg.models_dir}|{moe_cfg.cache_dirname()}"
     if key not in _MOE_CACHE:
         _MOE_CACHE.clear()
-        _MOE_CACHE[key] = load_or_build(moe_cfg, cfg.models_dir, progress=False, data_dir=cfg.data_dir)
+        _MOE_CACHE[key] = load_model(moe_cfg, cfg.models_dir, model_source)[0]
     return _MOE_CACHE[key]
 
 
@@ -51,12 +53,13 @@ def _number(v) -> float | None:
     return None
 
 
-def run_trial(config: dict, base: dict, moe_raw: dict | None = None, threads: int | None = None) -> None:
+def run_trial(config: dict, base: dict, moe_raw: dict | None = None, threads: int | None = None,
+              model_source: str | None = None) -> None:
     """Tune function trainable: report after every slot, then once more with the final summary."""
     from ray import tune
 
     cfg = trial_sim_config(base, config, threads)
-    moe = _load_moe(cfg, moe_raw)
+    moe = _load_moe(cfg, moe_raw, model_source)
     last: dict = {}
 
     def on_slot(policy: str, t: int, slot_score: float, running_score: float) -> None:

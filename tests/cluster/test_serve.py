@@ -16,6 +16,7 @@ from tanbr_ray.cluster.names import NAMESPACE, decision_name, merger_name
 from tanbr_ray.cluster.service import local_service
 
 ROUTER = "tanbr-router-test"
+STORAGE: dict[str, str] = {}
 
 
 def _free_port() -> int:
@@ -29,7 +30,7 @@ def url(tiny, published, fleet, tmp_path_factory):
     cfg, _, _ = tiny
     args = AppArgs(model_source=published, slot_seconds=1.0, router_name=ROUTER,
                    router={"policy": "Tanbr", "sample_per_slot": 8,
-                           "storage": str(tmp_path_factory.mktemp("ckpt"))})
+                           "storage": STORAGE.setdefault("path", str(tmp_path_factory.mktemp("ckpt")))})
     with local_service(args, "127.0.0.1", _free_port(), fleet=fleet, moe_cfg=cfg, ready_timeout_s=240) as u:
         yield u
 
@@ -164,3 +165,22 @@ def test_leader_killed_under_traffic_standby_takes_over(url):
     assert st["name"] == rep["new_leader"] and st["role"] == "leader" and st["term"] == rep["term_after"]
     held = [v for r in st["replicas"] for v in r["nodes"].values()]
     assert held and min(held) > rep["version_before"]  # every replica serves a version issued after the kill
+
+
+def test_deleting_the_app_ends_its_router_and_keeps_its_state(url):
+    """Last in this module: `serve delete` takes the decision actors, the mergers and their placement
+    group with it; the decision state stays in storage for the next deployment."""
+    from ray import serve
+
+    from tanbr_ray.cluster.checkpoint import CheckpointStore
+    from tanbr_ray.cluster.names import APP_NAME
+
+    assert any(a["name"].startswith(ROUTER) for a in ray.util.list_named_actors(all_namespaces=True))
+    serve.delete(APP_NAME)
+    deadline = time.monotonic() + 60
+    while alive := [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(ROUTER)]:
+        assert time.monotonic() < deadline, f"still alive 60 s after the app was deleted: {alive}"
+        time.sleep(1)
+    assert CheckpointStore(STORAGE["path"]).checkpoints()
+    with pytest.raises(ValueError):
+        ray.util.get_placement_group(f"{ROUTER}-control")
