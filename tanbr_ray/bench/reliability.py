@@ -4,8 +4,10 @@ While a constant HTTP load runs (fixed concurrency, GLUE texts), faults are inje
 gaps between them: the decision leader is killed (the standby takes over; Ray restarts the dead one
 as the new standby), a merger is killed (the other merges), the leader and then its successor are
 killed `pair_gap_s` apart (two takeovers), an edge replica is killed (Serve replaces it; the new one
-pulls its node's weights before serving), and the newest checkpoint is corrupted before the leader is
-killed (refused, the previous one is used). Per fault:
+pulls its node's weights before serving), the newest checkpoint is corrupted before the leader is
+killed (refused, the previous one is used), and last the leader's whole machine is lost (its raylet
+killed, its local directory removed: the standby on the other control machine restores from storage,
+as on a cluster with no shared disk). Per fault:
 
 - kill -> next decision: the first slot a leader decided after the kill (its own timestamp);
 - kill -> first served at a new version: the first HTTP answer carrying a version issued after the kill;
@@ -34,7 +36,8 @@ from tanbr_ray.cluster.names import edge_deployment
 
 WINDOW_S = 10.0  # seconds after a kill during which errors count against that fault
 FAULTS = ("kill leader under load", "kill merger under load", "kill leader and standby 20 s apart",
-          "kill edge replica under load", "corrupt checkpoint + kill leader")
+          "kill edge replica under load", "corrupt checkpoint + kill leader",
+          "lose leader machine under load")  # last: the cluster has one control machine fewer after it
 ROW = ("name", "kill_to_next_decision_s", "kill_to_first_served_s", "slots_lost", "errors_in_window",
        "errors_outside_window")
 
@@ -105,6 +108,8 @@ def _kill(action: str, client: DecisionClient, router_name: str, storage: str) -
         rep = fi.kill_merger(router_name, 0)
     elif action == "replica":
         rep = fi.kill_replica(edge_deployment("board"))
+    elif action == "machine":
+        rep = fi.lose_leader_machine(client, wait=False)
     else:
         if action == "corrupt":
             rep = fi.corrupt_checkpoint(storage)
@@ -124,7 +129,7 @@ def run_faults(url: str, router_name: str, decision_actors: int, storage: str, l
     """Inject FAULTS in turn; per fault the kills made (measured after the run by `summarize_faults`)."""
     client = DecisionClient(router_name, decision_actors)
     plan = {FAULTS[0]: ["leader"], FAULTS[1]: ["merger"], FAULTS[2]: ["leader", "leader"],
-            FAULTS[3]: ["replica"], FAULTS[4]: ["corrupt"]}
+            FAULTS[3]: ["replica"], FAULTS[4]: ["corrupt"], FAULTS[5]: ["machine"]}
     out = []
     for name, kills in plan.items():
         time.sleep(gap_s)

@@ -66,6 +66,8 @@ class ServeEdge:
             if (f.policy, f.slot, f.phase) == (self.policy, t, phase):
                 if f.action == "kill_leader":
                     f.report.update(fi.kill_leader(self.client))
+                elif f.action == "lose_leader_machine":
+                    f.report.update(fi.lose_leader_machine(self.client))
                 elif f.action == "kill_merger":
                     f.report.update(fi.kill_merger(self.router_name))
                 elif f.action == "kill_replica":

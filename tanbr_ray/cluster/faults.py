@@ -1,6 +1,7 @@
 """Fault injection for the reliability tests and `tanbr bench reliability`: kill the decision leader
-(the standby takes over), kill a merger (the others serve), kill an edge replica (Serve replaces it),
-corrupt the newest checkpoint. Each returns what it measured."""
+(the standby takes over), lose the leader's whole machine (raylet and local directory; the standby on
+another machine restores from storage), kill a merger (the others serve), kill an edge replica (Serve
+replaces it), corrupt the newest checkpoint. Each returns what it measured."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tanbr_ray.cluster.checkpoint import CheckpointStore
 from tanbr_ray.cluster.decision_client import DecisionClient
 from tanbr_ray.cluster.names import APP_NAME, NAMESPACE, merger_name
 
-Action = Literal["kill_leader", "kill_merger", "kill_replica", "corrupt_checkpoint"]
+Action = Literal["kill_leader", "lose_leader_machine", "kill_merger", "kill_replica", "corrupt_checkpoint"]
 
 
 @dataclass
@@ -58,6 +59,41 @@ def kill_leader(client: DecisionClient, wait: bool = True, timeout_s: float = 12
             "restore_s": took["restore_s"], "publish_s": took["publish_s"],
             "updated_slot_after": took["updated_slot"], "decided_slot_after": took["decided_slot"],
             "restored_from": took["restored_from"], "refused_checkpoints": took["refused_checkpoints"]}
+
+
+def node_of(actor) -> str:
+    """The Ray node (machine) an actor runs on."""
+    return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=30)
+
+
+def lose_leader_machine(client: DecisionClient, wait: bool = True, timeout_s: float = 120.0) -> dict:
+    """Lose the machine the decision leader runs on (local cluster: its raylet killed, its directory
+    removed). A leader on the head is first moved off it by a process kill, since the head holds the
+    GCS. The standby, on another machine, restores from storage; the lost actor stays pending until a
+    machine carrying `tanbr_control` is free for it."""
+    from tanbr_ray.cluster.local import RUNNING, lose_machine
+
+    st = client.state()
+    if st is None:
+        raise RuntimeError("no decision leader whose machine to lose")
+    moved = None
+    if node_of(client.handle(st["name"])) == RUNNING[-1].head_node.node_id:
+        moved = kill_leader(client, wait=True, timeout_s=timeout_s)
+        st = client.wait_leader(since=moved["t_kill_wall"], timeout_s=timeout_s)
+    node = node_of(client.handle(st["name"]))
+    t_wall, t0 = time.time(), time.perf_counter()
+    machine = lose_machine(node)
+    rep = {"killed": st["name"], "machine": machine, "t_kill_wall": t_wall, "term_before": st["term"],
+           "updated_slot_before": st["updated_slot"], "decided_slot_before": st["decided_slot"],
+           "version_before": st["version"], "moved_off_head_first": moved is not None}
+    if not wait:
+        return rep
+    after = client.wait_leader(since=t_wall, timeout_s=timeout_s)
+    took = after["takeovers"][-1]
+    return {**rep, "recovery_seconds": time.perf_counter() - t0, "new_leader": after["name"],
+            "term_after": after["term"], "updated_slot_after": took["updated_slot"],
+            "decided_slot_after": took["decided_slot"], "restored_from": took["restored_from"],
+            "refused_checkpoints": took["refused_checkpoints"]}
 
 
 def kill_merger(router_name: str, index: int = 0) -> dict:

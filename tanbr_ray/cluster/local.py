@@ -1,7 +1,8 @@
-"""A multi-node Ray cluster on one machine for the demo, the tests and the benches: a head (leading
-decision actor, mergers, ingress: `tanbr_head`, `tanbr_control`, `tanbr_merger`) and one Ray node per
-edge class carrying that class's custom resource (the first also `tanbr_control`, for the standby) —
-the same resources that cluster.yaml declares on real machines, so everything is placed the same way.
+"""A multi-node Ray cluster on one machine for the demo, the tests and the benches: a head (a decision
+actor, mergers, ingress: `tanbr_head`, `tanbr_control`, `tanbr_merger`), a second control machine (the
+other decision actor: `tanbr_control`) and one Ray node per edge class carrying that class's custom
+resource — the same resources that cluster.yaml declares on real machines, so everything is placed
+the same way.
 Every node advertises 127.0.0.1, so no cluster traffic leaves the loopback interface."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from tanbr_ray.cluster.names import CONTROL_RESOURCE, HEAD_RESOURCE, LOOPBACK, MERGER_RESOURCE, NAMESPACE, edge_resource
 from tanbr_ray.sim.fleet import Fleet
 
+RUNNING: list = []  # the local cluster this process started (fault injection removes its machines)
 OBJECT_STORE_MB = 512  # per node; the head holds every published version, replicas map theirs zero-copy
 
 
@@ -57,19 +59,26 @@ def local_cluster(fleet: Fleet, head_cpus: int = 2, object_store_mb: int = OBJEC
         "include_dashboard": False, "node_ip_address": LOOPBACK})
     cluster.node_dirs = {"head": os.path.join(root, "head")}
     cluster.storage = os.path.join(root, "storage")  # what every node reads: the stand-in for NFS or s3://
+    cluster.machines = {cluster.head_node.node_id: "head"}
     try:
-        for i, c in enumerate(fleet.classes):  # the first edge machine also hosts the standby decision actor
-            extra = {CONTROL_RESOURCE: 1} if i == 0 else {}
-            cluster.node_dirs[c.name] = os.path.join(root, c.name)
-            cluster.add_node(num_cpus=max(1, math.ceil(c.count * c.replica_cpus)),
-                             resources={edge_resource(c.name): c.count, **extra}, object_store_memory=store,
-                             env_vars=machine_env(root, c.name), node_ip_address=LOOPBACK)
+        # a second control machine: the standby lives off the leader's, and losing either loses no edge node
+        machines = [("control", {"num_cpus": 1, "resources": {CONTROL_RESOURCE: 1}})]
+        machines += [(c.name, {"num_cpus": max(1, math.ceil(c.count * c.replica_cpus)),
+                               "resources": {edge_resource(c.name): c.count}}) for c in fleet.classes]
+        for name, opts in machines:
+            cluster.node_dirs[name] = os.path.join(root, name)
+            node = cluster.add_node(**opts, object_store_memory=store, env_vars=machine_env(root, name),
+                                    node_ip_address=LOOPBACK)
+            cluster.machines[node.node_id] = name
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+        RUNNING.append(cluster)
         yield cluster
     finally:
         from ray import serve
 
+        if cluster in RUNNING:
+            RUNNING.remove(cluster)
         try:
             if ray.is_initialized():
                 serve.shutdown()
@@ -87,3 +96,16 @@ def publish_model(cluster, moe_cfg, models_dir=None) -> str:
 
     publish(os.path.join(models_dir or default_models_dir(), moe_cfg.cache_dirname()), cluster.storage)
     return cluster.storage
+
+
+def lose_machine(node_id: str) -> str:
+    """What losing a machine does, on the local cluster: its raylet and every process on it are
+    killed and its local directory (home, models cache) is removed. Returns the machine's name."""
+    cluster = RUNNING[-1]
+    if node_id == cluster.head_node.node_id:
+        raise ValueError("the head machine holds the GCS: losing it ends the cluster (see docs on GCS fault tolerance)")
+    node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
+    name = cluster.machines[node_id]
+    cluster.remove_node(node, allow_graceful=False)
+    shutil.rmtree(cluster.node_dirs[name], ignore_errors=True)
+    return name

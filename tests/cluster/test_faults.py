@@ -69,3 +69,19 @@ def test_corrupt_newest_checkpoint_costs_exactly_one_slot(cluster, tiny, publish
     assert f["updated_slot_before"] == 1 and f["updated_slot_after"] == 0  # slot 1's update was lost
     assert out.summary["ray"]["final_router_state"]["slot"] == SLOTS - 1
     assert out.summary["requests"] > 0 and np.all(np.isfinite(out.series["Tanbr"].score))
+
+
+def test_losing_the_leaders_machine_loses_nothing(cluster, tiny, published, fleet, cfg, uninterrupted, tmp_path):
+    """Last in this module (the cluster has one control machine fewer after it): the leader's machine
+    goes (raylet killed, its directory removed); the standby on the other machine restores the state
+    from storage and the run's choices equal an uninterrupted run's."""
+    faults = [Fault("Tanbr", 1, "lose_leader_machine")]
+    out = run_ray_simulation(cfg, tiny[0], tiny[2], fleet=fleet, progress=False, storage=str(tmp_path),
+                             faults=faults, model_source=published)
+    f = out.summary["ray"]["faults"][0]
+    assert f["machine"] == "control" and f["new_leader"] != f["killed"]
+    assert f["recovery_seconds"] < 10 and f["restored_from"] and not f["refused_checkpoints"]
+    assert f["updated_slot_after"] == f["updated_slot_before"]  # no slot lost
+    assert not (cluster.node_dirs["control"] and __import__("os").path.exists(cluster.node_dirs["control"]))
+    a, b = uninterrupted.series["Tanbr"], out.series["Tanbr"]
+    assert np.array_equal(a.score, b.score) and np.array_equal(a.choices, b.choices)

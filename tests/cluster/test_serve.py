@@ -51,7 +51,7 @@ def test_every_address_is_loopback(url):
 
     assert url.startswith("http://127.0.0.1:")
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    assert len(nodes) == 3 and {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
+    assert len(nodes) == 4 and {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}  # head, control, 2 classes
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     assert serve.status().proxies and all(serve.status().proxies)  # the proxy is up ...
     controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
