@@ -78,7 +78,12 @@ def fetch(cfg: MoEConfig, uri: str, models_dir: str | os.PathLike | None = None)
             raise ValueError(f"published model file {_join(src, CONFIG)}: not a {FORMAT} model")
         for name, (size, sha) in files.items():
             _download(fs, _join(src, name), tmp / name, size, sha)
-        os.rename(tmp, final)  # whole, verified, or not at all
+        try:
+            os.rename(tmp, final)  # whole, verified, or not at all
+        except OSError:
+            if not (final / CONFIG).exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process of this machine fetched it meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

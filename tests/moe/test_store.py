@@ -174,3 +174,29 @@ def test_a_corrupt_published_model_is_refused_naming_the_file(tmp_path, tiny_cfg
         load_model(tiny_cfg, cache, str(tmp_path / "storage"))
     assert not cache.exists() or not any(p.name == tiny_cfg.cache_dirname() for p in cache.iterdir())
     assert not list(cache.glob(".fetch-*"))  # the partial download is gone; nothing cached was touched
+
+
+def test_two_processes_of_one_machine_fetching_at_once_both_get_the_model(tmp_path, tiny_cfg, data_dir):
+    """Two mergers on one machine fetch together: the second rename finds the first one's copy."""
+    import threading
+
+    from tanbr_ray.moe.publish import fetch
+
+    _published(tmp_path, tiny_cfg, data_dir)
+    barrier, errors, out = threading.Barrier(2), [], []
+
+    def one():
+        barrier.wait()
+        try:
+            out.append(fetch(tiny_cfg, str(tmp_path / "storage"), tmp_path / "machine"))
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(out) == 2 and out[0] == out[1]
+    assert sorted(p.name for p in (tmp_path / "machine").iterdir()) == [tiny_cfg.cache_dirname()]
+    load_moe(out[0])
