@@ -67,7 +67,7 @@ def bench_serve(
     from tanbr_ray.moe import load_or_build
 
     # a slot never closes on its own during the bench: pushes are timed one by one, under no load
-    args = AppArgs(model=model, slot_seconds=0, api={"rate_limit_per_s": 1e6, "rate_burst": 1_000_000})
+    args = AppArgs(scenario=model, model=model, slot_seconds=0, api={"rate_limit_per_s": 1e6, "rate_burst": 1_000_000})
     moe = load_or_build(args.moe(), args.models_dir, progress=True)
     bodies = bench.request_bodies(list(moe.tasks), requests, os.environ.get("TANBR_DATA_DIR"))
     del moe
@@ -118,7 +118,7 @@ def bench_reliability(
     from tanbr_ray.moe import load_or_build
 
     tmp = Path(tempfile.mkdtemp(prefix="tanbr-reliability-"))
-    args = AppArgs(model=model, slot_seconds=slot_seconds,
+    args = AppArgs(scenario=model, model=model, slot_seconds=slot_seconds,
                    router={"policy": "Tanbr", "storage": str(tmp / "checkpoints"), "sample_per_slot": 8,
                            "standby": True, "mergers": 2},
                    api={"rate_limit_per_s": 1e6, "rate_burst": 1_000_000})

@@ -92,19 +92,37 @@ def fetch(cfg: MoEConfig, uri: str, models_dir: str | os.PathLike | None = None)
 
 def load_model(cfg: MoEConfig, models_dir: str | os.PathLike | None = None, source: str | None = None):
     """The model for a process that must not build it: this machine's cache, else the copy published
-    at `source`, fetched and verified. Returns (model, where it came from: "cache" or "fetched")."""
+    at `source`, fetched and verified. Returns (model, where it came from: "cache" or "fetched").
+
+    Build precision is the builder's choice (the presets build in bf16 where the hardware has bf16
+    units), and it is part of the cache key; so that a process finds the model whatever device it
+    sees, the same settings built at the other precision are accepted when the asked one is absent."""
     from tanbr_ray.moe.build import attach_tokenizer
 
-    d = Path(models_dir or default_models_dir()) / cfg.cache_dirname()
+    cache = Path(models_dir or default_models_dir())
+    variants = [cfg, cfg.model_copy(update={"bf16": not cfg.bf16})]
+    found = next((v for v in variants if (cache / v.cache_dirname() / CONFIG).exists()), None)
     how = "cache"
-    if not (d / CONFIG).exists():
+    if found is None:
         if source is None:
-            raise ValueError(f"model {cfg.cache_dirname()}: not in this machine's cache ({d}) and no model source "
-                             "to fetch it from; run `tanbr build-moe --publish URI` and pass that URI as "
+            raise ValueError(f"model {cfg.cache_dirname()}: not in this machine's cache ({cache}) and no model "
+                             "source to fetch it from; run `tanbr build-moe --publish URI` and pass that URI as "
                              "model_source")
-        fetch(cfg, source, models_dir)
+        errors = []
+        for v in variants:
+            try:
+                fetch(v, source, models_dir)
+                found = v
+                break
+            except ValueError as exc:
+                errors.append(str(exc))
+                if "missing" not in str(exc):
+                    raise  # present but corrupt: never fall back past a bad copy
+        if found is None:
+            raise ValueError(f"model {cfg.cache_dirname()}: not in this machine's cache ({cache}) nor published "
+                             f"at {source} ({'; '.join(errors)})")
         how = "fetched"
-    moe, _, _ = load_moe(d, resolve_device(cfg.device))
-    attach_tokenizer(moe, cfg)
-    moe.merge_operator, moe.regmean_alpha = cfg.merge_operator, cfg.regmean_alpha
+    moe, _, _ = load_moe(cache / found.cache_dirname(), resolve_device(found.device))
+    attach_tokenizer(moe, found)
+    moe.merge_operator, moe.regmean_alpha = found.merge_operator, found.regmean_alpha
     return moe, how

@@ -200,3 +200,14 @@ def test_two_processes_of_one_machine_fetching_at_once_both_get_the_model(tmp_pa
     assert not errors and len(out) == 2 and out[0] == out[1]
     assert sorted(p.name for p in (tmp_path / "machine").iterdir()) == [tiny_cfg.cache_dirname()]
     load_moe(out[0])
+
+
+def test_a_process_finds_the_model_built_at_another_precision(tmp_path, tiny_cfg, data_dir):
+    """A GPU (bf16) build published, a CPU-only process asking for the fp32 key still gets it."""
+    from tanbr_ray.moe.publish import load_model
+
+    built, _ = _published(tmp_path, tiny_cfg, data_dir)
+    other = tiny_cfg.model_copy(update={"bf16": not tiny_cfg.bf16})
+    assert other.cache_dirname() != tiny_cfg.cache_dirname()
+    moe, how = load_model(other, tmp_path / "cpu-machine", str(tmp_path / "storage"))
+    assert how == "fetched" and moe.identity == built.moe.identity
