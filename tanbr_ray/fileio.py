@@ -69,6 +69,14 @@ def open_storage(uri: str):
         raise ValueError(f"storage {uri!r}: not a path or a filesystem URI pyarrow can open ({exc})") from exc
 
 
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` merged onto `base` key by key (nested mappings merge; anything else replaces)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str = "config") -> dict:
     """Parse a YAML (or JSON) file that must hold a mapping (empty = {}), or raise a ValueError naming it."""
     try:

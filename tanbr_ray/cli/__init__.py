@@ -5,6 +5,7 @@ from tanbr_ray.cli import fleet_cmd  # noqa: F401  (registers `tanbr bench fleet
 from tanbr_ray.cli import model_cmd  # noqa: F401  (registers `tanbr build-moe`, `tanbr bench model`)
 from tanbr_ray.cli import simulate_cmd  # noqa: F401  (registers `tanbr simulate`)
 from tanbr_ray.cli import tune_cmd  # noqa: F401  (registers `tanbr tune`)
+from tanbr_ray.cli import config_cmd  # noqa: F401  (registers `tanbr config show`, `tanbr config cp`)
 from tanbr_ray.cli import serve_cmd  # noqa: F401  (registers `tanbr serve`, `tanbr bench serve`)
 from tanbr_ray.cli.app import app
 

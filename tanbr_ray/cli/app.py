@@ -10,3 +10,5 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Benchmarks: print a table, write JSON (and plots).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+config_app = typer.Typer(help="Simulation configs: print a resolved one, start a new one.", no_args_is_help=True)
+app.add_typer(config_app, name="config")

@@ -15,7 +15,8 @@ from tanbr_ray.cli.output import print_table
 def simulate(
     overrides: Optional[List[str]] = typer.Argument(
         None, help="Dotted overrides of the config, e.g. slots=60 schedule=switching tanbr.tree.rho=0.8"),
-    config: Optional[Path] = typer.Option(None, "--config", help="Simulation YAML (default: the embedded one)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Simulation YAML, merged onto the scenario its "
+                                          "`base:` names (default: the embedded default); see `tanbr config`."),
     quick: bool = typer.Option(False, "--quick", help="Small MoE and a short run (about 2 minutes)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results directory (overrides `out`)."),
     wandb: Optional[str] = typer.Option(None, "--wandb", help="online | offline | disabled (default: offline "
@@ -47,6 +48,8 @@ def simulate(
         raise typer.BadParameter(f"--backend: {backend!r}; choose local or ray")
     if replicas is not None and backend != "ray":
         raise typer.BadParameter("--replicas: only the ray backend has replicas (add --backend ray)")
+    if quick and config is not None:
+        raise typer.BadParameter("--quick with --config: put `base: quick` in the config file instead")
     extra = list(overrides or [])
     if out is not None:
         extra.append(f"out={out}")

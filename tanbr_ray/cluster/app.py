@@ -16,19 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tanbr_ray.cluster.api import ApiSettings
 from tanbr_ray.cluster.decision_service import RouterSpec
 from tanbr_ray.cluster.names import APP_NAME, HEAD_RESOURCE, ROUTER_NAME, edge_deployment, edge_resource
+from tanbr_ray.fileio import deep_merge
 from tanbr_ray.moe import MoEConfig, default_config, quick_config
 from tanbr_ray.moe.config import load_config as load_moe_config
 from tanbr_ray.sim.config import load_config as load_sim_config
 from tanbr_ray.sim.config import scenario_path
 from tanbr_ray.sim.fleet import Fleet, load_fleet
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        v = v.model_dump(mode="json") if isinstance(v, BaseModel) else v
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 class AppArgs(BaseModel):
@@ -74,9 +67,10 @@ class AppArgs(BaseModel):
         router = router.model_dump(mode="json") if isinstance(router, BaseModel) else router
         if not isinstance(router, dict):
             return raw  # the field's own validation names the problem
+        router = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in router.items()}
         base = {"tanbr": sim.tanbr.model_dump(mode="json"), "seed": sim.seed, "random_points": sim.random_points}
         return {"model": sim.model, "merge_operator": sim.merge_operator, "bf16": sim.bf16,
-                **raw, "router": _deep_merge(base, router)}
+                **raw, "router": deep_merge(base, router)}
 
     def moe(self) -> MoEConfig:
         """The model's config, merging with the app's operator (not part of the model's cache key)."""

@@ -1,7 +1,9 @@
-"""Simulation config: one typed, validated YAML file plus dotted command-line overrides.
+"""Simulation config: a scenario, typed and validated, composed as torchtune and Hydra compose theirs.
 
-`tanbr simulate slots=60 tanbr.tree.rho=0.8` overrides keys in the YAML (values parsed as YAML);
-unknown keys and out-of-range values fail with the offending field named.
+A config file is merged key by key onto the scenario its `base:` names (`default`, `quick` or another
+file, relative to this one; `default` when it names none), so a file holding only `slots: 60` is the
+default scenario with 60 slots. `tanbr simulate slots=60 tanbr.tree.rho=0.8` then overrides keys
+(values parsed as YAML); unknown keys and out-of-range values fail with the offending field named.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tanbr_ray.fileio import read_yaml_mapping
+from tanbr_ray.fileio import deep_merge, read_yaml_mapping
 from tanbr_ray.moe.precision import native_bf16
 from tanbr_ray.router.tanbr import TanbrConfig
 from tanbr_ray.sim.queueing import QueueConfig
@@ -146,10 +148,27 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
     return out
 
 
+EMBEDDED = {"default": DEFAULT_CONFIG, "quick": QUICK_CONFIG}
+
+
+def scenario_raw(source: str | Path = "default", _inside: tuple[Path, ...] = ()) -> dict:
+    """The raw settings of a scenario: an embedded one by name, or a file merged onto its `base`."""
+    path = scenario_path(source)
+    raw = read_yaml_mapping(path, "simulation config")
+    embedded = path in EMBEDDED.values()
+    base = raw.pop("base", None if embedded else "default")
+    if base is None:
+        return raw
+    base_path = EMBEDDED.get(str(base)) or (path.parent / str(base))
+    if base_path.resolve() in (*_inside, path.resolve()):
+        raise ValueError(f"config {path}: base {base!r} includes itself")
+    return deep_merge(scenario_raw(base_path, (*_inside, path.resolve())), raw)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> SimConfig:
-    path = Path(path) if path else DEFAULT_CONFIG
-    raw = read_yaml_mapping(path, "config")
+    """A scenario (name or file, composed onto its base) with dotted overrides, validated."""
+    source = path or "default"
     try:
-        return SimConfig(**apply_overrides(raw, overrides))
+        return SimConfig(**apply_overrides(scenario_raw(source), overrides))
     except ValidationError as exc:
-        raise ValueError(f"config {path}: {exc}") from exc
+        raise ValueError(f"config {scenario_path(source)}: {exc}") from exc

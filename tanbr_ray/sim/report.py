@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from tanbr_ray.fileio import atomic_write_bytes, atomic_write_json
 from tanbr_ray.sim.output import PolicySeries, SimOutput
@@ -434,11 +435,13 @@ def write_results(out: SimOutput, out_dir: str | os.PathLike) -> dict[str, Path]
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         name: out_dir / name
-        for name in ("results.json", "policies.csv", "series.csv", "choices.csv", *PLOTS, "summary.md")
+        for name in ("results.json", "config.yaml", "policies.csv", "series.csv", "choices.csv", *PLOTS, "summary.md")
     }
     results = to_jsonable(dict(out.summary))
     results["config"] = to_jsonable(out.config)
     atomic_write_json(paths["results.json"], results)
+    # the resolved config, whole: `tanbr simulate --config <out>/config.yaml` runs the same scenario
+    atomic_write_bytes(paths["config.yaml"], yaml.safe_dump({"base": None, **results["config"]}, sort_keys=False).encode())
     atomic_write_bytes(paths["policies.csv"], _policies_csv(out))
     atomic_write_bytes(paths["series.csv"], _series_csv(out))
     atomic_write_bytes(paths["choices.csv"], _choices_csv(out))

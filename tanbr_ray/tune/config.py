@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tanbr_ray.fileio import read_yaml_mapping
-from tanbr_ray.sim.config import DEFAULT_CONFIG, QUICK_CONFIG, SimConfig, apply_overrides
+from tanbr_ray.sim.config import DEFAULT_CONFIG, QUICK_CONFIG, SimConfig, apply_overrides, scenario_raw
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
 # Reported after every slot, so ASHA can compare trials at any milestone.
@@ -163,7 +163,7 @@ def base_raw(spec: TuneSpec, config_dir: Path, source: str = "tune config") -> d
     """The base simulation config as a plain dict with the spec's overrides applied, validated."""
     path = spec.base_path(config_dir)
     try:
-        raw = read_yaml_mapping(path, "simulation config")
+        raw = scenario_raw(path)
     except ValueError as exc:
         raise ValueError(f"{source}: base: {exc}") from exc
     raw = apply_overrides(raw, spec.overrides)

@@ -204,6 +204,7 @@ def test_predictions_are_memoised(tiny_moe):
 
 def test_results_files_written_and_readable(result, tmp_path):
     paths = write_results(result, tmp_path)
+    assert load_config(tmp_path / "config.yaml").model_dump() == result.config  # the run, resolved, reruns as is
     data = json.loads((tmp_path / "results.json").read_text())
     assert set(data["policies"]) == set(POLICIES)
     assert {"requests", "wall_seconds"} <= set(data)

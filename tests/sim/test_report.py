@@ -73,7 +73,7 @@ def _rows(path):
 def test_write_results_writes_every_file(tmp_path):
     out = make_output()
     paths = write_results(out, tmp_path / "res")
-    expected = {"results.json", "policies.csv", "series.csv", "choices.csv", "regret.png", "score.png",
+    expected = {"results.json", "config.yaml", "policies.csv", "series.csv", "choices.csv", "regret.png", "score.png",
                 "choices.png", "latency_memory.png", "summary.md"}
     assert set(paths) == expected
     assert {p.name for p in (tmp_path / "res").iterdir()} == expected  # no temp files left behind
