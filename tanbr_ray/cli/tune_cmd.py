@@ -15,7 +15,8 @@ from tanbr_ray.cli.output import print_table
 def tune_cmd(
     config: Path = typer.Argument(..., help="Sweep YAML, e.g. tune_configs/rho.yaml."),
     overrides: Optional[List[str]] = typer.Argument(
-        None, help="Dotted overrides of the sweep YAML, e.g. num_samples=4 scheduler=fifo"),
+        None, help="Dotted overrides: the sweep file's keys (num_samples=4 scheduler=fifo) or, any other, the "
+        "simulation every trial runs (slots=10 tanbr.tree.nu=0.02; sim.<key> forces it)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results directory (default: the YAML's `out`)."),
     wandb: Optional[str] = typer.Option(None, "--wandb", help="online | offline | disabled (default: offline "
                                                                "unless a W&B key is configured)."),

@@ -190,11 +190,31 @@ def check_space(spec: TuneSpec, raw: dict, source: str = "tune config") -> None:
                 raise ValueError(f"{source}: search_space.{key}: {exc}") from exc
 
 
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(sweep overrides, simulation overrides): a key the sweep file has (`num_samples=4`,
+    `asha.grace_period=2`) sets the sweep; any other (`slots=10`, `tanbr.tree.nu=0.02`), or one
+    prefixed `sim.` (`sim.name=x`), the simulation every trial runs, as `tanbr simulate` takes it."""
+    sweep, sim = [], []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key.startswith("sim."):
+            sim.append(item[len("sim."):].lstrip())
+        elif key.split(".")[0] in TuneSpec.model_fields:
+            sweep.append(item)
+        else:
+            sim.append(item)
+    return sweep, sim
+
+
 def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> tuple[TuneSpec, dict]:
-    """Read and validate a sweep YAML; returns the spec and the resolved base simulation config."""
+    """Read and validate a sweep YAML; returns the spec and the resolved base simulation config.
+    `overrides` may set the sweep's keys and the simulation's alike (`split_overrides`)."""
     path = Path(path)
     raw = read_yaml_mapping(path, "tune config")
-    raw = apply_overrides(raw, overrides or [])
+    sweep, sim = split_overrides(list(overrides or []))
+    raw = apply_overrides(raw, sweep)
+    if sim:
+        raw["overrides"] = [*(raw.get("overrides") or []), *sim]
     try:
         spec = TuneSpec(**raw)
     except ValidationError as exc:

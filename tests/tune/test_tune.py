@@ -160,6 +160,17 @@ def test_shipped_sweeps_validate():
     assert len(rho.search_space["tanbr.tree.rho"].values) >= 8 and 0.9 in rho.search_space["tanbr.tree.rho"].values
 
 
+def test_tune_takes_simulation_overrides_as_simulate_does():
+    """`tanbr tune rho.yaml slots=10 num_samples=2`: the sweep's keys set the sweep, the rest the
+    simulation every trial runs; a key neither knows is refused, named."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "tune_configs", "rho.yaml")
+    spec, raw = load_tune_config(path, ["slots=10", "num_samples=2", "tanbr.tree.nu=0.02", "sim.name=mine"])
+    assert raw["slots"] == 10 and raw["tanbr"]["tree"]["nu"] == 0.02 and raw["name"] == "mine"
+    assert spec.num_samples == 2 and spec.name != "mine"
+    with pytest.raises(ValueError, match="slotz"):
+        load_tune_config(path, ["slotz=10"])
+
+
 def test_best_point_with_seeds_is_the_mean_over_seeds():
     from tanbr_ray.tune.config import TuneSpec
     from tanbr_ray.tune.sweep import _best
