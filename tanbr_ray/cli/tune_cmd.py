@@ -40,6 +40,13 @@ def tune_cmd(
                      _fmt(final)])
     print_table(f"tune {spec.name}: {len(res.rows)} trials in {res.wall_seconds:.0f} s "
                 f"({spec.scheduler}, {spec.metric} {spec.mode})", header, rows)
+    if spec.seeds and res.settings:
+        print_table(f"settings over {len(spec.seeds)} seeds, best first (95 % Student-t interval; 'yes' = the seeds "
+                    f"cannot tell it from the best)", [*spec.search_space, "seeds", f"mean {spec.metric}",
+                                                        "95 % interval", "overlaps best"],
+                    [[*(_fmt(st[k]) for k in spec.search_space), str(st["seeds"]), f"{st['mean']:.4f}",
+                      "–" if st["ci95"] is None else f"[{st['ci95'][0]:.4f}, {st['ci95'][1]:.4f}]",
+                      {True: "yes", False: "no", None: "–"}[st["overlaps_best"]]] for st in res.settings])
     if res.best is not None:
         best = ", ".join(f"{k}={_fmt(res.best[k])}" for k in spec.search_space)
         over = f", mean of {res.best['replicates']} seeds" if res.best.get("replicates") else ""

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from tanbr_ray.sim.config import SimConfig, apply_overrides
+from tanbr_ray.stats import t_interval
 from tanbr_ray.tune.config import TuneSpec, override
 from tanbr_ray.tune.trainable import FINAL_FIELDS, run_trial
 
@@ -34,6 +35,7 @@ class SweepResult:
     files: dict[str, Path] = field(default_factory=dict)
     wall_seconds: float = 0.0
     wandb_runs: int = 0
+    settings: list[dict] = field(default_factory=list)  # settings_summary: mean and interval over seeds
 
 
 def _moe_raw(spec: TuneSpec) -> dict | None:
@@ -138,8 +140,9 @@ def run_sweep(spec: TuneSpec, sim_raw: dict, config_dir: Path = Path("."), out: 
 
             ray.shutdown()
     best = _best(rows, spec)
-    result = SweepResult(rows, best, out_dir, wall_seconds=wall)
+    result = SweepResult(rows, best, out_dir, wall_seconds=wall, settings=settings_summary(rows, spec))
     result.files["trials"] = _write_csv(rows, spec, out_dir / "trials.csv")
+    result.files["settings"] = _write_settings(result.settings, spec, out_dir / "settings.csv")
     if best is not None:
         result.files["best_config"] = _write_best(best, spec, sim_raw, out_dir / "best_config.yaml")
     result.files.update(_plots(rows, curves, spec, out_dir))
@@ -175,23 +178,43 @@ def _value(row: dict, spec: TuneSpec) -> float:
     return float(v) if spec.mode == "max" else -float(v)
 
 
-def _best(rows: list[dict], spec: TuneSpec) -> dict | None:
-    """Best completed trial (a trial stopped early has seen fewer slots: not comparable); else best of all.
+def _pool(rows: list[dict], spec: TuneSpec) -> list[dict]:
+    """Completed trials (a trial stopped early has seen fewer slots: not comparable); else all that reported."""
+    return [r for r in rows if r["completed"]] or [r for r in rows if r.get(spec.metric) is not None]
 
-    With `seeds`, points are ranked by their mean over seeds: the best single (point, seed) pair would
-    mostly reward a lucky workload. The returned row then carries the mean and no seed."""
-    pool = [r for r in rows if r["completed"]] or [r for r in rows if r.get(spec.metric) is not None]
+
+def settings_summary(rows: list[dict], spec: TuneSpec) -> list[dict]:
+    """Per setting of the search space: the metric's mean over its seeds with a 95 % Student-t
+    interval, best first. `overlaps_best` marks the settings whose interval overlaps the best one's:
+    these seeds cannot tell them apart (None while an interval needs a second seed)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in _pool(rows, spec):
+        if math.isfinite(_value(r, spec)):
+            groups.setdefault(tuple(repr(r[k]) for k in spec.search_space), []).append(r)
+    out = []
+    for members in groups.values():
+        mean, ci = t_interval([float(r[spec.metric]) for r in members])
+        out.append({**{k: members[0][k] for k in spec.search_space}, "seeds": len(members), "mean": mean,
+                    "ci95": list(ci) if ci else None, "trials": [r["trial_id"] for r in members]})
+    out.sort(key=lambda st: -st["mean"] if spec.mode == "max" else st["mean"])
+    for st in out:
+        a, b = st["ci95"], out[0]["ci95"]
+        st["overlaps_best"] = None if a is None or b is None else bool(a[1] >= b[0] and a[0] <= b[1])
+    return out
+
+
+def _best(rows: list[dict], spec: TuneSpec) -> dict | None:
+    """The best trial; with `seeds`, the setting with the best mean over seeds (the best single
+    (point, seed) pair would mostly reward a lucky workload), carrying that mean and no seed."""
+    pool = _pool(rows, spec)
     if not pool:
         return None
     if not spec.seeds:
         return max(pool, key=lambda r: _value(r, spec))
-    groups: dict[tuple, list[dict]] = {}
-    for r in pool:
-        groups.setdefault(tuple(repr(r[k]) for k in spec.search_space), []).append(r)
-    members = max(groups.values(), key=lambda g: sum(_value(r, spec) for r in g) / len(g))
-    best = dict(members[0])
-    best[spec.metric] = sum(float(r[spec.metric]) for r in members) / len(members)
-    best["seed"], best["replicates"] = None, len(members)
+    top = settings_summary(rows, spec)[0]
+    best = dict(next(r for r in pool if r["trial_id"] in top["trials"]))
+    best[spec.metric] = top["mean"]
+    best["seed"], best["replicates"] = None, top["seeds"]
     return best
 
 
@@ -207,6 +230,17 @@ def _write_csv(rows: list[dict], spec: TuneSpec, path: Path) -> Path:
         w.writeheader()
         for r in ranked(rows, spec):
             w.writerow(r)
+    return path
+
+
+def _write_settings(settings: list[dict], spec: TuneSpec, path: Path) -> Path:
+    """settings.csv: one row per setting, best first, with its mean and 95 % interval over seeds."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*spec.search_space, "seeds", f"{spec.metric}_mean", "ci95_low", "ci95_high", "overlaps_best"])
+        for st in settings:
+            ci = st["ci95"] or [None, None]
+            w.writerow([*(st[k] for k in spec.search_space), st["seeds"], st["mean"], *ci, st["overlaps_best"]])
     return path
 
 

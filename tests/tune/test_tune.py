@@ -183,6 +183,22 @@ def test_best_point_with_seeds_is_the_mean_over_seeds():
     assert best["seed"] is None and best["replicates"] == 2
 
 
+def test_settings_carry_their_interval_over_seeds_and_whether_it_overlaps_the_best():
+    from tanbr_ray.tune.config import TuneSpec
+    from tanbr_ray.tune.sweep import settings_summary
+
+    spec = TuneSpec(search_space={"tanbr.tree.rho": {"grid": [0.3, 0.5, 0.9]}}, seeds=[0, 1, 2])
+    scores = {0.3: (0.60, 0.61, 0.62), 0.5: (0.59, 0.62, 0.60), 0.9: (0.50, 0.51, 0.52)}
+    rows = [dict(trial_id=f"{rho}-{s}", completed=True, seed=s, running_score=v, **{"tanbr.tree.rho": rho})
+            for rho, vs in scores.items() for s, v in enumerate(vs)]
+    st = settings_summary(rows, spec)
+    assert [x["tanbr.tree.rho"] for x in st] == [0.3, 0.5, 0.9] and st[0]["seeds"] == 3
+    assert st[0]["mean"] == pytest.approx(0.61) and st[0]["ci95"] == pytest.approx([0.61 - 0.02484, 0.61 + 0.02484], abs=1e-4)
+    assert [x["overlaps_best"] for x in st] == [True, True, False]  # 0.5 is within noise of 0.3; 0.9 is not
+    one_seed = settings_summary(rows[:1], spec)
+    assert one_seed[0]["ci95"] is None and one_seed[0]["overlaps_best"] is None
+
+
 def test_interrupted_sweep_rows_for_trials_never_started():
     from types import SimpleNamespace
 
