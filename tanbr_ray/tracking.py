@@ -99,8 +99,10 @@ def log_simulation(
     project: str = "tanbr-ray",
     group: str | None = None,
     mode: str | None = None,
+    seed: int | None = None,
 ) -> list[str]:
-    """Log one W&B run per policy under `out_dir/wandb`; returns each run's local directory.
+    """Log one W&B run per policy under `out_dir/wandb` (named `<policy>-seed<seed>` when `seed` is
+    given: one run per policy and seed of a multi-seed job); returns each run's local directory.
 
     Offline run directories can be uploaded later with `wandb sync DIR`. Mode 'disabled' returns []
     without importing or starting wandb at all.
@@ -132,7 +134,7 @@ def log_simulation(
         policy_summary = out.summary.get("policies", {}).get(name, {})
         with wandb.init(
             project=project,
-            name=name,
+            name=name if seed is None else f"{name}-seed{seed}",
             group=group,
             job_type="simulate",
             config={**out.config, "policy": name},

@@ -117,7 +117,10 @@ def simulate(
         for st in r["replicas_status"]:
             typer.echo(f"  replica {st['replica']} ({st['class']}): {len(st['nodes'])} nodes, models "
                        f"{st['resident_bytes'] / 2**20:.0f} MiB, peak RSS {st['peak_rss_bytes'] / 2**20:.0f} MiB")
-    runs = log_simulation(result, cfg.out, group=cfg.name, mode=cfg.wandb)
+    runs = []  # every seed's policies, each seed's runs beside its own results
+    for sd, o in zip(seeds, outs):
+        where = cfg.out if len(outs) == 1 else Path(cfg.out) / f"seed-{sd}"
+        runs += log_simulation(o, where, group=cfg.name, mode=cfg.wandb, seed=None if len(outs) == 1 else sd)
     if runs:
-        typer.echo(f"W&B: {len(runs)} runs logged under {Path(cfg.out) / 'wandb'}")
+        typer.echo(f"W&B: {len(runs)} runs logged ({len(outs)} seed(s)) under {Path(cfg.out)}")
     typer.echo(f"results: {Path(cfg.out).resolve()} ({', '.join(sorted(p.name for p in paths.values()))})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -84,6 +85,19 @@ def test_log_simulation_offline_one_run_per_policy(tmp_path):
         assert plots == ["choices", "latency", "regret", "score"]
         table = next(iter((media / "table").glob("policies_*.table.json"))).read_text()
         assert all(name in table for name in out.series)
+
+
+def test_every_seed_of_a_multi_seed_job_gets_its_own_runs(tmp_path):
+    """`tanbr simulate seeds=2` logs each seed's policies, named by seed, beside that seed's results."""
+    dirs = []
+    for seed in (0, 1):
+        out, res = make_output(seed), tmp_path / f"seed-{seed}"
+        write_results(out, res)
+        dirs += log_simulation(out, res, project="tanbr-test", group="grp-seeds", mode="offline", seed=seed)
+    assert len(dirs) == 6
+    for seed in (0, 1):
+        logs = [next(iter(Path(d).glob("run-*.wandb"))).read_bytes() for d in dirs if f"seed-{seed}" in d]
+        assert len(logs) == 3 and all(f"-seed{seed}".encode() in data for data in logs)
 
 
 def test_log_simulation_disabled_creates_nothing(tmp_path):
