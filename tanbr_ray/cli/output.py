@@ -23,6 +23,11 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]
 
 
 def write_json(path: str | Path, obj) -> None:
-    """A command's results, written atomically (numpy scalars as floats), and where they went."""
+    """A command's results, written atomically (numpy scalars as floats) with their provenance (code,
+    packages, hardware, date) unless they carry their own, and where they went."""
+    from tanbr_ray.provenance import provenance
+
+    if isinstance(obj, dict) and "provenance" not in obj:
+        obj = {**obj, "provenance": provenance()}
     atomic_write_bytes(path, json.dumps(obj, indent=1, default=float).encode())
     typer.echo(f"wrote {path}")

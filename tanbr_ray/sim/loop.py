@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from tanbr_ray.moe.data import NUM_LABELS, load_task, resolve_data_dir
 from tanbr_ray.moe.store import model_identity
+from tanbr_ray.provenance import provenance
 from tanbr_ray.moe.infer import interleaved_latency, mode_forward
 from tanbr_ray.router import Policy, TaskMonitor, registry
 from tanbr_ray.simplex import psi_family, random_points
@@ -681,6 +682,7 @@ def run_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None, progress: bo
         "batch_ms": {m: dict(zip(map(str, SERVICE_BATCHES), v)) for m, v in sim.costs.batch_ms.items()},
         "monitor_error_tv": sim.monitor_error(),
         "best_fixed_x": {node: x.round(6).tolist() for node, x in best_x.items()},
+        "provenance": provenance(wall, cfg.bf16),
     })
     return SimOutput(summary, series, sim.tasks, [f"expert:{t}" for t in sim.tasks], [n for n, _ in sim.nodes],
                      {n: c.name for n, c in sim.nodes}, sim.wl.mix_changes, cfg.slot_seconds,

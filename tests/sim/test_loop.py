@@ -425,6 +425,10 @@ def test_results_state_their_model_and_data(result, tiny_moe):
     assert s["data"]["examples"] == {t: 12 for t in tiny_moe.tasks}
     assert s["data"]["pool_sha256"] == PoolEvaluator(tiny_moe, pool).data_identity()["pool_sha256"]
     assert set(s["data"]["labels_sha256"]) == set(tiny_moe.tasks) and len(s["fingerprint"]) == 16
+    p = s["provenance"]
+    assert p["versions"]["torch"] == torch.__version__ and p["bf16"] is False and p["wall_seconds"] > 0
+    assert p["git_commit"] == "unknown" or len(p["git_commit"].split("+")[0]) == 40
+    assert p["device"] == ("cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0)) and p["date"]
     line = provenance_line(s)
     assert s["fingerprint"] in line and s["model"]["weights_sha256"][:12] in line and "12 dev examples" in line
 
