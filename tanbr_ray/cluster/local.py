@@ -7,6 +7,7 @@ Every node advertises 127.0.0.1, so no cluster traffic leaves the loopback inter
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from tanbr_ray.cluster.names import CONTROL_RESOURCE, HEAD_RESOURCE, LOOPBACK, MERGER_RESOURCE, NAMESPACE, edge_resource
 from tanbr_ray.sim.fleet import Fleet
 
+log = logging.getLogger(__name__)
 RUNNING: list = []  # the local cluster this process started (fault injection removes its machines)
 OBJECT_STORE_MB = 512  # per node; the head holds every published version, replicas map theirs zero-copy
 
@@ -41,6 +43,19 @@ def machine_env(root: str, node: str) -> dict[str, str]:
     return {"HOME": home, "TANBR_MODELS_DIR": os.path.join(home, "models")}
 
 
+def _start_head(cluster_cls, head_args: dict, attempts: int = 3):
+    """The head node. Ray waits a fixed 30 s for a new node to answer this process's GCS client; on a
+    loaded 2-core host that wait ran out twice in six full test runs here ("RPC error: Deadline
+    Exceeded" with the GCS up and the raylet registered), so a head that misses it is started again."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return cluster_cls(initialize_head=True, head_node_args=head_args)
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            log.warning("Ray head missed Ray's start-up wait (attempt %d of %d): starting it again", attempt, attempts)
+
+
 @contextmanager
 def local_cluster(fleet: Fleet, head_cpus: int = 2, object_store_mb: int = OBJECT_STORE_MB):
     """Start head + one node per class, connect this process, yield the Cluster; tear it all down.
@@ -53,7 +68,7 @@ def local_cluster(fleet: Fleet, head_cpus: int = 2, object_store_mb: int = OBJEC
     pin_loopback()
     store = object_store_mb * 2**20
     root = tempfile.mkdtemp(prefix="tanbr-nodes-")
-    cluster = Cluster(initialize_head=True, head_node_args={
+    cluster = _start_head(Cluster, {
         "num_cpus": head_cpus, "resources": {HEAD_RESOURCE: 1, CONTROL_RESOURCE: 1, MERGER_RESOURCE: 1},
         "object_store_memory": 2 * store, "env_vars": machine_env(root, "head"),
         "include_dashboard": False, "node_ip_address": LOOPBACK})
