@@ -43,49 +43,57 @@ def machine_env(root: str, node: str) -> dict[str, str]:
     return {"HOME": home, "TANBR_MODELS_DIR": os.path.join(home, "models")}
 
 
-def _start_head(cluster_cls, head_args: dict, attempts: int = 3):
-    """The head node. Ray waits a fixed 30 s for a new node to answer this process's GCS client; on a
-    loaded 2-core host that wait ran out twice in six full test runs here ("RPC error: Deadline
-    Exceeded" with the GCS up and the raylet registered), so a head that misses it is started again."""
-    for attempt in range(1, attempts + 1):
+STARTS = 3  # attempts at starting the cluster (see `_start`)
+
+
+def _start(fleet: Fleet, head_cpus: int, store: int, root: str):
+    """Head, a second control machine and one machine per edge class, each with its own directories.
+
+    Ray waits a fixed 30 s for each new node to answer this process's GCS client. On this loaded
+    2-core host that wait ran out twice in six full test runs ("RPC error: Deadline Exceeded", the
+    previous module's cluster still shutting down), so a start that misses it is torn down and the
+    whole cluster started again (a raylet left from the failed try cannot join the new GCS)."""
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(1, STARTS + 1):
+        cluster = Cluster()
         try:
-            return cluster_cls(initialize_head=True, head_node_args=head_args)
+            cluster.node_dirs, cluster.machines = {}, {}
+            cluster.storage = os.path.join(root, "storage")  # what every node reads: the stand-in for NFS or s3://
+            machines = [("head", {"num_cpus": head_cpus, "include_dashboard": False,  # the first added is the head
+                                  "resources": {HEAD_RESOURCE: 1, CONTROL_RESOURCE: 1, MERGER_RESOURCE: 1},
+                                  "object_store_memory": 2 * store})]
+            # a second control machine: the standby lives off the leader's, and losing either loses no edge node
+            machines += [("control", {"num_cpus": 1, "resources": {CONTROL_RESOURCE: 1}, "object_store_memory": store})]
+            machines += [(c.name, {"num_cpus": max(1, math.ceil(c.count * c.replica_cpus)),
+                                   "resources": {edge_resource(c.name): c.count}, "object_store_memory": store})
+                         for c in fleet.classes]
+            for name, opts in machines:
+                cluster.node_dirs[name] = os.path.join(root, name)
+                node = cluster.add_node(**opts, env_vars=machine_env(root, name), node_ip_address=LOOPBACK)
+                cluster.machines[node.node_id] = name
+            cluster.wait_for_nodes()
+            return cluster
         except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
-            if "timed out during startup" not in str(exc) or attempt == attempts:
+            cluster.shutdown()
+            if "timed out during startup" not in str(exc) or attempt == STARTS:
                 raise
-            log.warning("Ray head missed Ray's start-up wait (attempt %d of %d): starting it again", attempt, attempts)
+            log.warning("a Ray node missed Ray's start-up wait (attempt %d of %d): starting the cluster again",
+                        attempt, STARTS)
 
 
 @contextmanager
 def local_cluster(fleet: Fleet, head_cpus: int = 2, object_store_mb: int = OBJECT_STORE_MB):
-    """Start head + one node per class, connect this process, yield the Cluster; tear it all down.
+    """Start the machines (`_start`), connect this process, yield the Cluster; tear it all down.
     Each node gets its own home and models cache (`Cluster.node_dirs`), so nothing is shared between
     them but Ray and the storage locations the app is given: a model cached here is not on them."""
     import ray
-    from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     pin_loopback()
-    store = object_store_mb * 2**20
     root = tempfile.mkdtemp(prefix="tanbr-nodes-")
-    cluster = _start_head(Cluster, {
-        "num_cpus": head_cpus, "resources": {HEAD_RESOURCE: 1, CONTROL_RESOURCE: 1, MERGER_RESOURCE: 1},
-        "object_store_memory": 2 * store, "env_vars": machine_env(root, "head"),
-        "include_dashboard": False, "node_ip_address": LOOPBACK})
-    cluster.node_dirs = {"head": os.path.join(root, "head")}
-    cluster.storage = os.path.join(root, "storage")  # what every node reads: the stand-in for NFS or s3://
-    cluster.machines = {cluster.head_node.node_id: "head"}
+    cluster = _start(fleet, head_cpus, object_store_mb * 2**20, root)
     try:
-        # a second control machine: the standby lives off the leader's, and losing either loses no edge node
-        machines = [("control", {"num_cpus": 1, "resources": {CONTROL_RESOURCE: 1}})]
-        machines += [(c.name, {"num_cpus": max(1, math.ceil(c.count * c.replica_cpus)),
-                               "resources": {edge_resource(c.name): c.count}}) for c in fleet.classes]
-        for name, opts in machines:
-            cluster.node_dirs[name] = os.path.join(root, name)
-            node = cluster.add_node(**opts, object_store_memory=store, env_vars=machine_env(root, name),
-                                    node_ip_address=LOOPBACK)
-            cluster.machines[node.node_id] = name
-        cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
         RUNNING.append(cluster)
         yield cluster

@@ -28,22 +28,40 @@ def test_a_cluster_without_the_roles_resources_is_refused_with_them_named(bare, 
         check_cluster(1, [])  # one decision actor fits; the mergers still have nowhere to go
 
 
-def test_a_head_that_misses_rays_start_up_wait_is_started_again():
-    from tanbr_ray.cluster.local import _start_head
+def test_a_cluster_whose_node_misses_rays_start_up_wait_is_started_again(monkeypatch, fleet):
+    """Ray waits a fixed 30 s for a new node; a start that misses it is torn down and started again."""
+    from ray import cluster_utils
 
-    calls = []
+    from tanbr_ray.cluster import local
+
+    starts, shutdowns = [], []
 
     class Flaky:
-        def __init__(self, initialize_head, head_node_args):
-            calls.append(head_node_args)
-            if len(calls) == 1:
+        def __init__(self):
+            self.nodes = 0
+
+        def add_node(self, **opts):
+            self.nodes += 1
+            starts.append(opts)
+            if len(starts) == 2:  # the first try's second machine misses the wait
                 raise Exception("The current node timed out during startup. This could happen because ...")
+            return type("Node", (), {"node_id": f"n{len(starts)}"})()
 
-    assert isinstance(_start_head(Flaky, {"num_cpus": 1}), Flaky) and len(calls) == 2
+        def wait_for_nodes(self):
+            pass
 
-    class Broken:
-        def __init__(self, initialize_head, head_node_args):
+        def shutdown(self):
+            shutdowns.append(self.nodes)
+
+    monkeypatch.setattr(cluster_utils, "Cluster", Flaky)
+    c = local._start(fleet, 1, 2**20, "/tmp/tanbr-test-start")
+    assert shutdowns == [2] and c.nodes == 2 + len(fleet.classes)  # head, control, one per class
+    assert sorted(c.machines.values()) == sorted(["head", "control", *(k.name for k in fleet.classes)])
+
+    class Broken(Flaky):
+        def add_node(self, **opts):
             raise Exception("port in use")
 
+    monkeypatch.setattr(cluster_utils, "Cluster", Broken)
     with pytest.raises(Exception, match="port in use"):
-        _start_head(Broken, {})
+        local._start(fleet, 1, 2**20, "/tmp/tanbr-test-start")
