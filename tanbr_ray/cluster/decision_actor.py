@@ -48,6 +48,7 @@ class DecisionActor:
         t0 = time.perf_counter()
         self.spec, self.meta, self.fleet = RouterSpec(**spec), ModelMeta(**meta), Fleet(**fleet)
         self.name, self.index = decision_name(router_name, index), index
+        self.router_name, self.actors = router_name, actors
         self.others = [decision_name(router_name, i) for i in range(actors) if i != index]
         self.pool = MergerPool(router_name, self.spec.mergers)
         # {"slot_seconds", "app", "edges": [deployment names]}; slot_seconds 0 or no live: slots driven by calls
@@ -81,7 +82,6 @@ class DecisionActor:
         self._step_lock = asyncio.Lock()
         asyncio.run_coroutine_threadsafe(self._supervise(), self.loop).add_done_callback(_log_failure)
         if live:
-            self._router = (router_name, actors)
             asyncio.run_coroutine_threadsafe(self._follow_app(), self.loop).add_done_callback(_log_failure)
 
     # --- plumbing ---------------------------------------------------------------------------------
@@ -118,8 +118,7 @@ class DecisionActor:
             await asyncio.sleep(lifecycle.CHECK_S)
             listed = await asyncio.get_running_loop().run_in_executor(None, lifecycle.app_listed, self.live["app"])
             seen, gone = seen or listed, 0 if listed or not seen else gone + 1
-        router_name, actors = self._router
-        lifecycle.end_router(router_name, actors, self.spec.mergers, spare=self.name,
+        lifecycle.end_router(self.router_name, self.actors, self.spec.mergers, spare=self.name,
                              group=ray.util.get_current_placement_group())
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 

@@ -478,6 +478,14 @@ def _without(split: TaskSplit, part: TaskSplit) -> TaskSplit:
     return split.subset(keep)
 
 
+def load_cached(cfg: MoEConfig, directory: Path) -> tuple[TaskMoE, dict]:
+    """A cached model (verified by `load_moe`) ready to serve `cfg`: its tokenizer and merge settings."""
+    moe, _, meta = load_moe(directory, resolve_device(cfg.device))
+    attach_tokenizer(moe, cfg)
+    moe.merge_operator, moe.regmean_alpha = cfg.merge_operator, cfg.regmean_alpha
+    return moe, meta
+
+
 def load_or_build_info(
     cfg: MoEConfig | None = None, models_dir=None, progress: bool = True, data_dir=None, rebuild: bool = False
 ) -> BuiltMoE:
@@ -486,9 +494,7 @@ def load_or_build_info(
     cfg = cfg or default_config()
     d = Path(models_dir or default_models_dir()) / cfg.cache_dirname()
     if (d / CONFIG).exists() and not rebuild:
-        moe, _, meta = load_moe(d, resolve_device(cfg.device))
-        attach_tokenizer(moe, cfg)
-        moe.merge_operator, moe.regmean_alpha = cfg.merge_operator, cfg.regmean_alpha
+        moe, meta = load_cached(cfg, d)
         return BuiltMoE(moe, d, meta.get("build", {}))
     moe, stats = build_moe(cfg, data_dir, progress)
     moe.merge_operator, moe.regmean_alpha = cfg.merge_operator, cfg.regmean_alpha

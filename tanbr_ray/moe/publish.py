@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from tanbr_ray.fileio import open_storage
-from tanbr_ray.moe.config import MoEConfig, default_models_dir, resolve_device
+from tanbr_ray.moe.config import MoEConfig, default_models_dir
 from tanbr_ray.moe.store import CONFIG, FORMAT, load_moe, read_meta
 
 
@@ -97,7 +97,7 @@ def load_model(cfg: MoEConfig, models_dir: str | os.PathLike | None = None, sour
     Build precision is the builder's choice (the presets build in bf16 where the hardware has bf16
     units), and it is part of the cache key; so that a process finds the model whatever device it
     sees, the same settings built at the other precision are accepted when the asked one is absent."""
-    from tanbr_ray.moe.build import attach_tokenizer
+    from tanbr_ray.moe.build import load_cached
 
     cache = Path(models_dir or default_models_dir())
     variants = [cfg, cfg.model_copy(update={"bf16": not cfg.bf16})]
@@ -122,7 +122,4 @@ def load_model(cfg: MoEConfig, models_dir: str | os.PathLike | None = None, sour
             raise ValueError(f"model {cfg.cache_dirname()}: not in this machine's cache ({cache}) nor published "
                              f"at {source} ({'; '.join(errors)})")
         how = "fetched"
-    moe, _, _ = load_moe(cache / found.cache_dirname(), resolve_device(found.device))
-    attach_tokenizer(moe, found)
-    moe.merge_operator, moe.regmean_alpha = found.merge_operator, found.regmean_alpha
-    return moe, how
+    return load_cached(found, cache / found.cache_dirname())[0], how

@@ -123,9 +123,12 @@ class SimConfig(BaseModel):
         return v
 
 
+EMBEDDED = {"default": DEFAULT_CONFIG, "quick": QUICK_CONFIG}
+
+
 def scenario_path(name: str | Path) -> Path:
     """An embedded scenario by name (`default`, `quick`) or a simulation YAML by path."""
-    return {"default": DEFAULT_CONFIG, "quick": QUICK_CONFIG}.get(str(name), Path(name))
+    return EMBEDDED.get(str(name), Path(name))
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
@@ -146,9 +149,6 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
         except yaml.YAMLError as exc:
             raise ValueError(f"override {item!r}: value is not valid YAML ({exc})") from exc
     return out
-
-
-EMBEDDED = {"default": DEFAULT_CONFIG, "quick": QUICK_CONFIG}
 
 
 def scenario_raw(source: str | Path = "default", _inside: tuple[Path, ...] = ()) -> dict:

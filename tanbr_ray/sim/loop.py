@@ -37,9 +37,9 @@ import torch
 from tqdm.auto import tqdm
 
 from tanbr_ray.moe.data import NUM_LABELS, load_task, resolve_data_dir
+from tanbr_ray.moe.infer import interleaved_latency, mode_forward
 from tanbr_ray.moe.store import model_identity
 from tanbr_ray.provenance import provenance
-from tanbr_ray.moe.infer import interleaved_latency, mode_forward
 from tanbr_ray.router import Policy, TaskMonitor, registry
 from tanbr_ray.simplex import psi_family, random_points
 from tanbr_ray.sim.config import SimConfig

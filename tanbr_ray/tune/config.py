@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tanbr_ray.fileio import read_yaml_mapping
-from tanbr_ray.sim.config import DEFAULT_CONFIG, QUICK_CONFIG, SimConfig, apply_overrides, scenario_raw
+from tanbr_ray.sim.config import EMBEDDED, SimConfig, apply_overrides, scenario_raw
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
 # Reported after every slot, so ASHA can compare trials at any milestone.
@@ -143,10 +143,8 @@ class TuneSpec(BaseModel):
 
     # --- resolved views -------------------------------------------------------------------
     def base_path(self, config_dir: Path) -> Path:
-        if self.base == "quick":
-            return QUICK_CONFIG
-        if self.base == "default":
-            return DEFAULT_CONFIG
+        if self.base in EMBEDDED:
+            return EMBEDDED[self.base]
         p = Path(self.base).expanduser()
         return p if p.is_absolute() else config_dir / p
 

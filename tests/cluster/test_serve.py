@@ -86,22 +86,18 @@ def test_replicas_are_pinned_to_their_class_nodes(url):
         assert "tanbr_head" not in resources[r["ray_node"]]
 
 
-def _node_of(actor) -> str:
-    return ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
-
-
 def test_every_actor_runs_on_a_machine_carrying_its_role(url):
     """Read back from Ray: decision actors on `tanbr_control` machines, leader and standby apart;
     mergers on `tanbr_merger`; the ingress on `tanbr_head`."""
     resources = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-    decision = [_node_of(ray.get_actor(decision_name(ROUTER, i), namespace=NAMESPACE)) for i in range(2)]
+    decision = [fi.node_of(ray.get_actor(decision_name(ROUTER, i), namespace=NAMESPACE)) for i in range(2)]
     assert len(set(decision)) == 2 and all(resources[n].get("tanbr_control", 0) > 0 for n in decision)
     for i in range(2):
-        assert resources[_node_of(ray.get_actor(merger_name(ROUTER, i), namespace=NAMESPACE))].get("tanbr_merger", 0) > 0
+        assert resources[fi.node_of(ray.get_actor(merger_name(ROUTER, i), namespace=NAMESPACE))].get("tanbr_merger", 0) > 0
     ingress = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Ingress" in a["name"]]
     assert ingress
     for a in ingress:
-        node = _node_of(ray.get_actor(a["name"], namespace=a["namespace"]))
+        node = fi.node_of(ray.get_actor(a["name"], namespace=a["namespace"]))
         assert resources[node].get("tanbr_head", 0) > 0
 
 
