@@ -1,7 +1,7 @@
 """Where a result came from, recorded with it: code, packages, hardware, precision, date.
 
 Every results and benchmark JSON carries this, so a figure never needs prose to say which machine or
-build made it; the model and data hashes sit beside it (`sim.loop.run_identity`)."""
+build made it; the model and data hashes sit beside it (`sim.summary.run_identity`)."""
 
 from __future__ import annotations
 

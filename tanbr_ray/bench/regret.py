@@ -15,7 +15,6 @@ import torch
 from tqdm.auto import tqdm
 
 from tanbr_ray.router import Policy, Tanbr, TanbrConfig, registry
-from tanbr_ray.router.registry import ROUTER_POLICIES as POLICIES
 from tanbr_ray.router.synthetic import SyntheticConfig, SyntheticEnv
 from tanbr_ray.stats import loglog_slope
 ENVS = ("stationary", "drifting", "switching")
@@ -45,15 +44,15 @@ def run_one(name: str, env_cfg: SyntheticConfig, tanbr: TanbrConfig | None = Non
 
 
 def run(rounds: int = 2000, seeds: int = 5, schedule: str = "stationary",
-        policies: Sequence[str] = POLICIES, num_experts: int = 8, num_tasks: int = 8,
+        policies: Sequence[str] | None = None, num_experts: int = 8, num_tasks: int = 8,
         budget: int = 8, noise: float = 0.05, tanbr: TanbrConfig | None = None,
         progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
     """Returns (JSON-ready results, per-policy cumulative-regret curves of shape (seeds, rounds))."""
     if schedule not in ENVS:
         raise ValueError(f"env: unknown schedule {schedule!r}; choose from {', '.join(ENVS)}")
+    policies = registry.names("picks_x") if policies is None else policies
     for name in policies:
-        if name not in POLICIES:
-            raise ValueError(f"policies: unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+        registry.info(name, "picks_x")
     torch.set_num_threads(1)  # tiny MLPs: threading overhead dominates
     base = SyntheticConfig(num_experts=num_experts, num_tasks=num_tasks, budget=budget,
                            schedule=schedule, rounds=rounds, noise=noise)

@@ -9,6 +9,7 @@ import typer
 
 from tanbr_ray.cli.app import bench_app
 from tanbr_ray.cli.output import print_table, write_json
+from tanbr_ray.router import registry
 
 
 @bench_app.command("regret")
@@ -16,8 +17,8 @@ def bench_regret(
     rounds: int = typer.Option(2000, min=10, help="Rounds T per run."),
     seeds: int = typer.Option(5, min=1, help="Seeds per policy."),
     env: str = typer.Option("stationary", help="Task-mix schedule: stationary, drifting, switching."),
-    policies: str = typer.Option("Tanbr,Nucb,HOO,Random,Uniform,psi-merge,Oracle",
-                                 help="Comma-separated policy names."),
+    policies: Optional[str] = typer.Option(None, help="Comma-separated policy names; default every policy that "
+                                           "picks x (the registry's)."),
     experts: int = typer.Option(8, min=2, help="K experts."),
     tasks: int = typer.Option(8, min=1, help="V task types."),
     budget: int = typer.Option(8, min=1, help="B: non-zero merging weights allowed."),
@@ -28,7 +29,7 @@ def bench_regret(
     """Cumulative regret of router policies on a synthetic landscape with a known optimum."""
     from tanbr_ray.bench import regret
 
-    names = [p.strip() for p in policies.split(",") if p.strip()]
+    names = None if policies is None else [p.strip() for p in policies.split(",") if p.strip()]
     try:
         out, curves = regret.run(rounds=rounds, seeds=seeds, schedule=env, policies=names,
                                  num_experts=experts, num_tasks=tasks, budget=budget)
@@ -40,7 +41,7 @@ def bench_regret(
     if "Tanbr" in out["policies"]:
         tan = out["policies"]["Tanbr"]["regret_mean"]
         ratios = {n: tan / r["regret_mean"] for n, r in out["policies"].items()
-                  if n not in ("Tanbr", "Oracle") and r["regret_mean"] > 0}
+                  if n != "Tanbr" and registry.POLICIES[n].kind != "reward argmax" and r["regret_mean"] > 0}
         out["tanbr_ratio"] = ratios
         typer.echo("Tanbr regret / other: " + ", ".join(f"{n} {v:.2f}" for n, v in ratios.items()))
     for t in out["select_timing"]:

@@ -39,7 +39,8 @@ def simulate(
     from tanbr_ray.moe.build import load_or_build_info
     from tanbr_ray.moe.store import weights_checksum
     from tanbr_ray.sim.config import DEFAULT_CONFIG, QUICK_CONFIG, load_config
-    from tanbr_ray.sim.loop import RECOVERY_TOLERANCE, run_simulation
+    from tanbr_ray.sim.loop import run_simulation
+    from tanbr_ray.sim.summary import RECOVERY_TOLERANCE
     from tanbr_ray.sim.report import format_paired, format_table, latency_ratios, provenance_line, write_results
     from tanbr_ray.sim.seeds import paired_section, run_seeds, seeds_section
     from tanbr_ray.tracking import log_simulation

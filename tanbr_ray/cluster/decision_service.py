@@ -35,8 +35,6 @@ from tanbr_ray.router.tanbr import Tanbr, TanbrConfig
 from tanbr_ray.sim.fleet import Fleet
 
 log = logging.getLogger(__name__)
-# policies whose whole state a checkpoint holds (the others draw from RNGs they do not persist)
-CHECKPOINTABLE = ("Tanbr", "Uniform", "psi-merge")
 HISTORY = 8  # slots whose (x, psi) are kept: live learning of a slot runs after the next one is decided
 
 
@@ -131,12 +129,12 @@ class DecisionService:
         self.checkpoint()
 
     def _reset(self, policy: str) -> None:
-        if policy not in registry.ROUTER_POLICIES or policy == "Oracle":
-            choices = [p for p in registry.ROUTER_POLICIES if p != "Oracle"]
-            raise ValueError(f"policy: {policy!r} is not a router policy; choose from {', '.join(choices)}")
-        if self.store is not None and policy not in CHECKPOINTABLE:
+        if policy not in registry.names("served"):
+            raise ValueError(f"policy: {policy!r} is not a router policy; choose from "
+                             f"{', '.join(registry.names('served'))}")
+        if self.store is not None and not registry.POLICIES[policy].checkpointable:
             raise ValueError(f"policy: {policy!r} cannot be checkpointed; with storage use one of "
-                             f"{', '.join(CHECKPOINTABLE)}")
+                             f"{', '.join(p for p in registry.names('served') if registry.POLICIES[p].checkpointable)}")
         self.policy_name = policy
         self.policy = registry.make_policy(policy, self.meta.num_experts, len(self.tasks), self.spec.seed,
                                            self.spec.tanbr, self.task_experts, tasks=self.tasks,

@@ -27,7 +27,10 @@ from tanbr_ray.cluster.push import PushResult, push, summarize
 from tanbr_ray.moe import MoEConfig
 from tanbr_ray.sim.config import SimConfig
 from tanbr_ray.sim.fleet import Fleet, load_fleet
-from tanbr_ray.sim.loop import STATIC_SPECS, Feedback, Simulation, run_simulation
+from tanbr_ray.router import registry
+from tanbr_ray.sim.loop import Simulation, run_simulation
+from tanbr_ray.sim.roles import Feedback
+from tanbr_ray.sim.spec import Spec
 from tanbr_ray.sim.output import SimOutput
 
 
@@ -37,11 +40,11 @@ class ActorRouter:
     def __init__(self, client: DecisionClient, timing: dict):
         self.client, self.timing = client, timing
 
-    def select_slot(self, t: int, psis: np.ndarray, budgets) -> np.ndarray:
+    def select_slot(self, t: int, psis: np.ndarray, budgets) -> list[Spec]:
         t0 = time.perf_counter()
         xs = np.asarray(self.client.call("decide", np.asarray(psis).tolist(), t))
         self.timing["select"] += time.perf_counter() - t0
-        return xs
+        return [Spec.merged(x) for x in xs]
 
     def update_slot(self, t: int, feedback: list[Feedback]) -> None:
         t0 = time.perf_counter()
@@ -136,7 +139,7 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         if model_source is None and cluster is not None:
             model_source = publish_model(cluster, moe_cfg, cfg.models_dir)
         serve.start(proxy_location="Disabled")
-        router_policies = [p for p in cfg.policies if p not in STATIC_SPECS]
+        router_policies = [p for p in cfg.policies if registry.POLICIES[p].picks_x]
         args = AppArgs(model=cfg.model, merge_operator=cfg.merge_operator, model_source=model_source, slot_seconds=0,
                        router=RouterSpec(policy=router_policies[0] if router_policies else "Tanbr", seed=cfg.seed,
                                          random_points=cfg.random_points, tanbr=cfg.tanbr, threads=cfg.threads, storage=storage),
@@ -151,7 +154,7 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         edge_of: dict[str, ServeEdge] = {}
 
         def backend(sim: Simulation, name: str):
-            if name in STATIC_SPECS:
+            if not registry.POLICIES[name].picks_x:
                 return None, None
             client.call("reset", name)
             edge_of[name] = ServeEdge(sim, client, edges, pushes, timing, name, faults, storage, args.router_name)

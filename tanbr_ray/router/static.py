@@ -1,4 +1,4 @@
-"""Policies that do not learn: Random, Uniform, psi-merge, and the Oracle that knows the rewards."""
+"""Policies that do not learn: Random, Uniform, psi-merge, and Best-x, which knows the rewards."""
 
 from __future__ import annotations
 
@@ -78,10 +78,10 @@ class PsiMergePolicy(_ExpertMassPolicy):
         return psi_family(self.expert_mass(psi), budget, powers=(1.0,), grid=self.grid)[1.0]
 
 
-class OraclePolicy(Policy):
+class BestXPolicy(Policy):
     """Knows the reward function: plays its argmax for the current psi (zero regret by definition)."""
 
-    name = "Oracle"
+    name = "Best-x"
 
     def __init__(self, num_experts: int, num_tasks: int,
                  optimum: Callable[[np.ndarray, int], np.ndarray]):

@@ -18,14 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tanbr_ray.fileio import deep_merge, read_yaml_mapping
 from tanbr_ray.moe.precision import native_bf16
+from tanbr_ray.router import registry
 from tanbr_ray.router.tanbr import TanbrConfig
 from tanbr_ray.sim.queueing import QueueConfig
 from tanbr_ray.sim.workload import SCHEDULES
 
 DEFAULT_CONFIG = Path(__file__).parent / "data" / "simulate_default.yaml"
 QUICK_CONFIG = Path(__file__).parent / "data" / "simulate_quick.yaml"
-POLICIES = ("Tanbr", "Switch-top1", "Switch-top2", "Soft", "Oracle", "Uniform", "psi-merge", "Nucb", "HOO",
-            "Fisher", "RegMean", "Random")
 
 
 class SimConfig(BaseModel):
@@ -62,7 +61,7 @@ class SimConfig(BaseModel):
     regret_finalists: int = Field(4, ge=1, le=1000, description="per node, the candidates with the best "
                                   "screened estimate that are then scored on all the node's requests; the one with "
                                   "the most credit there is the best fixed x in hindsight (1 = the screen's pick)")
-    policies: list[str] = Field(default_factory=lambda: list(POLICIES))
+    policies: list[str] = Field(default_factory=lambda: registry.names("simulation"))
     merge_operator: Literal["linear", "fisher", "regmean"] | None = Field(
         None, description="how every x-policy's x merges the experts; None = the model's own (MoEConfig.merge_operator)")
     tanbr: TanbrConfig = Field(default_factory=TanbrConfig)
@@ -117,9 +116,8 @@ class SimConfig(BaseModel):
     def _policies(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("need at least one policy")
-        bad = [p for p in v if p not in POLICIES]
-        if bad:
-            raise ValueError(f"unknown policy {bad}; choose from {', '.join(POLICIES)}")
+        for name in v:
+            registry.info(name, "simulation")
         return v
 
 

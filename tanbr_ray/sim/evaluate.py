@@ -28,6 +28,7 @@ from tanbr_ray.moe.infer import _to_pred
 from tanbr_ray.moe.metrics import glue_score, request_credit
 from tanbr_ray.moe.precision import bf16
 from tanbr_ray.sim.memo import DiskMemo, example_id
+from tanbr_ray.sim.spec import Spec
 
 # merged states kept (28 MB each in fp32, 14 under bf16): a slot's 9 nodes, the x they replay on the ψ
 # grid, and Random's 64 points, which the regret comparator's random candidates then reuse (at 48,
@@ -38,18 +39,7 @@ MAX_ROWS = 32  # rows per forward pass: batches of ~32 are the fastest per examp
 # 1 row of 16 tokens 16 ms, 32 rows x 128 tokens 0.19 ms per token — the weights stream from memory
 # once per pass), then time in proportion to rows x the widest row. `chunk_by_width` trades the two.
 CALL_TOKENS = 64
-# A model spec: ("merged", x bytes) | ("static", name) | ("oracle",) | ("top1",) | ("top2",)
-Spec = tuple
 Row = tuple  # (task, pool example index)
-
-
-def merged_spec(x: np.ndarray) -> Spec:
-    return ("merged", np.asarray(x, dtype=np.float64).tobytes())
-
-
-def spec_mode(spec: Spec) -> str:
-    """The TaskMoE forward mode a spec runs in."""
-    return "merged" if spec[0] in ("merged", "static") else spec[0]
 
 
 def chunk_by_width(widths: Sequence[int], call_tokens: int = CALL_TOKENS,
@@ -161,17 +151,16 @@ class PoolEvaluator:
     def _state(self, spec: Spec):
         """Merged FFN weights for a spec; a small LRU, since each one is as big as the dense FFNs
         (28 MB for MiniLM) and predictions, not weights, are what gets reused."""
-        if spec[0] not in ("merged", "static"):
+        if spec.mode != "merged":
             return None
         if spec in self._states:
             self._states.move_to_end(spec)
         else:
             t0 = time.perf_counter()
-            if spec[0] == "merged":
-                x = np.frombuffer(spec[1], dtype=np.float64).copy()
-                self._states[spec] = self.moe.merged_state(x, self.merge_operator)
+            if spec.kind == "merged":
+                self._states[spec] = self.moe.merged_state(spec.x, self.merge_operator)
             else:
-                self._states[spec] = self.moe.static_state(spec[1])
+                self._states[spec] = self.moe.static_state(spec.operator)
             if self.bf16:  # the casts autocast makes at every forward pass, made once (bit-identical)
                 self._states[spec] = {k: v.to(torch.bfloat16) if k in ("w1", "w2") else v
                                       for k, v in self._states[spec].items()}
@@ -192,7 +181,7 @@ class PoolEvaluator:
         if missing and self.disk is not None:
             keys = {r: self.disk.key(spec, self.ids[r[0]][r[1]]) for r in missing}
             found = {r: v for r in missing if (v := self.disk.get(keys[r])) is not None}
-            held = spec[0] != "merged" or spec in self._states
+            held = spec.kind != "merged" or spec in self._states
             self._verify(spec, {r: found[r] for r in found if self.check.pick(keys[r], held)})
             memo.update(found)
             self.disk_hits += len(found)
@@ -216,7 +205,7 @@ class PoolEvaluator:
         bad = [r for r in rows if not self.check.agrees(r[0], stored[r], logits[r])]
         if bad:
             t, i = bad[0]
-            raise MemoMismatch(f"{len(bad)} of {len(rows)} recomputed predictions of {spec[0]} disagree with the "
+            raise MemoMismatch(f"{len(bad)} of {len(rows)} recomputed predictions of {spec.kind} disagree with the "
                                f"memo (e.g. {t} pool example {i}: stored {stored[bad[0]]:g}, logits "
                                f"{[round(float(v), 4) for v in logits[bad[0]]]})")
 
@@ -249,7 +238,7 @@ class PoolEvaluator:
         receives each row's logits."""
         t0 = time.perf_counter()
         preds = {}
-        groups = [[r for r in rows if r[0] == t] for t in self.labels] if spec[0] == "oracle" else [rows]
+        groups = [[r for r in rows if r[0] == t] for t in self.labels] if spec.kind == "oracle" else [rows]
         for group in groups:
             widths = [self.width[t][i] for t, i in group]
             for s, e in chunk_by_width(widths):
@@ -267,7 +256,7 @@ class PoolEvaluator:
     def logits_rows(self, spec: Spec, rows: list[Row]) -> dict[str, tuple[list[int], torch.Tensor]]:
         """One forward pass over rows of one or more tasks: per task, (positions in rows, logits).
         The oracle's FFN is the task's expert, so its rows must share one task."""
-        if spec[0] == "oracle" and len({t for t, _ in rows}) > 1:
+        if spec.kind == "oracle" and len({t for t, _ in rows}) > 1:
             raise ValueError("oracle spec: one forward pass serves one task's rows only")
         width = max(self.width[t][i] for t, i in rows)
         h, mask = [], []
@@ -282,7 +271,7 @@ class PoolEvaluator:
             h.append(hb)
             mask.append(mb)
         h, mask = torch.stack(h), torch.stack(mask)
-        mode, state = spec_mode(spec), self._state(spec)
+        mode, state = spec.mode, self._state(spec)
         with bf16(h.device, enabled=self.bf16):
             pooled, use = self.moe.pooled_from_first_moe(h, mask, rows[0][0], mode, state=state)
             out = {}

@@ -63,8 +63,10 @@ class DiskMemo:
         self.refused: str | None = None
         self._load()
 
-    def key(self, spec: tuple, example: bytes) -> int:
-        return entry_key(self.salt, spec, example)
+    def key(self, spec, example: bytes) -> int:
+        """The entry of a `Spec`'s prediction for an example (by its parts, so keys do not depend on
+        how a spec is represented in memory)."""
+        return entry_key(self.salt, spec.parts(), example)
 
     def _load(self) -> None:
         if not self.path.exists() and not self.meta_path.exists():

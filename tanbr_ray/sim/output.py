@@ -10,6 +10,33 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+@dataclass(frozen=True)
+class PolicyResult:
+    """One policy's figures over a run (fractions; latency in ms; the regrets summed over slots)."""
+
+    credit: float
+    credit_second_half: float
+    score: float
+    score_second_half: float
+    scores: dict[str, float]
+    scores_second_half: dict[str, float]
+    latency_ms_p50: float
+    latency_ms_p95: float
+    latency_ms_p50_by_class: dict[str, float]
+    dropped_requests: int
+    backlog_end: int
+    resident_bytes: int
+    pushed_bytes: int
+    pushed_bytes_per_slot: float
+    push_seconds: float
+    wall_seconds_split: dict[str, float]
+    regret_vs_best_fixed: float
+    regret_vs_oracle: float
+    regret_slope: float | None
+    recovery_slots: list
+
+
+
 @dataclass
 class PolicySeries:
     """Per-slot traces of one policy over the run.
@@ -52,3 +79,4 @@ class SimOutput:
     slot_seconds: float
     config: dict  # the simulation config as a JSON-able dict
     true_mix: np.ndarray | None = None  # (slots, nodes, V) each node's true task mix
+    records: dict[str, PolicyResult] = field(default_factory=dict)  # the typed form of summary["policies"]

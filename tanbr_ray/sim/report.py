@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 
 from tanbr_ray.fileio import atomic_write_bytes, atomic_write_json
+from tanbr_ray.router import registry
 from tanbr_ray.sim.output import PolicySeries, SimOutput
 
 MB = 1e6  # decimal megabytes in every table and plot
@@ -135,7 +136,7 @@ def latency_ratios(summary: dict, policy: str = "Tanbr") -> list[str]:
     if policy not in pols or "ray" in summary:
         return []
     lines = []
-    for ref in ("Switch-top2", "Switch-top1"):
+    for ref in registry.switch_baselines():
         if ref not in pols:
             continue
         mine, theirs = pols[policy], pols[ref]

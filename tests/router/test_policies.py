@@ -6,7 +6,7 @@ from tanbr_ray.router import (HOOPolicy, NucbPolicy, PsiMergePolicy, RandomPolic
                               TreeConfig, UniformPolicy)
 from tanbr_ray.router.synthetic import SyntheticConfig, SyntheticEnv
 
-NAMES = ["Tanbr", "Nucb", "HOO", "Random", "Uniform", "psi-merge", "Oracle"]
+NAMES = ["Tanbr", "Nucb", "HOO", "Random", "Uniform", "psi-merge", "Best-x"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -12,10 +12,14 @@ from tanbr_ray.moe.config import TinyBase
 from tanbr_ray.moe.data import load_task
 from tanbr_ray.moe.infer import make_batches
 from tanbr_ray.moe.precision import native_bf16
-from tanbr_ray.sim.config import POLICIES, SimConfig, load_config
-from tanbr_ray.sim.evaluate import PoolEvaluator, merged_spec
+from tanbr_ray.router import registry
+from tanbr_ray.sim.config import SimConfig, load_config
+from tanbr_ray.sim.comparator import best_fixed_credit, fixed_candidates, selection_rows
+from tanbr_ray.sim.evaluate import PoolEvaluator
+from tanbr_ray.sim.spec import Spec
 from tanbr_ray.sim.fleet import Fleet, load_fleet
-from tanbr_ray.sim.loop import Simulation, host_costs, run_simulation
+from tanbr_ray.sim.costs import host_costs
+from tanbr_ray.sim.loop import Simulation, run_simulation
 from tanbr_ray.sim.report import latency_ratios, provenance_line, write_results
 from tanbr_ray.stats import recovery_slots
 
@@ -48,7 +52,7 @@ def result(tiny_moe):
 
 def test_every_policy_runs_and_reports(result):
     s = result.summary
-    assert set(s["policies"]) == set(POLICIES)
+    assert set(s["policies"]) == set(registry.names("simulation"))
     for name, r in s["policies"].items():
         assert 0.0 <= r["score"] <= 1.0, name
         assert set(r["scores"]) <= {"SST-2", "MNLI"}
@@ -56,7 +60,7 @@ def test_every_policy_runs_and_reports(result):
         assert set(r["latency_ms_p50_by_class"]) == {"board", "dc"}
         assert r["resident_bytes"] > 0 and r["pushed_bytes"] > 0 and r["push_seconds"] > 0
     assert s["policies"]["Oracle"]["regret_vs_oracle"] == 0.0
-    assert s["requests"] > 0 and s["requests_simulated"] == s["requests"] * len(POLICIES)
+    assert s["requests"] > 0 and s["requests_simulated"] == s["requests"] * len(registry.names("simulation"))
     # the full MoE is resident for routing policies; merged ones hold one FFN per layer
     assert s["policies"]["Switch-top2"]["resident_bytes"] > s["policies"]["Tanbr"]["resident_bytes"]
     assert s["policies"]["Soft"]["resident_bytes"] == s["policies"]["Switch-top1"]["resident_bytes"]
@@ -103,13 +107,13 @@ def test_service_times_are_measured_once_per_model_and_precision(tiny_moe):
     assert all(len(v) == 3 and min(v) > 0 for v in fp32.batch_ms.values())
 
 
-@pytest.mark.parametrize("spec_of", [lambda: merged_spec(np.array([0.3, 0.7])), lambda: ("top2",),
-                                     lambda: ("static", "regmean")])
+@pytest.mark.parametrize("spec_of", [lambda: Spec.merged(np.array([0.3, 0.7])), lambda: Spec("top2"),
+                                     lambda: Spec("static", operator="regmean")])
 def test_cached_subset_path_equals_full_forward(tiny_moe, spec_of):
     pool = {t: load_task(t, "dev").head(10, seed=0) for t in tiny_moe.tasks}
     ev = PoolEvaluator(tiny_moe, pool)
     spec = spec_of()
-    mode = "merged" if spec[0] in ("merged", "static") else spec[0]
+    mode = spec.mode
     state = ev._state(spec)
     subset = [7, 2, 5]
     for task in tiny_moe.tasks:
@@ -121,16 +125,16 @@ def test_cached_subset_path_equals_full_forward(tiny_moe, spec_of):
         assert torch.allclose(cached, full[[order[i] for i in subset]], atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [merged_spec(np.array([0.3, 0.7])), ("top1",), ("oracle",), ("static", "fisher")])
+@pytest.mark.parametrize("spec", [Spec.merged(np.array([0.3, 0.7])), Spec("top1"), Spec("oracle"), Spec("static", operator="fisher")])
 def test_mixed_task_rows_in_one_pass_equal_the_full_forward(tiny_moe, spec):
     pool = {t: load_task(t, "dev").head(10, seed=0) for t in tiny_moe.tasks}
     ev = PoolEvaluator(tiny_moe, pool)
     rows = [(tiny_moe.tasks[k % 2], i) for k, i in enumerate([7, 2, 5, 0, 9, 3])]
-    if spec[0] == "oracle":
+    if spec.kind == "oracle":
         with pytest.raises(ValueError, match="one task"):
             ev.logits_rows(spec, rows)
-    mode = "merged" if spec[0] in ("merged", "static") else spec[0]
-    groups = [[r for r in rows if r[0] == t] for t in tiny_moe.tasks] if spec[0] == "oracle" else [rows]
+    mode = spec.mode
+    groups = [[r for r in rows if r[0] == t] for t in tiny_moe.tasks] if spec.kind == "oracle" else [rows]
     preds = ev.predict_rows(spec, rows)
     for task in tiny_moe.tasks:
         with torch.no_grad():
@@ -149,20 +153,20 @@ def test_mixed_task_rows_in_one_pass_equal_the_full_forward(tiny_moe, spec):
 def test_best_fixed_x_is_screened_on_the_shared_rows_then_picked_in_hindsight(tiny_moe):
     cfg = _cfg(slots=4, regret_sample=0, fixed_candidates=3, regret_finalists=2)
     sim = Simulation(cfg, tiny_moe, Fleet(**FLEET), progress=False)
-    best, winners = sim.best_fixed_credit()
-    select = sim.selection_rows()
+    best, winners = best_fixed_credit(sim)
+    select = selection_rows(sim)
     assert all(len(select[t]) == len(sim.ev.labels[t]) for t in sim.tasks)  # 0: the whole pool
     want = screen_only = low = high = 0.0
     most = 0
     for n, (name, cls) in enumerate(sim.nodes):
-        cands = sim.fixed_candidates(n)
+        cands = fixed_candidates(sim, n)
         assert all((x > 0).sum() <= cls.budget and abs(x.sum() - 1) < 1e-9 for x in cands)
         most = max(most, len(cands))
         rows = [r for t in range(4) for r in sim.rows(t, n)]
         counts = [sum(task == t for t, _ in rows) for task in sim.tasks]
-        estimate = [sum(c * sim.row_credit(select[task], sim.ev.predict_rows(merged_spec(x), select[task])).mean()
+        estimate = [sum(c * sim.row_credit(select[task], sim.ev.predict_rows(Spec.merged(x), select[task])).mean()
                         for task, c in zip(sim.tasks, counts)) for x in cands]
-        served = [sum(sim.serve(merged_spec(x), t, n)[1].sum() for t in range(4)) for x in cands]
+        served = [sum(sim.serve(Spec.merged(x), t, n)[1].sum() for t in range(4)) for x in cands]
         top = sorted(range(len(cands)), key=lambda i: -estimate[i])[:2]  # the screen's two finalists
         pick = max(top, key=lambda i: served[i])  # the one with most credit on the node's own requests
         assert np.array_equal(winners[name], cands[pick])
@@ -172,10 +176,10 @@ def test_best_fixed_x_is_screened_on_the_shared_rows_then_picked_in_hindsight(ti
     assert most > 2  # the B = 2 node: the screen leaves out candidates
     assert best.shape == (4,) and np.isclose(best.sum(), want)
     one = Simulation(cfg.model_copy(update={"regret_finalists": 1}), tiny_moe, Fleet(**FLEET), progress=False)
-    assert np.isclose(one.best_fixed_credit()[0].sum(), screen_only) and screen_only <= want + 1e-9
+    assert np.isclose(best_fixed_credit(one)[0].sum(), screen_only) and screen_only <= want + 1e-9
     sampled = Simulation(_cfg(slots=4, regret_sample=3, fixed_candidates=2), tiny_moe, Fleet(**FLEET), progress=False)
-    assert all(len(rows) == 3 for rows in sampled.selection_rows().values())
-    assert low - 1e-9 <= sampled.best_fixed_credit()[0].sum() <= high + 1e-9  # a candidate's credit
+    assert all(len(rows) == 3 for rows in selection_rows(sampled).values())
+    assert low - 1e-9 <= best_fixed_credit(sampled)[0].sum() <= high + 1e-9  # a candidate's credit
 
 
 def test_regret_finalists_must_be_positive():
@@ -196,9 +200,9 @@ def test_predictions_are_memoised(tiny_moe):
     pool = {t: load_task(t, "dev").head(10, seed=0) for t in tiny_moe.tasks}
     ev = PoolEvaluator(tiny_moe, pool)
     x = np.array([0.3, 0.7])
-    ev.predict(merged_spec(x), tiny_moe.tasks[0], np.array([7, 2, 5]))
+    ev.predict(Spec.merged(x), tiny_moe.tasks[0], np.array([7, 2, 5]))
     before = ev.forwards
-    ev.predict(merged_spec(x), tiny_moe.tasks[0], np.array([7, 2]))
+    ev.predict(Spec.merged(x), tiny_moe.tasks[0], np.array([7, 2]))
     assert ev.forwards == before  # memoised
 
 
@@ -206,7 +210,7 @@ def test_results_files_written_and_readable(result, tmp_path):
     paths = write_results(result, tmp_path)
     assert load_config(tmp_path / "config.yaml").model_dump() == result.config  # the run, resolved, reruns as is
     data = json.loads((tmp_path / "results.json").read_text())
-    assert set(data["policies"]) == set(POLICIES)
+    assert set(data["policies"]) == set(registry.names("simulation"))
     assert {"requests", "wall_seconds"} <= set(data)
     assert all(p.exists() for p in paths.values())
 
@@ -262,7 +266,7 @@ def test_on_slot_reports_every_slot(tiny_moe):
 def test_bf16_scoring_stays_close(tiny_moe):
     pool = {t: load_task(t, "dev").head(10, seed=0) for t in tiny_moe.tasks}
     exact, fast = PoolEvaluator(tiny_moe, pool), PoolEvaluator(tiny_moe, pool, bf16=True)
-    spec = merged_spec(np.array([0.5, 0.5]))
+    spec = Spec.merged(np.array([0.5, 0.5]))
     for task in tiny_moe.tasks:
         a, b = exact.logits(spec, task, list(range(10))), fast.logits(spec, task, list(range(10)))
         assert a.dtype == b.dtype == torch.float32
@@ -277,7 +281,7 @@ def test_bf16_scoring_stays_close(tiny_moe):
 
 def test_balanced_credit_weights_classes_by_their_training_share(tiny_moe):
     from tanbr_ray.moe.data import load_task
-    from tanbr_ray.sim.loop import class_weights
+    from tanbr_ray.sim.credit import class_weights
 
     w = class_weights(["SST-2", "MNLI", "STS-B"], None)
     assert "STS-B" not in w  # regression keeps 1 - |error|/5
@@ -290,10 +294,10 @@ def test_balanced_credit_weights_classes_by_their_training_share(tiny_moe):
     acc = Simulation(_cfg(), tiny_moe, Fleet(**FLEET), progress=False)  # the default: accuracy
     bal = Simulation(_cfg(credit="balanced"), tiny_moe, Fleet(**FLEET), progress=False)
     rows = [r for t in range(3) for n in range(len(bal.nodes)) for r in bal.rows(t, n)]
-    preds = bal.ev.predict_rows(("top1",), rows)
+    preds = bal.ev.predict_rows(Spec("top1"), rows)
     a, b = acc.row_credit(rows, preds), bal.row_credit(rows, preds)
     for k, (task, i) in enumerate(rows):
-        assert np.isclose(b[k], a[k] * bal.class_weight[task][int(bal.ev.labels[task][i])])
+        assert np.isclose(b[k], a[k] * bal.credit_of.class_weight[task][int(bal.ev.labels[task][i])])
     with pytest.raises(ValueError, match="credit"):
         _cfg(credit="f1")
 
@@ -389,7 +393,7 @@ def test_an_altered_memo_entry_is_caught_and_the_file_refused(tiny_moe, tmp_path
     ev = PoolEvaluator(tiny_moe, {t: load_task(t, "dev").head(12, seed=0) for t in tiny_moe.tasks},
                        memo=memo(), check=MemoCheck(first=0, fraction=1.0))
     altered = next(iter(load_file(str(f))["keys"][:1].tolist()))
-    specs = [("static", "regmean"), ("oracle",)]
+    specs = [Spec("static", operator="regmean"), Spec("oracle")]
     with pytest.raises(MemoMismatch, match="disagree with the memo"):
         for spec in specs:
             for task in tiny_moe.tasks:
@@ -440,7 +444,7 @@ def test_scored_sample_is_a_subset_and_equals_the_full_forward(tiny_moe):
     assert np.all(np.diff(req.arrivals) >= 0) and 0 <= req.arrivals[0] and req.arrivals[-1] < 20
     rows = sim.rows(1, 2)
     assert rows == [(sim.tasks[v], int(i)) for v, i in zip(req.tasks[req.scored], req.examples[req.scored])]
-    preds = sim.ev.predict_rows(("merged", np.array([0.3, 0.7]).tobytes()), rows)
+    preds = sim.ev.predict_rows(Spec.merged(np.array([0.3, 0.7])), rows)
     for (task, i), p in zip(rows, preds):  # the cached, batched path equals the full forward of that row
         b = make_batches(tiny_moe, {task: sim.ev.pool[task].subset([i])})[0]
         with torch.no_grad():
