@@ -1,8 +1,9 @@
 """W&B logging: offline by default, online only when the user has a key.
 
 `wandb_mode` is the single place that decides the mode and exports it as WANDB_MODE, because Ray
-Tune's WandbLoggerCallback reads only that environment variable. `log_simulation` turns one
-simulation into one W&B run per policy, grouped by simulation, so dashboards compare policies.
+Tune's WandbLoggerCallback reads only that environment variable. `SimulationTracker` logs one
+simulation as one W&B run per policy, grouped by simulation, live per slot, so dashboards compare
+policies while they run.
 """
 
 from __future__ import annotations
@@ -93,90 +94,89 @@ def _run_summary(policy: dict) -> dict:
     return flat
 
 
-def log_simulation(
-    out: SimOutput,
-    out_dir: str | os.PathLike,
-    project: str = "tanbr-ray",
-    group: str | None = None,
-    mode: str | None = None,
-    seed: int | None = None,
-) -> list[str]:
-    """Log one W&B run per policy under `out_dir/wandb` (named `<policy>-seed<seed>` when `seed` is
-    given: one run per policy and seed of a multi-seed job); returns each run's local directory.
+class SimulationTracker:
+    """W&B as CleanRL's `--track`: one run per policy, opened when the policy starts and logged every
+    slot while the simulation runs (`on_slot`); once the run is summarised, `finish` adds its
+    per-slot traces, the policy table and the plots, and closes the runs. Runs are named
+    `<policy>-seed<seed>` when `seed` is given (one run per policy and seed of a multi-seed job) and
+    live under `out_dir/wandb` (offline ones upload later with `wandb sync DIR`). Mode 'disabled'
+    does nothing and never imports wandb."""
 
-    Offline run directories can be uploaded later with `wandb sync DIR`. Mode 'disabled' returns []
-    without importing or starting wandb at all.
-    """
-    mode = wandb_mode(mode)
-    if mode == "disabled":
-        return []
-    import wandb
+    def __init__(self, config: dict, out_dir: str | os.PathLike, project: str = "tanbr-ray",
+                 group: str | None = None, mode: str | None = None, seed: int | None = None):
+        self.mode = wandb_mode(mode)
+        self.config, self.out_dir, self.project, self.seed = config, Path(out_dir), project, seed
+        self.group = group or str(config.get("name") or "simulation")
+        self.runs: dict = {}
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    group = group or str(out.config.get("name") or out.config.get("scenario") or "simulation")
-    plots = {
-        f"plots/{p[:-4]}": out_dir / p
-        for p in ("regret.png", "score.png", "choices.png", "latency_memory.png")
-        if (out_dir / p).is_file()
-    }
-    settings = wandb.Settings(
-        silent=True,
-        console="off",
-        disable_git=True,
-        save_code=False,
-        x_save_requirements=False,
-        x_disable_stats=True,
-        x_disable_machine_info=True,
-    )
-    run_dirs: list[str] = []
-    for name, series in out.series.items():
-        policy_summary = out.summary.get("policies", {}).get(name, {})
-        with wandb.init(
-            project=project,
-            name=name if seed is None else f"{name}-seed{seed}",
-            group=group,
-            job_type="simulate",
-            config={**out.config, "policy": name},
-            dir=str(out_dir),
-            mode=mode,
-            reinit="create_new",
-            settings=settings,
-        ) as run:
-            score = np.asarray(series.score, dtype=float)
-            cum_bf = np.cumsum(np.asarray(series.regret_best_fixed, dtype=float))
-            cum_or = np.cumsum(np.asarray(series.regret_oracle, dtype=float))
-            pushed = np.asarray(series.pushed_bytes, dtype=float)
-            mean_x = None
-            if series.choices is not None:
-                mean_x = np.asarray(series.choices, dtype=float).mean(axis=1)  # (slots, K) fleet mean
-                k = mean_x.shape[1]
-                labels = list(out.experts) if len(out.experts) == k else [str(i) for i in range(k)]
-                x_keys = [f"x/{_key(e)}" for e in labels]
-            last, final_row = max(series.slots - 1, 0), {}
-            for t in range(series.slots):
-                row = {
-                    "score": float(score[t]),
-                    "regret/best_fixed_cum": float(cum_bf[t]),
-                    "regret/oracle_cum": float(cum_or[t]),
-                    "pushed_bytes": float(pushed[t]),
-                }
-                if mean_x is not None:
-                    row.update({kk: float(v) for kk, v in zip(x_keys, mean_x[t])})
-                if t < last:
-                    run.log(row, step=t)
-                else:
-                    final_row = row  # the table and plots join the last slot's row
-            final_row["policies"] = _policy_table(wandb, out.summary)
-            final_row.update({k: wandb.Image(str(p)) for k, p in plots.items()})
-            run.log(final_row, step=last)
-            run.summary.update(_run_summary(policy_summary))
+    def _run(self, policy: str):
+        if policy not in self.runs:
+            import wandb
+
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            run = wandb.init(project=self.project, name=policy if self.seed is None else f"{policy}-seed{self.seed}",
+                             group=self.group, job_type="simulate", config={**self.config, "policy": policy},
+                             dir=str(self.out_dir), mode=self.mode, reinit="create_new", settings=_settings(wandb))
+            run.define_metric("slot")
+            run.define_metric("*", step_metric="slot")  # live rows and the traces added at the end share one axis
+            self.runs[policy] = run
+        return self.runs[policy]
+
+    def on_slot(self, policy: str, t: int, slot_score: float, running_score: float) -> None:
+        if self.mode != "disabled":
+            self._run(policy).log({"slot": t, "live/score": slot_score, "live/running_score": running_score})
+
+    def finish(self, out: SimOutput) -> list[str]:
+        """Add every policy's traces and results to its run, close the runs; their local directories."""
+        if self.mode == "disabled":
+            return []
+        import wandb
+
+        plots = {f"plots/{p[:-4]}": self.out_dir / p for p in ("regret.png", "score.png", "choices.png",
+                                                               "latency_memory.png") if (self.out_dir / p).is_file()}
+        run_dirs = []
+        for name, series in out.series.items():
+            run = self._run(name)
+            rows = _trace_rows(series, out.experts)
+            rows[-1]["policies"] = _policy_table(wandb, out.summary)  # the table and plots join the last slot's row
+            rows[-1].update({k: wandb.Image(str(p)) for k, p in plots.items()})
+            for row in rows:
+                run.log(row)
+            run.summary.update(_run_summary(out.summary.get("policies", {}).get(name, {})))
+            run.finish()
             run_dirs.append(str(run.settings.sync_dir))
-    # run.finish() returns before wandb-core has flushed the run's .wandb log to disk; teardown waits
-    # for it, but it would also finish (and break) a run the caller still has open.
-    if not _other_runs_open(wandb):
-        wandb.teardown()
-    return run_dirs
+        self.runs.clear()
+        # run.finish() returns before wandb-core has flushed the run's .wandb log to disk; teardown waits
+        # for it, but it would also finish (and break) a run the caller still has open.
+        if not _other_runs_open(wandb):
+            wandb.teardown()
+        return run_dirs
+
+
+def _settings(wandb):
+    return wandb.Settings(silent=True, console="off", disable_git=True, save_code=False, x_save_requirements=False,
+                          x_disable_stats=True, x_disable_machine_info=True)
+
+
+def _trace_rows(series, experts: list[str]) -> list[dict]:
+    """One row per slot: score, cumulative regrets, pushed bytes and the fleet's mean x per expert."""
+    cum_bf = np.cumsum(np.asarray(series.regret_best_fixed, dtype=float))
+    cum_or = np.cumsum(np.asarray(series.regret_oracle, dtype=float))
+    rows = [{"slot": t, "score": float(series.score[t]), "regret/best_fixed_cum": float(cum_bf[t]),
+             "regret/oracle_cum": float(cum_or[t]), "pushed_bytes": float(series.pushed_bytes[t])}
+            for t in range(series.slots)]
+    if series.choices is not None:
+        mean_x = np.asarray(series.choices, dtype=float).mean(axis=1)  # (slots, K) fleet mean
+        labels = list(experts) if len(experts) == mean_x.shape[1] else [str(i) for i in range(mean_x.shape[1])]
+        for row, xs in zip(rows, mean_x):
+            row.update({f"x/{_key(e)}": float(v) for e, v in zip(labels, xs)})
+    return rows or [{"slot": 0}]
+
+
+def log_simulation(out: SimOutput, out_dir: str | os.PathLike, project: str = "tanbr-ray", group: str | None = None,
+                   mode: str | None = None, seed: int | None = None) -> list[str]:
+    """A finished simulation's runs, one per policy (`SimulationTracker` without the live slots)."""
+    return SimulationTracker(out.config, out_dir, project, group, mode, seed).finish(out)
 
 
 def _other_runs_open(wandb) -> bool:

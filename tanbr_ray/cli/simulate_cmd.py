@@ -29,21 +29,15 @@ def simulate(
     replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="with --backend ray: edge replica "
                                            "processes in all, the fleet's nodes multiplexed onto them (at least "
                                            "one per class); default one per node."),
+    wandb_project: Optional[str] = typer.Option(None, "--wandb-project", help="W&B project (default tanbr-ray)."),
     memo: bool = typer.Option(True, "--memo/--no-memo", help="Reuse and keep exact predictions on disk, keyed by "
                               "model, serving spec and the example's content; a seeded sample of the reused ones "
                               "is recomputed and compared every run. --no-memo computes every prediction."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Simulate Tanbr and every baseline on an edge fleet; write results JSON/CSV, PNGs and a summary."""
-    from tanbr_ray.moe import default_config, quick_config
-    from tanbr_ray.moe.build import load_or_build_info
-    from tanbr_ray.moe.store import weights_checksum
-    from tanbr_ray.sim.config import DEFAULT_CONFIG, QUICK_CONFIG, load_config
-    from tanbr_ray.sim.loop import run_simulation
-    from tanbr_ray.sim.summary import RECOVERY_TOLERANCE
-    from tanbr_ray.sim.report import format_paired, format_table, latency_ratios, provenance_line, write_results
-    from tanbr_ray.sim.seeds import paired_section, run_seeds, seeds_section
-    from tanbr_ray.tracking import log_simulation
+    from tanbr_ray.sim.report import write_results
+    from tanbr_ray.sim.seeds import run_seeds, seed_dir
 
     if backend not in ("local", "ray"):
         raise typer.BadParameter(f"--backend: {backend!r}; choose local or ray")
@@ -51,77 +45,120 @@ def simulate(
         raise typer.BadParameter("--replicas: only the ray backend has replicas (add --backend ray)")
     if quick and config is not None:
         raise typer.BadParameter("--quick with --config: put `base: quick` in the config file instead")
-    extra = list(overrides or [])
-    if out is not None:
-        extra.append(f"out={out}")
-    if wandb is not None:
-        extra.append(f"wandb={wandb}")
+    cfg = _config(config, quick, [*(overrides or []), *([f"out={out}"] if out is not None else []),
+                                  *([f"wandb={wandb}"] if wandb is not None else []),
+                                  *([f"wandb_project={wandb_project}"] if wandb_project is not None else [])])
+    moe_cfg, built, memo_dir = _model(cfg, memo, progress)
+    run, trackers = _runner(cfg, moe_cfg, built.moe, memo_dir, backend, address, replicas, progress)
+    outs = run_seeds(cfg, run)
+    for sd, o in zip(cfg.seed_list(), outs):
+        paths = write_results(o, seed_dir(cfg, sd))
+        runs = trackers[sd].finish(o)  # the traces, table and plots join the runs logged live
+        if runs:
+            typer.echo(f"W&B: {len(runs)} runs logged under {seed_dir(cfg, sd)}")
+    if len(outs) > 1:
+        paths = write_results(outs[0], Path(cfg.out))  # the seeds' summary and paired intervals
+    _print_report(cfg, outs)
+    typer.echo(f"results: {Path(cfg.out).resolve()} ({', '.join(sorted(p.name for p in paths.values()))})")
+
+
+def _config(config: Optional[Path], quick: bool, extra: list[str]):
+    from tanbr_ray.sim.config import DEFAULT_CONFIG, QUICK_CONFIG, load_config
+
     try:
-        cfg = load_config(config or (QUICK_CONFIG if quick else DEFAULT_CONFIG), extra)
+        return load_config(config or (QUICK_CONFIG if quick else DEFAULT_CONFIG), extra)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    moe_cfg = quick_config() if cfg.model == "quick" else default_config()
-    typer.echo(f"model: {moe_cfg.name} (built on first use, then reused from the models cache)")
-    built = load_or_build_info(moe_cfg, cfg.models_dir, progress=progress, data_dir=cfg.data_dir)
-    moe = built.moe
-    memo_dir = built.cache_dir / "predictions" / weights_checksum(built.cache_dir)[:16] if memo else None
-    if backend == "ray":
-        from tanbr_ray.cluster.driver import run_ray_simulation
 
-        def run(c):
-            return run_ray_simulation(c, moe_cfg, moe, progress=progress, address=address, replicas=replicas)
-    else:
-        def run(c):
-            return run_simulation(c, moe, progress=progress, memo_dir=memo_dir)
-    seeds = cfg.seed_list()
-    outs = run_seeds(cfg, run)
-    result = outs[0]
-    result.summary["seeds"] = seeds_section(outs, seeds)
-    result.summary["paired"] = paired_section(outs)
-    if len(outs) > 1:
-        for sd, o in zip(seeds, outs):
-            write_results(o, Path(cfg.out) / f"seed-{sd}")
-    paths = write_results(result, cfg.out)
-    header, rows = format_table(result.summary)
-    s = result.summary
-    print_table(f"{cfg.name}: {cfg.slots} slots × {len(result.nodes)} nodes, {s['requests']} requests "
-                f"({cfg.scored_per_slot} scored per node-slot), schedule {cfg.schedule}, seed {seeds[0]}; "
-                f"headline: 2nd-half credit", header, rows)
-    for line in latency_ratios(s):
+
+def _model(cfg, memo: bool, progress: bool):
+    """The MoE (built on first use, said beforehand) and its prediction memo's folder."""
+    from tanbr_ray.moe import default_config, quick_config
+    from tanbr_ray.moe.build import load_or_build_info
+    from tanbr_ray.moe.config import default_models_dir
+    from tanbr_ray.moe.store import weights_checksum
+    from tanbr_ray.sim.estimate import build_line
+
+    moe_cfg = quick_config() if cfg.model == "quick" else default_config()
+    cached = (Path(cfg.models_dir or default_models_dir()) / moe_cfg.cache_dirname() / "config.json").exists()
+    typer.echo(build_line(cfg.model, cached))
+    built = load_or_build_info(moe_cfg, cfg.models_dir, progress=progress, data_dir=cfg.data_dir)
+    memo_dir = built.cache_dir / "predictions" / weights_checksum(built.cache_dir)[:16] if memo else None
+    return moe_cfg, built, memo_dir
+
+
+def _runner(cfg, moe_cfg, moe, memo_dir, backend: str, address, replicas, progress: bool):
+    """One seed's run (local or on Ray), logged to W&B live, after saying what the whole job costs."""
+    from tanbr_ray.sim.costs import host_costs
+    from tanbr_ray.sim.estimate import estimate
+    from tanbr_ray.sim.fleet import load_fleet
+    from tanbr_ray.sim.loop import run_simulation
+    from tanbr_ray.sim.memo import stored_entries
+    from tanbr_ray.sim.seeds import seed_dir
+    from tanbr_ray.tracking import SimulationTracker
+
+    precision = "bf16" if cfg.bf16 else "fp32"
+    held = stored_entries(memo_dir, cfg.merge_operator or moe.merge_operator, precision) if memo_dir else 0
+    for line in estimate(cfg, host_costs(moe, cfg.bf16), len(load_fleet(cfg.fleet).nodes()), held).lines():
         typer.echo(line)
-    if provenance_line(s):
-        typer.echo(provenance_line(s))
+    multi = len(cfg.seed_list()) > 1
+    trackers: dict = {}
+
+    def run(c):
+        tracker = trackers[c.seed] = SimulationTracker(c.model_dump(), seed_dir(cfg, c.seed), c.wandb_project,
+                                                       cfg.name, c.wandb, c.seed if multi else None)
+        if backend == "ray":
+            from tanbr_ray.cluster.driver import run_ray_simulation
+
+            out = run_ray_simulation(c, moe_cfg, moe, progress=progress, address=address, replicas=replicas,
+                                     on_slot=tracker.on_slot)
+        else:
+            out = run_simulation(c, moe, progress=progress, memo_dir=memo_dir, on_slot=tracker.on_slot)
+        return out
+    return run, trackers
+
+
+def _print_report(cfg, outs) -> None:
+    """The table of every policy, then what qualifies it: latency ratios, provenance, memo, recovery,
+    Tanbr's paired intervals, the monitor's error, throughput, and the cluster's figures."""
+    from tanbr_ray.sim.report import format_paired, format_table, latency_ratios, provenance_line
+    from tanbr_ray.sim.summary import RECOVERY_TOLERANCE
+
+    s = outs[0].summary
+    header, rows = format_table(s)
+    print_table(f"{cfg.name}: {cfg.slots} slots × {len(outs[0].nodes)} nodes, {s['requests']} requests "
+                f"({cfg.scored_per_slot} scored per node-slot), schedule {cfg.schedule}, seed {cfg.seed_list()[0]}; "
+                f"headline: 2nd-half credit", header, rows)
+    lines = [*latency_ratios(s), *([provenance_line(s)] if provenance_line(s) else [])]
     if s.get("memo"):
         m = s["memo"]
-        typer.echo(f"prediction memo REFUSED, every prediction recomputed: {m['refused']}" if m["refused"] else
-                   f"prediction memo: {m['hits']} predictions reused, {m['verified']} of them recomputed "
-                   f"and equal ({m['file']})")
+        lines.append(f"prediction memo REFUSED, every prediction recomputed: {m['refused']}" if m["refused"] else
+                     f"prediction memo: {m['hits']} predictions reused, {m['verified']} of them recomputed "
+                     f"and equal ({m['file']})")
     if s["policies"].get("Tanbr", {}).get("recovery_slots"):
-        typer.echo(f"Tanbr: slots until its gap to the oracle is back within {100 * RECOVERY_TOLERANCE:g} "
-                   f"point(s) of its level before each mix change: {s['policies']['Tanbr']['recovery_slots']} "
-                   f"(None = not within the run, or no full window before or after the change)")
-    for line in format_paired(s):
-        typer.echo(line)
-    typer.echo(f"monitor error (total variation, second half): "
-               + ", ".join(f"{k} {v:.3f}" for k, v in s["monitor_error_tv"].items()))
+        lines.append(f"Tanbr: slots until its gap to the oracle is back within {100 * RECOVERY_TOLERANCE:g} "
+                     f"point(s) of its level before each mix change: {s['policies']['Tanbr']['recovery_slots']} "
+                     f"(None = not within the run, or no full window before or after the change)")
+    lines += format_paired(s)
+    lines.append("monitor error (total variation, second half): "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in s["monitor_error_tv"].items()))
     walls = [o.summary["wall_seconds"] for o in outs]
-    typer.echo(f"per seed: {s['requests_simulated']} requests served and queued, {s['scored_requests']} scored exactly "
-               f"({s['model_forwards']} model forwards, {s['padded_tokens_per_real']:.2f} padded tokens per real one) "
-               f"in {s['wall_seconds']:.1f} s: {s['scored_requests_per_second']:.0f} scored requests/s"
-               + (f"; {len(outs)} seeds in {sum(walls):.0f} s" if len(outs) > 1 else ""))
-    if "ray" in s:
-        r = s["ray"]
-        typer.echo(f"ray backend: {len(r['policies_on_cluster'])} policies on the cluster, {r['pushes']} pushes to "
-                   f"{r['replicas']} replicas: p50 {r['push_seconds_p50']:.3f} s, p95 {r['push_seconds_p95']:.3f} s, "
-                   f"{r['stale_replicas']} stale, {r['push_retries']} retries; cluster setup "
-                   f"{r['cluster_setup_seconds']:.1f} s")
-        for st in r["replicas_status"]:
-            typer.echo(f"  replica {st['replica']} ({st['class']}): {len(st['nodes'])} nodes, models "
-                       f"{st['resident_bytes'] / 2**20:.0f} MiB, peak RSS {st['peak_rss_bytes'] / 2**20:.0f} MiB")
-    runs = []  # every seed's policies, each seed's runs beside its own results
-    for sd, o in zip(seeds, outs):
-        where = cfg.out if len(outs) == 1 else Path(cfg.out) / f"seed-{sd}"
-        runs += log_simulation(o, where, group=cfg.name, mode=cfg.wandb, seed=None if len(outs) == 1 else sd)
-    if runs:
-        typer.echo(f"W&B: {len(runs)} runs logged ({len(outs)} seed(s)) under {Path(cfg.out)}")
-    typer.echo(f"results: {Path(cfg.out).resolve()} ({', '.join(sorted(p.name for p in paths.values()))})")
+    lines.append(f"per seed: {s['requests_simulated']} requests served and queued, {s['scored_requests']} scored "
+                 f"exactly ({s['model_forwards']} model forwards, {s['padded_tokens_per_real']:.2f} padded tokens per "
+                 f"real one) in {s['wall_seconds']:.1f} s: {s['scored_requests_per_second']:.0f} scored requests/s"
+                 + (f"; {len(outs)} seeds in {sum(walls):.0f} s" if len(outs) > 1 else ""))
+    lines += _ray_lines(s.get("ray"))
+    for line in lines:
+        typer.echo(line)
+
+
+def _ray_lines(r: dict | None) -> list[str]:
+    if not r:
+        return []
+    out = [f"ray backend: {len(r['policies_on_cluster'])} policies on the cluster, {r['pushes']} pushes to "
+           f"{r['replicas']} replicas: p50 {r['push_seconds_p50']:.3f} s, p95 {r['push_seconds_p95']:.3f} s, "
+           f"{r['stale_replicas']} stale, {r['push_retries']} retries; cluster setup {r['cluster_setup_seconds']:.1f} s"]
+    for st in r["replicas_status"]:
+        out.append(f"  replica {st['replica']} ({st['class']}): {len(st['nodes'])} nodes, models "
+                   f"{st['resident_bytes'] / 2**20:.0f} MiB, peak RSS {st['peak_rss_bytes'] / 2**20:.0f} MiB")
+    return out

@@ -194,11 +194,13 @@ def default_config(**overrides) -> MoEConfig:
 
 
 def quick_config(**overrides) -> MoEConfig:
-    """4 tasks, few examples and short sequences: a working MoE in about two minutes on 2 cores."""
+    """4 tasks and short sequences, but enough steps that every expert is well above chance (about
+    95 steps each; MNLI, the hardest, 125): under 5 minutes on 2 CPU cores in fp32."""
     base = dict(
         name="minilm-task-moe-quick",
         tasks=list(QUICK_TASKS),
-        train_examples=256,
+        train_examples=3000,
+        expert_training={"SST-2": ExpertTraining(examples=2000), "MNLI": ExpertTraining(examples=4000)},
         max_len_single=48,
         max_len_pair=64,
         heads_only_examples=256,

@@ -74,6 +74,7 @@ class SimConfig(BaseModel):
     seeds: int | list[int] | None = Field(None, description="several runs: a count (seed, seed+1, ...) or a list; "
                                           "results report each policy's mean ± sd and Tanbr's paired differences")
     wandb: Literal["online", "offline", "disabled"] | None = None
+    wandb_project: str = Field("tanbr-ray", min_length=1, description="W&B project the runs are logged to")
     out: str = "results/simulate"
 
     @field_validator("bf16", mode="before")

@@ -108,3 +108,12 @@ class DiskMemo:
         atomic_write(self.path, lambda p: save_file({"keys": keys, "preds": preds}, p))
         atomic_write_json(self.meta_path, {"format": FORMAT, "sha256": sha256_file(self.path), "entries": len(self.table)})
         self.new = {}
+
+
+def stored_entries(folder: str | Path, operator: str, precision: str) -> int:
+    """How many predictions a memo file says it holds (0 if there is none or it cannot be read): what a
+    run can hope to reuse, said before it starts (`DiskMemo` still verifies the file when it loads it)."""
+    try:
+        return int(json.loads((Path(folder) / f"{operator}-{precision}.json").read_text()).get("entries", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0

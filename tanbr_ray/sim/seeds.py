@@ -9,6 +9,7 @@ beside it once there are two seeds or more).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -20,8 +21,17 @@ REFERENCE = "Tanbr"
 
 
 def run_seeds(cfg: SimConfig, run: Callable[[SimConfig], SimOutput]) -> list[SimOutput]:
-    """`run` once per seed of `cfg.seed_list()` (each with `seed` set and `seeds` cleared)."""
-    return [run(cfg.model_copy(update={"seed": s, "seeds": None})) for s in cfg.seed_list()]
+    """`run` once per seed of `cfg.seed_list()` (each with `seed` set and `seeds` cleared); the first
+    output then carries the seeds' summary and Tanbr's paired intervals over all of them."""
+    outs = [run(cfg.model_copy(update={"seed": s, "seeds": None})) for s in cfg.seed_list()]
+    outs[0].summary["seeds"] = seeds_section(outs, cfg.seed_list())
+    outs[0].summary["paired"] = paired_section(outs)
+    return outs
+
+
+def seed_dir(cfg: SimConfig, seed: int) -> Path:
+    """Where a seed's results go: the output folder itself for one seed, `seed-<n>/` under it for several."""
+    return Path(cfg.out) if len(cfg.seed_list()) == 1 else Path(cfg.out) / f"seed-{seed}"
 
 
 def seeds_section(outs: list[SimOutput], seeds: list[int]) -> dict:

@@ -17,7 +17,7 @@ from tanbr_ray.sim.output import PolicyResult, PolicySeries, SimOutput
 from tanbr_ray.stats import loglog_slope, recovery_slots
 
 RECOVERY_TOLERANCE = 0.01  # after a mix change: back within 1 credit point of the gap to the oracle before it
-NOT_RESULT_KEYS = ("name", "out", "wandb", "data_dir", "models_dir")  # where things live, not what is measured
+NOT_RESULT_KEYS = ("name", "out", "wandb", "wandb_project", "data_dir", "models_dir")  # where things live, not what is measured
 HEADLINE = ("credit_second_half: per-request accuracy credit (STS-B: 1 - |error|/5) over the scored "
             "sample of the second half of the run")
 GLUE_NOTE = ("score / scores: GLUE metrics over the scored sample, except STS-B, which enters as its "

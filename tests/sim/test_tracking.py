@@ -119,3 +119,31 @@ def test_log_simulation_leaves_a_callers_run_open(tmp_path):
         assert not outer._is_finished
         outer.log({"still_open": 1.0})
     assert outer._is_finished
+
+
+def test_runs_are_logged_live_per_slot_then_completed(tmp_path):
+    """`--track` as CleanRL has it: a policy's run exists and holds its slots while the simulation runs;
+    the traces, table and plots join the same run at the end."""
+    from tanbr_ray.tracking import SimulationTracker
+
+    out, res = make_output(), tmp_path / "res"
+    tracker = SimulationTracker(out.config, res, project="tanbr-live", group="grp-live", mode="offline")
+    for t in range(3):
+        tracker.on_slot("Tanbr", t, 0.5 + t / 10, 0.55)
+    assert list(tracker.runs) == ["Tanbr"]  # opened by its first slot, before the simulation ends
+    write_results(out, res)
+    dirs = tracker.finish(out)
+    assert len(dirs) == 3 and not tracker.runs
+    tanbr = next(d for d in dirs if (Path(d) / "files").exists() and b"Tanbr" in next(Path(d).glob("run-*.wandb")).read_bytes())
+    data = next(Path(tanbr).glob("run-*.wandb")).read_bytes()
+    for needle in (b"live/score", b"live/running_score", b"regret/best_fixed_cum", b"tanbr-live"):
+        assert needle in data, needle
+    assert len(sorted((res / "wandb").glob("offline-run-*"))) == 3  # one run per policy, the live one reused
+
+
+def test_disabled_tracker_never_starts_wandb(tmp_path):
+    from tanbr_ray.tracking import SimulationTracker
+
+    tracker = SimulationTracker({}, tmp_path / "res", mode="disabled")
+    tracker.on_slot("Tanbr", 0, 0.5, 0.5)
+    assert tracker.finish(make_output()) == [] and not (tmp_path / "res").exists()
