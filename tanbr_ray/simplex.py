@@ -148,6 +148,8 @@ def project_rows_to_budget(xs: np.ndarray, budget: int) -> np.ndarray:
 
 
 PSI_POWERS = (0.5, 1.0, 2.0, 4.0)
+# an edge node's task mix is drawn from Dirichlet(MIX_CONCENTRATION) over the tasks: concentrated on a few
+MIX_CONCENTRATION = 0.3
 RANDOM_POINTS_SEED = 2
 
 

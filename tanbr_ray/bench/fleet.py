@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from tanbr_ray.router import Tanbr
 from tanbr_ray.router.synthetic import SyntheticConfig, SyntheticEnv
+from tanbr_ray.simplex import MIX_CONCENTRATION
 
 FLEETS = ("8", "32", "128")
 PARTS = ("decide", "merge", "score", "rest")
@@ -30,7 +31,7 @@ PARTS = ("decide", "merge", "score", "rest")
 
 def _mixes(env: SyntheticEnv, t: int, nodes: int, rng: np.random.Generator) -> np.ndarray:
     """One mix per node: the landscape's mix at t blended with a node's own Dirichlet(0.3) draw."""
-    own = rng.dirichlet(np.full(env.config.num_tasks, 0.3), size=nodes)
+    own = rng.dirichlet(np.full(env.config.num_tasks, MIX_CONCENTRATION), size=nodes)
     psis = 0.5 * env.psi(t)[None] + 0.5 * own
     return psis / psis.sum(1, keepdims=True)
 

@@ -21,7 +21,8 @@ from tanbr_ray.moe.data import load_task
 from tanbr_ray.moe.infer import EvalCache, interleaved_latency, mode_forward, predict, prepare, score
 from tanbr_ray.moe.merge import OPERATORS
 from tanbr_ray.moe.metrics import METRIC, glue_score, majority_prediction, request_credit
-from tanbr_ray.simplex import PSI_POWERS, psi_family
+from tanbr_ray.sim.comparator import screen_then_final
+from tanbr_ray.simplex import MIX_CONCENTRATION, PSI_POWERS, psi_family
 
 BENCH_MODES = ("dense", "merged", "top1", "top2", "soft", "oracle")
 BATCH_SIZES = (1, 8, 32)
@@ -32,7 +33,7 @@ def draw_mixes(K: int, n: int, seed: int) -> list[np.ndarray]:
     """n node mixes as the workload draws them: Dirichlet(0.3), seeded; tiny shares dropped."""
     rng = np.random.default_rng(seed)
     out = []
-    for v in rng.dirichlet(np.full(K, 0.3), size=n):
+    for v in rng.dirichlet(np.full(K, MIX_CONCENTRATION), size=n):
         v = np.where(v >= MIN_TASK_SHARE, v, 0.0)
         out.append(v / v.sum())
     return out
@@ -110,11 +111,18 @@ def landscape(moe, pool: CreditTable, mixes: list[np.ndarray], op: str, budget: 
         fam = psi_family(v, budget)
         fam_states = {p: moe.merged_state(x, op) for p, x in fam.items()}
         fam_tab = {p: pool.credit(psi, state=st) for p, st in fam_states.items()}
-        ranked = np.argsort([-sum(w * s[t] for t, w in psi.items()) for s in screen], kind="stable")[:finalists]
-        fin_tab = {int(i): pool.credit(psi, state=moe.merged_state(randoms[i], op)) for i in ranked}
         p_best = max(PSI_POWERS, key=lambda p: _mix_value(fam_tab[p], psi, 0))
         cands = [("psi^%g" % p, fam[p], fam_tab[p]) for p in PSI_POWERS]
-        cands += [("random", randoms[i], tab) for i, tab in fin_tab.items()]
+        if randoms:  # the random x: the finalists of the screen, each scored on all of half A
+            fin_tab = {}
+
+            def final(i: int) -> float:
+                fin_tab[i] = pool.credit(psi, state=moe.merged_state(randoms[i], op))
+                return _mix_value(fin_tab[i], psi, 0)
+
+            i, _ = screen_then_final(range(len(randoms)), lambda i: sum(w * screen[i][t] for t, w in psi.items()),
+                                     finalists, final)
+            cands.append(("random", randoms[i], fin_tab[i]))
         name, x_best, tab_best = max(cands, key=lambda c: _mix_value(c[2], psi, 0))
         per_mix.append({
             "psi": psi,
@@ -205,15 +213,61 @@ def run_bench(
 ) -> dict:
     """Everything `tanbr bench model` reports, as a JSON-ready dict (scores are fractions)."""
     t_start = time.perf_counter()
-    tasks, K = moe.tasks, moe.num_experts
+    tasks = moe.tasks
     budget = min(budget, moe.budget)
     operators = [op for op in operators if op == "linear" or moe.stats is not None]
-    uniform = np.full(K, 1.0 / K)
     dev = {t: load_task(t, "dev", data_dir) for t in tasks}
-    # 1. per-mode scores on the (whole, or first n of the) dev split
+    # 1. per-mode scores on the (whole, or first n of the) dev split; 2. each expert
     cache = prepare(moe, {t: s.head(eval_examples, seed) for t, s in dev.items()}, progress=progress)
-    modes: dict = {}
-    preds: dict = {}
+    modes, statics, preds = mode_scores(moe, cache, bf16, progress)
+    experts = expert_table(moe, cache, preds, modes, data_dir)
+    router = {"routed_to_task_expert": routed_share(moe, cache), "build": (build_info or {}).get("router", {})}
+    del cache
+    # 3. latency and bytes of every mode; merge time per operator
+    modes = latency_table(moe, modes, batch_sizes, seq_len, runs, warmup)
+    merge_ms, prep_ms = merge_timing(moe, operators, 5, seed)
+    # 4. the landscape per operator, on a fresh pool split into selection / scoring halves
+    pool = CreditTable(moe, {t: s.head(landscape_examples, seed + 1) for t, s in dev.items()}, seed, progress,
+                       screen_examples if random_candidates else 0)
+    mix_vs = draw_mixes(moe.num_experts, mixes, seed + 11)
+    by_op = {op: landscape(moe, pool, mix_vs, op, budget, random_candidates, finalists, seed, progress, layer_split)
+             for op in tqdm(operators, desc="landscape per operator", disable=not progress)}
+    reference = landscape_references(moe, pool, by_op)
+    psis = [m["psi"] for m in by_op[operators[0]]["mixes"]]
+    best_op = max(by_op, key=lambda op: by_op[op]["mean"]["best_psi_family"])
+    info = build_info or {}
+    res = {
+        "model": {"tasks": tasks, "num_experts": moe.num_experts, "moe_layers": moe.moe_layers, "budget": moe.budget,
+                  "adapted": bool(moe.adapted.item()), "merge_operator": moe.merge_operator},
+        "device": str(moe.device), "seq_len": seq_len, "runs": runs,
+        "eval_examples": {t: len(dev[t].head(eval_examples, seed)) for t in tasks},
+        "modes": modes, "static_merges": statics, "experts": experts, "router": router,
+        "merge_ms_p50": merge_ms, "merge_prepare_ms": prep_ms,
+        "landscape_by_operator": by_op, "landscape_reference": reference,
+        "landscape": [{"name": f"mix {i}", "psi": m["psi"], "best_x": m["best_search_x"], "best": m["best_search"],
+                       "uniform": m["uniform"], "psi_merge": m["psi_merge"], "oracle": m["oracle"],
+                       "oracle_minus_best": m["oracle"] - m["best_search"]} for i, m in enumerate(by_op[best_op]["mixes"])],
+        "landscape_meta": {
+            "credit": "per-request accuracy (STS-B: 1 - |error|/5), ψ-weighted, on the scoring half",
+            "mixes": mixes, "budget": budget, "psi_powers": list(PSI_POWERS),
+            "random_candidates": random_candidates, "screen_examples_per_task": screen_examples,
+            "finalists_per_mix": finalists, "best_operator": best_op,
+            "examples_per_task": {t: len(pool.labels[t]) for t in tasks},
+            "scored_rows": pool.rows,
+        },
+        "adaptation": adaptation_effect(moe, pool, mix_vs, psis, budget),
+        "build_seconds": float(info.get("build_seconds", float("nan"))),
+        "build_stages": info.get("stages", {}),
+        "bench_seconds": time.perf_counter() - t_start,
+    }
+    res["targets"] = check_targets(res)
+    return res
+
+
+def mode_scores(moe, cache: EvalCache, bf16: bool, progress: bool) -> tuple[dict, dict, dict]:
+    """Scores of every serving mode (merged: x uniform) and of the static merges; the predictions."""
+    uniform = np.full(moe.num_experts, 1.0 / moe.num_experts)
+    modes, preds = {}, {}
     for mode in tqdm(BENCH_MODES, desc="scores per mode", disable=not progress):
         preds[mode] = predict(moe, cache, mode, x=uniform if mode == "merged" else None, bf16=bf16)
         modes[mode] = {"scores": score(cache, preds[mode])}
@@ -223,9 +277,13 @@ def run_bench(
             statics[name] = {"scores": score(cache, predict(moe, cache, "merged", state=moe.static_state(name), bf16=bf16))}
     if bool(moe.adapted.item()):
         statics["uniform_no_adaptation"] = {"scores": score(cache, predict(moe, cache, "merged", x=uniform, adapted=False, bf16=bf16))}
-    # 2. each expert beside the majority class and the heads-only baseline
+    return modes, statics, preds
+
+
+def expert_table(moe, cache: EvalCache, preds: dict, modes: dict, data_dir) -> dict:
+    """Each expert (task-oracle routing) beside the majority class and the heads-only baseline."""
     experts = {}
-    for t in tasks:
+    for t in moe.tasks:
         y = cache.labels[t]
         const = np.full(len(y), majority_prediction(t, load_task(t, "train", data_dir).labels), dtype=np.asarray(preds["oracle"][t]).dtype)
         experts[t] = {
@@ -237,86 +295,54 @@ def run_bench(
             "heads_only": modes["dense"]["scores"][t],
             "predicts_one_class": bool(t != "STS-B" and len(np.unique(preds["oracle"][t])) == 1),
         }
-    router = {"routed_to_task_expert": routed_share(moe, cache),
-              "build": (build_info or {}).get("router", {})}
-    # 3. latency and bytes, every mode and batch size timed round-robin: a load change on a shared
-    # host then hits all alike (timed one mode after another, merged read 1.054x dense at batch 32)
+    return experts
+
+
+def latency_table(moe, modes: dict, batch_sizes, seq_len: int, runs: int, warmup: int) -> dict:
+    """Latency p50/p95 and bytes of every mode, every mode and batch size timed round-robin: a load
+    change on a shared host then hits all alike (timed one mode after another, merged read 1.054x
+    dense at batch 32)."""
     fns = {(mode, b): mode_forward(moe, mode, b, seq_len) for mode in BENCH_MODES for b in batch_sizes}
     timed = interleaved_latency(fns, runs=runs, warmup=warmup)
     for mode in BENCH_MODES:
         modes[mode]["latency_ms_p50"] = {str(b): timed[(mode, b)]["p50"] for b in batch_sizes}
         modes[mode]["latency_ms_p95"] = {str(b): timed[(mode, b)]["p95"] for b in batch_sizes}
         modes[mode]["bytes"] = moe.resident_bytes(mode)
-    del fns
-    del cache
-    merge_ms, prep_ms = merge_timing(moe, operators, 5, seed)
-    # 4. the landscape per operator, on a fresh pool split into selection / scoring halves
-    pool = CreditTable(moe, {t: s.head(landscape_examples, seed + 1) for t, s in dev.items()}, seed, progress,
-                       screen_examples if random_candidates else 0)
-    mix_vs = draw_mixes(K, mixes, seed + 11)
-    by_op = {op: landscape(moe, pool, mix_vs, op, budget, random_candidates, finalists, seed, progress, layer_split)
-             for op in tqdm(operators, desc="landscape per operator", disable=not progress)}
-    refs_tab = {
-        "static_regmean": lambda: pool.credit(tasks, state=moe.static_state("regmean")) if moe.stats is not None else None,
-        "static_fisher": lambda: pool.credit(tasks, state=moe.static_state("fisher")) if moe.stats is not None else None,
-        "switch_top1": lambda: pool.credit(tasks, "top1"),
-        "soft": lambda: pool.credit(tasks, "soft"),
-        "oracle": lambda: pool.credit(tasks, "oracle"),
+    return modes
+
+
+def landscape_references(moe, pool: "CreditTable", by_op: dict) -> dict:
+    """The fixed models on the landscape's mixes (static merges, Switch, Soft, the oracle), their mean
+    over the mixes; each mix's value is added to every operator's per-mix rows."""
+    tasks = moe.tasks
+    refs = {
+        "static_regmean": pool.credit(tasks, state=moe.static_state("regmean")) if moe.stats is not None else None,
+        "static_fisher": pool.credit(tasks, state=moe.static_state("fisher")) if moe.stats is not None else None,
+        "switch_top1": pool.credit(tasks, "top1"),
+        "soft": pool.credit(tasks, "soft"),
+        "oracle": pool.credit(tasks, "oracle"),
     }
-    refs = {k: f() for k, f in refs_tab.items()}
-    psis = [m["psi"] for m in by_op[operators[0]]["mixes"]]
+    psis = [m["psi"] for m in next(iter(by_op.values()))["mixes"]]
     reference = {k: (None if tab is None else float(np.mean([_mix_value(tab, p, 1) for p in psis]))) for k, tab in refs.items()}
     for op in by_op:
         for m in by_op[op]["mixes"]:
             m.update({k: _mix_value(tab, m["psi"], 1) for k, tab in refs.items() if tab is not None})
-    # merge-aware adaptation: x ∝ ψ² (linear) with and without the adapted LayerNorms and heads
-    adaptation = None
-    if bool(moe.adapted.item()):
-        vals = {}
-        for flag in (True, False):
-            v = []
-            for mv, psi in zip(mix_vs, psis):
-                st = moe.merged_state(psi_family(mv, budget)[2.0], "linear")
-                tab = {t: request_credit(t, predict(moe, pool.caches[t], "merged", state=st, adapted=flag)[t], pool.labels[t])[pool.halves[t][1]].mean() for t in psi}
-                v.append(sum(w * tab[t] for t, w in psi.items()))
-            vals[flag] = float(np.mean(v))
-        adaptation = {"psi2_linear_with": vals[True], "psi2_linear_without": vals[False]}
-    best_op = max(by_op, key=lambda op: by_op[op]["mean"]["best_psi_family"])
-    legacy = [{"name": f"mix {i}", "psi": m["psi"], "best_x": m["best_search_x"], "best": m["best_search"],
-               "uniform": m["uniform"], "psi_merge": m["psi_merge"], "oracle": m["oracle"],
-               "oracle_minus_best": m["oracle"] - m["best_search"]} for i, m in enumerate(by_op[best_op]["mixes"])]
-    info = build_info or {}
-    res = {
-        "model": {"tasks": tasks, "num_experts": K, "moe_layers": moe.moe_layers, "budget": moe.budget,
-                  "adapted": bool(moe.adapted.item()), "merge_operator": moe.merge_operator},
-        "device": str(moe.device),
-        "seq_len": seq_len,
-        "runs": runs,
-        "eval_examples": {t: len(dev[t].head(eval_examples, seed)) for t in tasks},
-        "modes": modes,
-        "static_merges": statics,
-        "experts": experts,
-        "router": router,
-        "merge_ms_p50": merge_ms,
-        "merge_prepare_ms": prep_ms,
-        "landscape_by_operator": by_op,
-        "landscape_reference": reference,
-        "landscape": legacy,
-        "landscape_meta": {
-            "credit": "per-request accuracy (STS-B: 1 - |error|/5), ψ-weighted, on the scoring half",
-            "mixes": mixes, "budget": budget, "psi_powers": list(PSI_POWERS),
-            "random_candidates": random_candidates, "screen_examples_per_task": screen_examples,
-            "finalists_per_mix": finalists, "best_operator": best_op,
-            "examples_per_task": {t: len(pool.labels[t]) for t in tasks},
-            "scored_rows": pool.rows,
-        },
-        "adaptation": adaptation,
-        "build_seconds": float(info.get("build_seconds", float("nan"))),
-        "build_stages": info.get("stages", {}),
-        "bench_seconds": time.perf_counter() - t_start,
-    }
-    res["targets"] = check_targets(res)
-    return res
+    return reference
+
+
+def adaptation_effect(moe, pool: "CreditTable", mix_vs, psis, budget: int) -> dict | None:
+    """Merge-aware adaptation: x ∝ ψ² (linear) with and without the adapted LayerNorms and heads."""
+    if not bool(moe.adapted.item()):
+        return None
+    vals = {}
+    for flag in (True, False):
+        v = []
+        for mv, psi in zip(mix_vs, psis):
+            st = moe.merged_state(psi_family(mv, budget)[2.0], "linear")
+            tab = {t: request_credit(t, predict(moe, pool.caches[t], "merged", state=st, adapted=flag)[t], pool.labels[t])[pool.halves[t][1]].mean() for t in psi}
+            v.append(sum(w * tab[t] for t, w in psi.items()))
+        vals[flag] = float(np.mean(v))
+    return {"psi2_linear_with": vals[True], "psi2_linear_without": vals[False]}
 
 
 EXPERT_FLOORS = {"CoLA": 0.15, "RTE": 0.56, "SST-2": 0.85, "QNLI": 0.78, "MNLI": 0.60, "STS-B": 0.75}

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tanbr_ray.simplex import MIX_CONCENTRATION
+
 SCHEDULES = ("stationary", "drifting", "switching", "diurnal")
 
 
@@ -59,7 +61,7 @@ def mixes(schedule: str, slots: int, nodes: int, num_tasks: int, rng: np.random.
     """(slots, nodes, V) true mixes; `fixed[n]`, when given, is node n's mix before any change."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: unknown {schedule!r}; choose from {', '.join(SCHEDULES)}")
-    anchors = rng.dirichlet(np.full(num_tasks, 0.3), size=(max(2, slots // max(switch_every, 1) + 2), nodes))
+    anchors = rng.dirichlet(np.full(num_tasks, MIX_CONCENTRATION), size=(max(2, slots // max(switch_every, 1) + 2), nodes))
     for n, mix in enumerate(fixed or []):
         if mix is not None:
             anchors[0, n] = mix
