@@ -312,6 +312,18 @@ def _render_model(d: dict) -> list[str]:
         out += ["", "Merge cost, all experts:", ""]
         out += md_table(["operator", "merge ms p50", "one-off set-up ms"],
                         [[op, _num(v, 1), _num(prep.get(op), 1)] for op, v in merge.items()])
+    out += _render_landscape(d)
+    if "build_seconds" in d:
+        stages = d.get("build_stages") or {}
+        out += ["", f"Build: {_num(d['build_seconds'], 1)} s"
+                + (" (" + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + ")" if stages else "")
+                + (f"; this benchmark {_num(d.get('bench_seconds'), 0)} s." if "bench_seconds" in d else ".")]
+    return out
+
+
+def _render_landscape(d: dict) -> list[str]:
+    """The merge landscape of a model benchmark: per operator, its references, settings and the adaptation."""
+    out: list[str] = []
     by_op = d.get("landscape_by_operator") or {}
     meta = d.get("landscape_meta") or {}
     if by_op:
@@ -344,11 +356,6 @@ def _render_model(d: dict) -> list[str]:
         for k, v in adapt.items():
             if isinstance(v, list) and v and all(isinstance(r, dict) for r in v):
                 out += ["", f"Merge-aware adaptation, {k.replace('_', ' ')}:", ""] + _records_table(v)
-    if "build_seconds" in d:
-        stages = d.get("build_stages") or {}
-        out += ["", f"Build: {_num(d['build_seconds'], 1)} s"
-                + (" (" + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + ")" if stages else "")
-                + (f"; this benchmark {_num(d.get('bench_seconds'), 0)} s." if "bench_seconds" in d else ".")]
     return out
 
 
