@@ -46,6 +46,14 @@ def _version(pkg: str) -> str:
         return "not installed"
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (the command's, when called as it writes its results)."""
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return int(kib if platform.system() == "Darwin" else kib * 1024)
+
+
 def provenance(wall_seconds: float | None = None, bf16: bool | None = None) -> dict:
     import torch
 
@@ -58,4 +66,5 @@ def provenance(wall_seconds: float | None = None, bf16: bool | None = None) -> d
         "bf16": bf16,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": wall_seconds,
+        "peak_rss_bytes": peak_rss_bytes(),
     }

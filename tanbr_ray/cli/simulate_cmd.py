@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import List, Optional
+
+import numpy as np
 
 import typer
 
@@ -99,7 +102,12 @@ def _runner(cfg, moe_cfg, moe, memo_dir, backend: str, address, replicas, progre
 
     precision = "bf16" if cfg.bf16 else "fp32"
     held = stored_entries(memo_dir, cfg.merge_operator or moe.merge_operator, precision) if memo_dir else 0
-    for line in estimate(cfg, host_costs(moe, cfg.bf16), len(load_fleet(cfg.fleet).nodes()), held).lines():
+    rates = [c.rate for _, c in load_fleet(cfg.fleet).nodes()]
+    moe.merged_state(np.full(moe.num_experts, 1.0 / moe.num_experts), cfg.merge_operator)  # one-off set-up
+    t0 = time.perf_counter()
+    moe.merged_state(np.arange(1.0, moe.num_experts + 1) / (moe.num_experts * (moe.num_experts + 1) / 2), cfg.merge_operator)
+    merge_s = time.perf_counter() - t0
+    for line in estimate(cfg, host_costs(moe, cfg.bf16), rates, merge_s, held).lines():
         typer.echo(line)
     multi = len(cfg.seed_list()) > 1
     trackers: dict = {}

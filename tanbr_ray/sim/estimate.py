@@ -1,19 +1,20 @@
 """What a run will cost, said before it starts: the build (or a cache hit), its size, and its time.
 
-The time comes from this host's measured service time (the merged model's batch-16 latency, which
-`costs.host_costs` measures anyway) times the number of predictions the run makes, scaled by
-COLD_FACTOR: a cold default run (empty prediction memo; 12 policies, 40 slots, 9 nodes) took 1.3×
-that product on a 2-core AVX512-BF16 EPYC, the difference being merges and the regret comparator.
+The time comes from this host's measured costs: the merged model's batch-16 service time (which
+`costs.host_costs` measures anyway) per scored request, and one timed merge for every
+MERGE_SHARE of the node-slots a merging policy plays (in a cold default run, 12 policies × 40
+slots × 9 nodes on a 2-core AVX512-BF16 EPYC, the two terms add up to its 469 s).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tanbr_ray.router import registry
 from tanbr_ray.sim.config import SimConfig
 from tanbr_ray.sim.costs import SERVICE_BATCHES, Costs
 
-COLD_FACTOR = 1.3
+MERGE_SHARE = 0.25  # of a merging policy's node-slots, those that need a merge not made before
 # measured builds on 2 CPU cores (seconds): default on an AVX512-BF16 EPYC in bf16, quick in fp32
 BUILD_SECONDS = {"default": 665, "quick": 280}
 
@@ -30,8 +31,8 @@ class Estimate:
 
     def lines(self) -> list[str]:
         out = [f"this run: {self.policies} policies × {self.slots} slots × {self.nodes} nodes × {self.seeds} seed(s) "
-               f"= {self.scored:,} scored requests; about {_minutes(self.seconds)} with an empty prediction memo "
-               f"(from this host's measured service time)"]
+               f"≈ {self.scored:,} scored requests; about {_minutes(self.seconds)} with an empty prediction memo "
+               f"(from this host's measured service and merge times)"]
         if self.memo_entries:
             out.append(f"  the prediction memo holds {self.memo_entries:,} predictions of this model: whatever it "
                        "holds is reused (a warm rerun of the default takes well under a minute)")
@@ -45,11 +46,16 @@ def build_line(model: str, cached: bool) -> str:
             f"CPU cores; once, then reused)" + ("; `tanbr simulate --quick` is the 5-minute look" if model == "default" else ""))
 
 
-def estimate(cfg: SimConfig, costs: Costs, nodes: int, memo_entries: int = 0) -> Estimate:
+def estimate(cfg: SimConfig, costs: Costs, rates: list[float], merge_s: float, memo_entries: int = 0) -> Estimate:
+    """`rates`: each node's requests per second (a node-slot scores at most what it receives);
+    `merge_s`: one merge by the run's operator, timed on this host."""
     seeds = len(cfg.seed_list())
-    scored = len(cfg.policies) * cfg.slots * nodes * cfg.scored_per_slot * seeds
+    per_slot = sum(min(cfg.scored_per_slot, r * cfg.slot_seconds) for r in rates)
+    scored = int(round(len(cfg.policies) * cfg.slots * per_slot * seeds))
     per_request_s = costs.batch_ms["merged"][SERVICE_BATCHES.index(16)] / 16 / 1e3
-    return Estimate(len(cfg.policies), cfg.slots, nodes, seeds, scored, memo_entries, scored * per_request_s * COLD_FACTOR)
+    merging = sum(registry.POLICIES[p].picks_x for p in cfg.policies) * cfg.slots * len(rates) * seeds
+    seconds = scored * per_request_s + merging * MERGE_SHARE * merge_s
+    return Estimate(len(cfg.policies), cfg.slots, len(rates), seeds, scored, memo_entries, seconds)
 
 
 def _minutes(seconds: float) -> str:

@@ -30,16 +30,20 @@ from tanbr_ray.moe.precision import bf16
 from tanbr_ray.sim.memo import DiskMemo, example_id
 from tanbr_ray.sim.spec import Spec
 
-# merged states kept (28 MB each in fp32, 14 under bf16): a slot's 9 nodes, the x they replay on the ψ
-# grid, and Random's 64 points, which the regret comparator's random candidates then reuse (at 48,
-# Random's plays re-merged half its points: 125 merges for 64 x)
-STATE_CACHE = 128
+# merged states are kept up to this many bytes (MiniLM's are 14 MB under bf16, 28 MB in fp32): a slot's
+# nodes, the x they replay on the ψ grid and most of Random's 64 points, which the regret comparator's
+# random candidates then reuse, without the cache alone outgrowing a laptop's memory
+STATE_CACHE_BYTES = 1 << 30
 MAX_ROWS = 32  # rows per forward pass: batches of ~32 are the fastest per example on CPU
 # A forward pass costs about CALL_TOKENS padded tokens' worth before its first token (measured here:
 # 1 row of 16 tokens 16 ms, 32 rows x 128 tokens 0.19 ms per token — the weights stream from memory
 # once per pass), then time in proportion to rows x the widest row. `chunk_by_width` trades the two.
 CALL_TOKENS = 64
 Row = tuple  # (task, pool example index)
+
+
+def _nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def chunk_by_width(widths: Sequence[int], call_tokens: int = CALL_TOKENS,
@@ -142,6 +146,7 @@ class PoolEvaluator:
         self.ids = {t: [example_id(t, *self.text(t, i)) for i in range(len(self.labels[t]))] for t in self.labels}
         self._memo: dict[Spec, dict[Row, float]] = {}
         self._states: OrderedDict[Spec, dict] = OrderedDict()
+        self.state_bytes = 0  # held by _states, at most STATE_CACHE_BYTES (and one state)
         self.forwards = 0  # examples actually run through the model
         self.padded_tokens = 0  # tokens those forward passes computed, padding included
         self.real_tokens = 0  # ... of which real (padded / real = the batching overhead)
@@ -149,8 +154,8 @@ class PoolEvaluator:
         self.run_seconds = 0.0  # spent running rows (merges included)
 
     def _state(self, spec: Spec):
-        """Merged FFN weights for a spec; a small LRU, since each one is as big as the dense FFNs
-        (28 MB for MiniLM) and predictions, not weights, are what gets reused."""
+        """Merged FFN weights for a spec; an LRU bounded in bytes (`STATE_CACHE_BYTES`), since each one
+        is as big as the dense FFNs and predictions, not weights, are what gets reused."""
         if spec.mode != "merged":
             return None
         if spec in self._states:
@@ -165,8 +170,9 @@ class PoolEvaluator:
                 self._states[spec] = {k: v.to(torch.bfloat16) if k in ("w1", "w2") else v
                                       for k, v in self._states[spec].items()}
             self.merge_seconds += time.perf_counter() - t0
-            while len(self._states) > STATE_CACHE:
-                self._states.popitem(last=False)
+            self.state_bytes += _nbytes(self._states[spec])
+            while self.state_bytes > STATE_CACHE_BYTES and len(self._states) > 1:
+                self.state_bytes -= _nbytes(self._states.popitem(last=False)[1])
         return self._states[spec]
 
     def predict(self, spec: Spec, task: str, indices: np.ndarray) -> np.ndarray:

@@ -206,6 +206,23 @@ def test_predictions_are_memoised(tiny_moe):
     assert ev.forwards == before  # memoised
 
 
+def test_merged_states_are_bounded_in_bytes_and_change_no_prediction(tiny_moe, monkeypatch):
+    from tanbr_ray.sim import evaluate
+
+    pool = {t: load_task(t, "dev").head(10, seed=0) for t in tiny_moe.tasks}
+    xs = [np.array([w, 1 - w]) for w in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    free = PoolEvaluator(tiny_moe, pool)
+    want = [free.predict(Spec.merged(x), tiny_moe.tasks[0], np.arange(10)) for x in xs]
+    one = evaluate._nbytes(free._states[Spec.merged(xs[0])])
+    assert free.state_bytes == 5 * one
+    monkeypatch.setattr(evaluate, "STATE_CACHE_BYTES", 2 * one)
+    ev = PoolEvaluator(tiny_moe, pool)
+    got = [ev.predict(Spec.merged(x), tiny_moe.tasks[0], np.arange(10)) for x in xs]
+    assert len(ev._states) == 2 and ev.state_bytes == 2 * one  # the two most recent
+    assert list(ev._states) == [Spec.merged(xs[3]), Spec.merged(xs[4])]
+    assert all(np.array_equal(a, b) for a, b in zip(want, got))
+
+
 def test_results_files_written_and_readable(result, tmp_path):
     paths = write_results(result, tmp_path)
     assert load_config(tmp_path / "config.yaml").model_dump() == result.config  # the run, resolved, reruns as is
@@ -433,6 +450,9 @@ def test_results_state_their_model_and_data(result, tiny_moe):
     assert p["versions"]["torch"] == torch.__version__ and p["bf16"] is False and p["wall_seconds"] > 0
     assert p["git_commit"] == "unknown" or len(p["git_commit"].split("+")[0]) == 40
     assert p["device"] == ("cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0)) and p["date"]
+    import resource
+
+    assert 50 * 2**20 < p["peak_rss_bytes"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # this process's peak
     line = provenance_line(s)
     assert s["fingerprint"] in line and s["model"]["weights_sha256"][:12] in line and "12 dev examples" in line
 

@@ -155,9 +155,10 @@ def test_shipped_sweeps_validate():
     assert {"rho.yaml", "slot_threshold.yaml", "joint.yaml"} <= set(names)
     for name in names:
         spec, raw = load_tune_config(os.path.join(root, name))
-        assert spec.scheduler == "asha" and raw["model"] == "quick"
+        assert raw["model"] == "quick"  # the quick MoE, whose experts are well above chance
     rho, _ = load_tune_config(os.path.join(root, "rho.yaml"))
-    assert len(rho.search_space["tanbr.tree.rho"].values) >= 8 and 0.9 in rho.search_space["tanbr.tree.rho"].values
+    assert len(rho.search_space["tanbr.tree.rho"].values) >= 5 and 0.9 in rho.search_space["tanbr.tree.rho"].values
+    assert len(rho.seeds) >= 3 and rho.scheduler == "fifo"  # every setting over whole seeds: an interval each
 
 
 def test_tune_takes_simulation_overrides_as_simulate_does():
