@@ -31,7 +31,7 @@ def _config(quick: bool, config: Path | None):
 
 @app.command("build-moe")
 def build_moe_cmd(
-    quick: bool = typer.Option(False, "--quick", help="small MoE (few examples, short sequences): ~2 min on 2 CPU cores"),
+    quick: bool = typer.Option(False, "--quick", help="small 4-task MoE (short sequences): under 5 min on 2 CPU cores"),
     models_dir: Path = typer.Option(None, "--models-dir", help="default $TANBR_MODELS_DIR or ~/.cache/tanbr_ray/models"),
     data_dir: Path = typer.Option(None, "--data-dir", help="GLUE copy (<TASK>/{train,dev}.jsonl); default $TANBR_DATA_DIR, else the hub"),
     config: Path = typer.Option(None, "--config", help="YAML/JSON MoEConfig instead of the default/quick preset"),

@@ -20,7 +20,7 @@ def simulate(
         None, help="Dotted overrides of the config, e.g. slots=60 schedule=switching tanbr.tree.rho=0.8"),
     config: Optional[Path] = typer.Option(None, "--config", help="Simulation YAML, merged onto the scenario its "
                                           "`base:` names (default: the embedded default); see `tanbr config`."),
-    quick: bool = typer.Option(False, "--quick", help="Small MoE and a short run (about 2 minutes)."),
+    quick: bool = typer.Option(False, "--quick", help="The small 4-task MoE and a 12-slot run (a few minutes, the build included)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results directory (overrides `out`)."),
     wandb: Optional[str] = typer.Option(None, "--wandb", help="online | offline | disabled (default: offline "
                                                                "unless a W&B key is configured)."),

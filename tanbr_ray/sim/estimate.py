@@ -16,7 +16,7 @@ from tanbr_ray.sim.costs import SERVICE_BATCHES, Costs
 
 MERGE_SHARE = 0.25  # of a merging policy's node-slots, those that need a merge not made before
 # measured builds on 2 CPU cores (seconds): default on an AVX512-BF16 EPYC in bf16, quick in fp32
-BUILD_SECONDS = {"default": 665, "quick": 280}
+BUILD_SECONDS = {"default": 665, "quick": 210}
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from tanbr_ray.sim.spec import Spec
 # merged states are kept up to this many bytes (MiniLM's are 14 MB under bf16, 28 MB in fp32): a slot's
 # nodes, the x they replay on the ψ grid and most of Random's 64 points, which the regret comparator's
 # random candidates then reuse, without the cache alone outgrowing a laptop's memory
-STATE_CACHE_BYTES = 1 << 30
+STATE_CACHE_BYTES = 768 << 20
 MAX_ROWS = 32  # rows per forward pass: batches of ~32 are the fastest per example on CPU
 # A forward pass costs about CALL_TOKENS padded tokens' worth before its first token (measured here:
 # 1 row of 16 tokens 16 ms, 32 rows x 128 tokens 0.19 ms per token — the weights stream from memory
