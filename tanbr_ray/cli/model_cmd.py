@@ -94,7 +94,7 @@ def bench_model_cmd(
 
     _setup(threads, data_dir)
     cfg = _config(quick, config)
-    built = load_or_build_info(cfg, models_dir or default_models_dir(), progress=progress, data_dir=data_dir)
+    built = load_or_build_info(cfg, models_dir or default_models_dir(), progress=progress, data_dir=data_dir, isolate=True)
     res = run_bench(
         built.moe,
         data_dir=data_dir,

@@ -85,7 +85,7 @@ def _model(cfg, memo: bool, progress: bool):
     moe_cfg = quick_config() if cfg.model == "quick" else default_config()
     cached = (Path(cfg.models_dir or default_models_dir()) / moe_cfg.cache_dirname() / "config.json").exists()
     typer.echo(build_line(cfg.model, cached))
-    built = load_or_build_info(moe_cfg, cfg.models_dir, progress=progress, data_dir=cfg.data_dir)
+    built = load_or_build_info(moe_cfg, cfg.models_dir, progress=progress, data_dir=cfg.data_dir, isolate=True)
     memo_dir = built.cache_dir / "predictions" / weights_checksum(built.cache_dir)[:16] if memo else None
     return moe_cfg, built, memo_dir
 

@@ -7,6 +7,7 @@ the one loop `fit`."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import random
 import time
@@ -487,19 +488,38 @@ def load_cached(cfg: MoEConfig, directory: Path) -> tuple[TaskMoE, dict]:
 
 
 def load_or_build_info(
-    cfg: MoEConfig | None = None, models_dir=None, progress: bool = True, data_dir=None, rebuild: bool = False
+    cfg: MoEConfig | None = None, models_dir=None, progress: bool = True, data_dir=None, rebuild: bool = False,
+    isolate: bool = False,
 ) -> BuiltMoE:
     """Reuse a valid cached MoE for this config, else build and cache it. A corrupt cache is refused
-    (ValueError naming the file), never silently rebuilt over."""
+    (ValueError naming the file), never silently rebuilt over. `isolate` builds in a child process and
+    loads the result from the cache, so the build's transient memory (optimiser states, activations,
+    statistics accumulators, the allocator's fragments) is returned to the OS before the caller's own
+    work: the main job's peak is then the larger of the two, not their sum."""
     cfg = cfg or default_config()
     d = Path(models_dir or default_models_dir()) / cfg.cache_dirname()
     if (d / CONFIG).exists() and not rebuild:
         moe, meta = load_cached(cfg, d)
         return BuiltMoE(moe, d, meta.get("build", {}))
+    if isolate:
+        child = multiprocessing.get_context("spawn").Process(
+            target=_build_into, args=(cfg.model_dump(), data_dir, progress, str(d)), name="tanbr-build-moe")
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"building {cfg.cache_dirname()} failed (exit code {child.exitcode}); its error is above")
+        moe, meta = load_cached(cfg, d)
+        return BuiltMoE(moe, d, meta.get("build", {}))
+    return _build_into(cfg.model_dump(), data_dir, progress, str(d))
+
+
+def _build_into(settings: dict, data_dir, progress: bool, directory: str) -> BuiltMoE:
+    """Build the MoE of these settings and cache it in `directory` (a child process's whole job)."""
+    cfg = MoEConfig(**settings)
     moe, stats = build_moe(cfg, data_dir, progress)
     moe.merge_operator, moe.regmean_alpha = cfg.merge_operator, cfg.regmean_alpha
-    save_moe(moe, cfg, d, stats)
-    return BuiltMoE(moe, d, stats)
+    save_moe(moe, cfg, Path(directory), stats)
+    return BuiltMoE(moe, Path(directory), stats)
 
 
 def load_or_build(

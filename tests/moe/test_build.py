@@ -126,3 +126,16 @@ def test_fit_learns_under_the_builds_autocast(bf16):
         res = fit([w, b], batches, loss_of, 0.05, warmup_frac=0.0, progress=False)
         final = float(loss_of(torch.arange(256)).detach())
     assert res.steps == 60 and final < 0.3 < np.log(2)  # learned: ln 2 is where it started
+
+
+def test_isolated_build_frees_its_memory_and_equals_the_in_process_one(built, data_dir, tmp_path):
+    """`isolate=True` (the main job's build) runs in a child process and loads what it cached: the
+    same weights as an in-process build; a failing build raises and caches nothing."""
+    cfg, _, b = built
+    iso = load_or_build_info(cfg, tmp_path / "models", progress=False, data_dir=data_dir, isolate=True)
+    assert iso.cache_dir == tmp_path / "models" / cfg.cache_dirname()
+    assert iso.moe.identity["weights_sha256"] == b.moe.identity["weights_sha256"]
+    assert iso.build_info["stages"].keys() == b.build_info["stages"].keys()
+    with pytest.raises(RuntimeError, match="failed"):
+        load_or_build_info(cfg, tmp_path / "other", progress=False, data_dir=tmp_path / "no-glue", isolate=True)
+    assert not (tmp_path / "other" / cfg.cache_dirname()).exists()
