@@ -503,7 +503,8 @@ def load_or_build_info(
         return BuiltMoE(moe, d, meta.get("build", {}))
     if isolate:
         child = multiprocessing.get_context("spawn").Process(
-            target=_build_into, args=(cfg.model_dump(), data_dir, progress, str(d)), name="tanbr-build-moe")
+            target=_build_into, args=(cfg.model_dump(), data_dir, progress, str(d), torch.get_num_threads()),
+            name="tanbr-build-moe")
         child.start()
         child.join()
         if child.exitcode != 0:
@@ -513,8 +514,11 @@ def load_or_build_info(
     return _build_into(cfg.model_dump(), data_dir, progress, str(d))
 
 
-def _build_into(settings: dict, data_dir, progress: bool, directory: str) -> BuiltMoE:
-    """Build the MoE of these settings and cache it in `directory` (a child process's whole job)."""
+def _build_into(settings: dict, data_dir, progress: bool, directory: str, threads: int | None = None) -> BuiltMoE:
+    """Build the MoE of these settings and cache it in `directory` (a child process's whole job, on the
+    parent's thread count: float reductions, and so the weights, depend on it)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     cfg = MoEConfig(**settings)
     moe, stats = build_moe(cfg, data_dir, progress)
     moe.merge_operator, moe.regmean_alpha = cfg.merge_operator, cfg.regmean_alpha
