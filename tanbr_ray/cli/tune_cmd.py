@@ -41,12 +41,13 @@ def tune_cmd(
     print_table(f"tune {spec.name}: {len(res.rows)} trials in {res.wall_seconds:.0f} s "
                 f"({spec.scheduler}, {spec.metric} {spec.mode})", header, rows)
     if spec.seeds and res.settings:
-        print_table(f"settings over {len(spec.seeds)} seeds, best first (95 % Student-t interval; 'yes' = the seeds "
-                    f"cannot tell it from the best)", [*spec.search_space, "seeds", f"mean {spec.metric}",
-                                                        "95 % interval", "overlaps best"],
+        print_table(f"settings over {len(spec.seeds)} seeds, best first (95 % Student-t intervals; 'yes' = the seeds "
+                    f"cannot tell it from the best; paired = minus the best on the same seeds)",
+                    [*spec.search_space, "seeds", f"mean {spec.metric}", "95 % interval", "overlaps best",
+                     "paired vs best [95 %]"],
                     [[*(_fmt(st[k]) for k in spec.search_space), str(st["seeds"]), f"{st['mean']:.4f}",
-                      "–" if st["ci95"] is None else f"[{st['ci95'][0]:.4f}, {st['ci95'][1]:.4f}]",
-                      {True: "yes", False: "no", None: "–"}[st["overlaps_best"]]] for st in res.settings])
+                      _interval(st["ci95"]), {True: "yes", False: "no", None: "–"}[st["overlaps_best"]],
+                      _paired_cell(st["vs_best_paired"])] for st in res.settings])
     if res.best is not None:
         best = ", ".join(f"{k}={_fmt(res.best[k])}" for k in spec.search_space)
         over = f", mean of {res.best['replicates']} seeds" if res.best.get("replicates") else ""
@@ -57,6 +58,14 @@ def tune_cmd(
     typer.echo(f"results: {res.out_dir} ({', '.join(sorted(p.name for p in res.files.values()))})")
     if not any(r["completed"] for r in res.rows):
         raise typer.Exit(1)
+
+
+def _interval(ci) -> str:
+    return "–" if ci is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def _paired_cell(p: dict | None) -> str:
+    return "–" if p is None else f"{p['mean']:+.4f} {_interval(p['ci95'])}"
 
 
 def _fmt(v) -> str:

@@ -2,6 +2,8 @@
 
 Results directory layout:
   trials.csv        one row per trial: parameters, seed, last metric, slots run, final Tanbr summary
+  settings.csv      one row per setting: mean and 95 % interval over seeds, overlap with the best
+  sweep.json        all of the above with the models the trials ran on and the run's provenance
   best_config.yaml  the best completed trial as a simulation YAML for `tanbr simulate --config`
   metric_vs_<param>.png, learning_curves.png
   wandb/            offline W&B runs (one per trial, plus a summary run with the trial table)
@@ -11,6 +13,7 @@ Results directory layout:
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import time
@@ -24,6 +27,7 @@ from tanbr_ray.stats import t_interval
 from tanbr_ray.tune.config import TuneSpec, override
 from tanbr_ray.tune.trainable import FINAL_FIELDS, run_trial
 
+IDENTITY_FIELDS = ("model_key", "model_sha256", "fingerprint")  # what each trial measured (results.json's)
 PLOT_NAMES = {"tanbr.tree.rho": "rho", "slot_seconds": "slot_length"}
 
 
@@ -143,9 +147,10 @@ def run_sweep(spec: TuneSpec, sim_raw: dict, config_dir: Path = Path("."), out: 
     result = SweepResult(rows, best, out_dir, wall_seconds=wall, settings=settings_summary(rows, spec))
     result.files["trials"] = _write_csv(rows, spec, out_dir / "trials.csv")
     result.files["settings"] = _write_settings(result.settings, spec, out_dir / "settings.csv")
+    result.files["summary"] = _write_summary(result, spec, sim_raw, out_dir / "sweep.json")
     if best is not None:
         result.files["best_config"] = _write_best(best, spec, sim_raw, out_dir / "best_config.yaml")
-    result.files.update(_plots(rows, curves, spec, out_dir))
+    result.files.update(_plots(rows, curves, spec, out_dir, result.settings))
     if mode != "disabled":
         result.wandb_runs = len(rows) + _log_summary(result, spec, mode)
     return result
@@ -163,6 +168,7 @@ def _collect(grid, spec: TuneSpec) -> tuple[list[dict], dict[str, list[tuple[int
                "slots_run": m.get("slot", 0), spec.metric: m.get(spec.metric),
                "completed": bool(m.get("completed")), "error": str(r.error).splitlines()[0] if r.error else ""}
         row.update({f"final/{k}": m.get(f"final/{k}") for k in FINAL_FIELDS})
+        row.update({k: m.get(k) for k in IDENTITY_FIELDS})
         rows.append(row)
         df = r.metrics_dataframe
         if df is not None and "slot" in df and spec.metric in df:
@@ -195,12 +201,24 @@ def settings_summary(rows: list[dict], spec: TuneSpec) -> list[dict]:
     for members in groups.values():
         mean, ci = t_interval([float(r[spec.metric]) for r in members])
         out.append({**{k: members[0][k] for k in spec.search_space}, "seeds": len(members), "mean": mean,
-                    "ci95": list(ci) if ci else None, "trials": [r["trial_id"] for r in members]})
+                    "ci95": list(ci) if ci else None, "trials": [r["trial_id"] for r in members],
+                    "by_seed": {r.get("seed"): float(r[spec.metric]) for r in members}})
     out.sort(key=lambda st: -st["mean"] if spec.mode == "max" else st["mean"])
     for st in out:
         a, b = st["ci95"], out[0]["ci95"]
         st["overlaps_best"] = None if a is None or b is None else bool(a[1] >= b[0] and a[0] <= b[1])
+        st["vs_best_paired"] = _paired(st["by_seed"], out[0]["by_seed"])
     return out
+
+
+def _paired(mine: dict, best: dict) -> dict | None:
+    """This setting minus the best on the seeds both ran (the same workloads): mean and 95 % interval.
+    Seed-to-seed spread cancels, so this separates settings that the unpaired intervals cannot."""
+    seeds = [s for s in mine if s is not None and s in best]
+    if len(seeds) < 2:
+        return None
+    mean, ci = t_interval([mine[s] - best[s] for s in seeds])
+    return {"mean": mean, "ci95": list(ci) if ci else None, "seeds": len(seeds)}
 
 
 def _best(rows: list[dict], spec: TuneSpec) -> dict | None:
@@ -237,11 +255,33 @@ def _write_settings(settings: list[dict], spec: TuneSpec, path: Path) -> Path:
     """settings.csv: one row per setting, best first, with its mean and 95 % interval over seeds."""
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([*spec.search_space, "seeds", f"{spec.metric}_mean", "ci95_low", "ci95_high", "overlaps_best"])
+        w.writerow([*spec.search_space, "seeds", f"{spec.metric}_mean", "ci95_low", "ci95_high", "overlaps_best",
+                    "vs_best_paired_mean", "vs_best_paired_ci95_low", "vs_best_paired_ci95_high"])
         for st in settings:
             ci = st["ci95"] or [None, None]
-            w.writerow([*(st[k] for k in spec.search_space), st["seeds"], st["mean"], *ci, st["overlaps_best"]])
+            p = st["vs_best_paired"] or {}
+            w.writerow([*(st[k] for k in spec.search_space), st["seeds"], st["mean"], *ci, st["overlaps_best"],
+                        p.get("mean"), *(p.get("ci95") or [None, None])])
     return path
+
+
+def _write_summary(result: SweepResult, spec: TuneSpec, sim_raw: dict, path: Path) -> Path:
+    """sweep.json: the sweep, its base simulation, every setting's interval and every trial, with the
+    models the trials ran on and the provenance of this run (what `tanbr report` and plots read)."""
+    from tanbr_ray.fileio import atomic_write_bytes
+    from tanbr_ray.provenance import provenance
+
+    models = sorted({(r.get("model_key"), r.get("model_sha256")) for r in result.rows if r.get("model_sha256")})
+    obj = {"sweep": spec.model_dump(mode="json"), "base": sim_raw, "metric": spec.metric, "mode": spec.mode,
+           "settings": result.settings, "best": result.best, "trials": result.rows,
+           "models": [{"key": k, "weights_sha256": h} for k, h in models],
+           "provenance": provenance(result.wall_seconds)}
+    atomic_write_bytes(path, json.dumps(obj, indent=1, default=_json_default).encode())
+    return path
+
+
+def _json_default(v):
+    return v.item() if hasattr(v, "item") else str(v)
 
 
 def _write_best(best: dict, spec: TuneSpec, sim_raw: dict, path: Path) -> Path:
@@ -262,7 +302,8 @@ def _write_best(best: dict, spec: TuneSpec, sim_raw: dict, path: Path) -> Path:
     return path
 
 
-def _plots(rows: list[dict], curves: dict, spec: TuneSpec, out_dir: Path) -> dict[str, Path]:
+def _plots(rows: list[dict], curves: dict, spec: TuneSpec, out_dir: Path,
+           settings: list[dict] | None = None) -> dict[str, Path]:
     """metric vs each numeric swept parameter (rho, slot length, ...) and the top trials' curves."""
     import matplotlib
 
@@ -271,25 +312,10 @@ def _plots(rows: list[dict], curves: dict, spec: TuneSpec, out_dir: Path) -> dic
 
     files = {}
     for key in spec.search_space:
-        pts = [(r[key], r[spec.metric], r["completed"]) for r in rows
-               if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
-               and r.get(spec.metric) is not None]
-        if not pts:
-            continue
         name = PLOT_NAMES.get(key, key.replace(".", "_"))
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for done, label, marker in ((True, "completed", "o"), (False, "stopped early by ASHA (fewer slots)", "x")):
-            xs = [p[0] for p in pts if p[2] == done]
-            ys = [p[1] for p in pts if p[2] == done]
-            if xs:
-                ax.scatter(xs, ys, marker=marker, label=label)
-        if spec.search_space[key].kind == "loguniform":
-            ax.set_xscale("log")
-        ax.set_xlabel(key)
-        ax.set_ylabel(spec.metric)
-        ax.set_title(f"{spec.name}: {spec.metric} vs {key}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        fig = _param_plot(rows, spec, key, settings if len(spec.search_space) == 1 else None)
+        if fig is None:
+            continue
         files[f"metric_vs_{name}"] = out_dir / f"metric_vs_{name}.png"
         fig.savefig(files[f"metric_vs_{name}"], dpi=110)
         plt.close(fig)
@@ -309,6 +335,39 @@ def _plots(rows: list[dict], curves: dict, spec: TuneSpec, out_dir: Path) -> dic
         fig.savefig(files["learning_curves"], dpi=110)
         plt.close(fig)
     return files
+
+
+def _param_plot(rows: list[dict], spec: TuneSpec, key: str, settings: list[dict] | None):
+    """Every trial's metric against one parameter; with seeds, each seed's trials joined by a line (the
+    settings are compared on the same workloads) and each setting's mean with its 95 % interval."""
+    import matplotlib.pyplot as plt
+
+    pts = [(r[key], r[spec.metric], r["completed"], r.get("seed")) for r in rows
+           if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+           and r.get(spec.metric) is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for seed in sorted({p[3] for p in pts if p[3] is not None}):
+        line = sorted((p[0], p[1]) for p in pts if p[3] == seed)
+        ax.plot(*zip(*line), color="0.8", lw=0.8, zorder=1)
+    for done, label, marker in ((True, "trial (completed)", "o"), (False, "stopped early by ASHA (fewer slots)", "x")):
+        xs = [p[0] for p in pts if p[2] == done]
+        if xs:
+            ax.scatter(xs, [p[1] for p in pts if p[2] == done], marker=marker, s=18, label=label, zorder=2)
+    ci = [st for st in settings or [] if st.get("ci95")]
+    if ci:
+        xs, means = [st[key] for st in ci], [st["mean"] for st in ci]
+        err = [[m - st["ci95"][0] for m, st in zip(means, ci)], [st["ci95"][1] - m for m, st in zip(means, ci)]]
+        ax.errorbar(xs, means, yerr=err, fmt="D", color="black", capsize=4, label="mean, 95 % interval", zorder=3)
+    if spec.search_space[key].kind == "loguniform":
+        ax.set_xscale("log")
+    ax.set_xlabel(key)
+    ax.set_ylabel(spec.metric)
+    ax.set_title(f"{spec.name}: {spec.metric} vs {key}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def _fmt(v) -> str:

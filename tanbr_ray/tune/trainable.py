@@ -74,4 +74,6 @@ def run_trial(config: dict, base: dict, moe_raw: dict | None = None, threads: in
     out = run_simulation(cfg, moe, progress=False, on_slot=on_slot)
     summary = out.summary["policies"][POLICY]
     final = {f"final/{k}": _number(summary.get(k)) for k in FINAL_FIELDS}
-    tune.report({**last, **{k: v for k, v in final.items() if v is not None}, "completed": 1})
+    identity = {"model_key": out.summary["model"]["key"], "model_sha256": out.summary["model"]["weights_sha256"],
+                "fingerprint": out.summary["fingerprint"]}
+    tune.report({**last, **{k: v for k, v in final.items() if v is not None}, **identity, "completed": 1})

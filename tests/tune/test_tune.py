@@ -1,6 +1,7 @@
 """`tanbr tune` end to end on a tiny MoE: 4 trials x 3 slots on a local 2-CPU Ray, W&B offline in tmp."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -90,6 +91,11 @@ def test_sweep_writes_trial_table(swept):
         assert 0.0 <= float(r["running_score"]) <= 1.0
         assert 0.0 <= float(r["final/score"]) <= 1.0
     assert "tiny-sweep: 4 trials" in output and "best: tanbr.tree.rho=" in output
+    summary = json.loads((out / "sweep.json").read_text())  # the same trials, with what they ran on
+    assert len(summary["trials"]) == 4 and summary["provenance"]["git_commit"]
+    shas = {r["model_sha256"] for r in done}
+    assert len(shas) == 1 and None not in shas, "every finished trial names the one model it ran on"
+    assert [m["weights_sha256"] for m in summary["models"]] == sorted(shas)
     assert (out / "metric_vs_rho.png").stat().st_size > 0
     assert (out / "learning_curves.png").stat().st_size > 0
 
@@ -197,7 +203,24 @@ def test_settings_carry_their_interval_over_seeds_and_whether_it_overlaps_the_be
     assert st[0]["mean"] == pytest.approx(0.61) and st[0]["ci95"] == pytest.approx([0.61 - 0.02484, 0.61 + 0.02484], abs=1e-4)
     assert [x["overlaps_best"] for x in st] == [True, True, False]  # 0.5 is within noise of 0.3; 0.9 is not
     one_seed = settings_summary(rows[:1], spec)
-    assert one_seed[0]["ci95"] is None and one_seed[0]["overlaps_best"] is None
+    assert one_seed[0]["ci95"] is None and one_seed[0]["overlaps_best"] is None and one_seed[0]["vs_best_paired"] is None
+
+
+def test_paired_difference_separates_settings_that_seed_spread_hides():
+    """Seeds move every setting together (workload difficulty): the unpaired intervals overlap, the
+    per-seed difference to the best does not."""
+    from tanbr_ray.tune.config import TuneSpec
+    from tanbr_ray.tune.sweep import settings_summary
+
+    spec = TuneSpec(search_space={"tanbr.tree.rho": {"grid": [0.3, 0.9]}}, seeds=[0, 1, 2])
+    scores = {0.3: (0.60, 0.70, 0.80), 0.9: (0.58, 0.68, 0.775)}
+    rows = [dict(trial_id=f"{rho}-{s}", completed=True, seed=s, running_score=v, **{"tanbr.tree.rho": rho})
+            for rho, vs in scores.items() for s, v in enumerate(vs)]
+    best, other = settings_summary(rows, spec)
+    assert other["overlaps_best"] is True
+    assert best["vs_best_paired"]["mean"] == 0.0 and other["vs_best_paired"]["seeds"] == 3
+    assert other["vs_best_paired"]["mean"] == pytest.approx(-0.065 / 3)
+    assert other["vs_best_paired"]["ci95"][1] < 0  # 0.9 is reliably below 0.3 on the same workloads
 
 
 def test_interrupted_sweep_rows_for_trials_never_started():
