@@ -39,6 +39,8 @@ COMMANDS = {
     "serve.json": "tanbr bench serve --json benchmarks/serve.json",
     "regret_stationary.json": "tanbr bench regret --env stationary --json benchmarks/regret_stationary.json",
     "regret_drifting.json": "tanbr bench regret --env drifting --json benchmarks/regret_drifting.json",
+    "fidelity.json": "tanbr bench fidelity --json benchmarks/fidelity.json --plot benchmarks/fidelity.png",
+    "tune_rho.json": "tanbr tune tune_configs/rho.yaml (its sweep.json)",
 }
 
 
@@ -69,6 +71,11 @@ def _pts(v, digits: int = 2) -> str:
 
 def _interval(ci, digits: int = 2) -> str:
     return "–" if not ci else f"[{_pts(ci[0], digits)}, {_pts(ci[1], digits)}]"
+
+
+def _span(ci, digits: int = 4) -> str:
+    """An interval of plain values (not points)."""
+    return "–" if not ci else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
 def _cell(v) -> str:
@@ -488,6 +495,46 @@ def _render_regret(d: dict) -> list[str]:
     return out
 
 
+def _is_fidelity(d: dict) -> bool:
+    return isinstance(d.get("levels"), list) and isinstance(d.get("calibration"), dict)
+
+
+def _render_fidelity(d: dict) -> list[str]:
+    cal = d["calibration"]
+    b = cal["max_batch"]
+    out = [f"Replica on {cal['threads']} torch thread(s), {'bf16' if cal['bf16'] else 'fp32'}; calibrated batch "
+           f"of 1 / {b}: " + "; ".join(f"{m} {_num(v[0], 1)} / {_num(v[-1], 1)} ms" for m, v in cal["batch_ms"].items())
+           + f"; per-request overhead {_num(cal['overhead_ms'], 1)} ms. Real / simulated ms (the simulator's "
+           "relative error):", ""]
+
+    def cell(r, p):
+        return f"{_num(r['real_ms'][p], 1)} / {_num(r['sim_ms'][p], 1)} ({r['rel_err'][p]:+.0%})"
+
+    out += md_table(["load", "mode", "requests/s", "requests", "errors", "p50", "p95", "p99", "mean batch real / sim"],
+                    [[f"{r['load']:.0%}", r["mode"], _num(r["rate_per_s"], 1), r["requests"], r["errors"],
+                      cell(r, "p50"), cell(r, "p95"), cell(r, "p99"),
+                      f"{_num(r['mean_batch']['real'], 1)} / {_num(r['mean_batch']['sim'], 1)}"] for r in d["levels"]])
+    return out
+
+
+def _is_sweep(d: dict) -> bool:
+    return isinstance(d.get("sweep"), dict) and isinstance(d.get("settings"), list)
+
+
+def _render_sweep(d: dict) -> list[str]:
+    keys = list(d["sweep"].get("search_space", {}))
+    out = [f"Sweep `{d['sweep'].get('name')}` on the `{d['sweep'].get('base')}` scenario, {len(d['trials'])} trials; "
+           f"{d['metric']} ({d['mode']}) per setting over seeds, best first; 'paired' = minus the best on the same seeds.",
+           ""]
+    out += md_table([*keys, "seeds", "mean", "95 % interval", "overlaps best", "paired vs best [95 %]"],
+                    [[*(_cell(st.get(k)) for k in keys), st["seeds"], _num(st["mean"], 4), _span(st["ci95"]),
+                      {True: "yes", False: "no", None: "–"}[st.get("overlaps_best")],
+                      "–" if not st.get("vs_best_paired") else
+                      f"{st['vs_best_paired']['mean']:+.4f} {_span(st['vs_best_paired']['ci95'])}"]
+                     for st in d["settings"]])
+    return out
+
+
 def _flatten(value, prefix: str = "") -> list[tuple[str, object]]:
     if isinstance(value, dict):
         if not value:
@@ -525,6 +572,8 @@ RENDERERS = (
     Renderer("tanbr bench reliability", _is_reliability, _render_reliability),
     Renderer("tanbr bench serve", _is_serve, _render_serve),
     Renderer("tanbr bench regret", _is_regret, _render_regret),
+    Renderer("tanbr bench fidelity", _is_fidelity, _render_fidelity),
+    Renderer("tanbr tune", _is_sweep, _render_sweep),
 )
 
 

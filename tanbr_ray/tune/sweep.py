@@ -207,7 +207,7 @@ def settings_summary(rows: list[dict], spec: TuneSpec) -> list[dict]:
     for st in out:
         a, b = st["ci95"], out[0]["ci95"]
         st["overlaps_best"] = None if a is None or b is None else bool(a[1] >= b[0] and a[0] <= b[1])
-        st["vs_best_paired"] = _paired(st["by_seed"], out[0]["by_seed"])
+        st["vs_best_paired"] = None if st is out[0] else _paired(st["by_seed"], out[0]["by_seed"])
     return out
 
 
@@ -275,6 +275,7 @@ def _write_summary(result: SweepResult, spec: TuneSpec, sim_raw: dict, path: Pat
     obj = {"sweep": spec.model_dump(mode="json"), "base": sim_raw, "metric": spec.metric, "mode": spec.mode,
            "settings": result.settings, "best": result.best, "trials": result.rows,
            "models": [{"key": k, "weights_sha256": h} for k, h in models],
+           "model": {"key": models[0][0], "weights_sha256": models[0][1]} if len(models) == 1 else None,
            "provenance": provenance(result.wall_seconds)}
     atomic_write_bytes(path, json.dumps(obj, indent=1, default=_json_default).encode())
     return path
