@@ -8,6 +8,7 @@ from tanbr_ray.cli import tune_cmd  # noqa: F401  (registers `tanbr tune`)
 from tanbr_ray.cli import config_cmd  # noqa: F401  (registers `tanbr config show`, `tanbr config cp`)
 from tanbr_ray.cli import serve_cmd  # noqa: F401  (registers `tanbr serve`, `tanbr bench serve`)
 from tanbr_ray.cli import report_cmd  # noqa: F401  (registers `tanbr report`)
+from tanbr_ray.cli import fidelity_cmd  # noqa: F401  (registers `tanbr bench fidelity`)
 from tanbr_ray.cli.app import app
 
 

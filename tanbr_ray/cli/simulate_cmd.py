@@ -107,7 +107,8 @@ def _runner(cfg, moe_cfg, moe, memo_dir, backend: str, address, replicas, progre
     t0 = time.perf_counter()
     moe.merged_state(np.arange(1.0, moe.num_experts + 1) / (moe.num_experts * (moe.num_experts + 1) / 2), cfg.merge_operator)
     merge_s = time.perf_counter() - t0
-    for line in estimate(cfg, host_costs(moe, cfg.bf16), rates, merge_s, held).lines():
+    for line in estimate(cfg, host_costs(moe, cfg.bf16, cfg.calibration, cfg.queue.max_batch, cfg.data_dir),
+                         rates, merge_s, held).lines():
         typer.echo(line)
     multi = len(cfg.seed_list()) > 1
     trackers: dict = {}

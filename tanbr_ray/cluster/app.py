@@ -22,6 +22,7 @@ from tanbr_ray.moe.config import load_config as load_moe_config
 from tanbr_ray.sim.config import load_config as load_sim_config
 from tanbr_ray.sim.config import scenario_path
 from tanbr_ray.sim.fleet import Fleet, load_fleet
+from tanbr_ray.sim.queueing import QueueConfig
 
 
 class AppArgs(BaseModel):
@@ -49,6 +50,8 @@ class AppArgs(BaseModel):
     merger_gpus: float = Field(0.0, ge=0.0, le=8.0, description="GPUs (fractions allowed) per merger: it merges "
                                "and scores on the one Ray gives it; edge classes set their own `replica_gpus`")
     bf16: bool = Field(False, description="edge replicas serve under bfloat16 autocast")
+    queue: QueueConfig = Field(default_factory=QueueConfig, description="each node's dynamic batching (max_batch, "
+                               "max_wait_ms, timeout_s); unset = the scenario's `queue:`, the one its simulation reads")
     replicas: int | None = Field(None, ge=1, description="edge replica processes for the whole fleet, nodes "
                                  "multiplexed onto them (at least one per class); None = one per node")
     api: ApiSettings = Field(default_factory=ApiSettings)
@@ -69,8 +72,12 @@ class AppArgs(BaseModel):
             return raw  # the field's own validation names the problem
         router = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in router.items()}
         base = {"tanbr": sim.tanbr.model_dump(mode="json"), "seed": sim.seed, "random_points": sim.random_points}
+        queue = raw.get("queue") or {}
+        queue = queue.model_dump() if isinstance(queue, BaseModel) else queue
+        if isinstance(queue, dict):  # key by key onto the scenario's, as the router's keys
+            queue = deep_merge(sim.queue.model_dump(), queue)
         return {"model": sim.model, "merge_operator": sim.merge_operator, "bf16": sim.bf16,
-                **raw, "router": deep_merge(base, router)}
+                **raw, "queue": queue, "router": deep_merge(base, router)}
 
     def moe(self) -> MoEConfig:
         """The model's config, merging with the app's operator (not part of the model's cache key)."""
@@ -164,8 +171,13 @@ def make_app(args: dict | AppArgs, fleet: Fleet | None = None, moe_cfg: MoEConfi
         opts = {"num_cpus": c.replica_cpus, "num_gpus": c.replica_gpus, "resources": {edge_resource(c.name): 1}}
         if c.replica_memory_mb:
             opts["memory"] = c.replica_memory_mb * 2**20
-        edges[c.name] = EdgeNode.options(name=edge_deployment(c.name), num_replicas=replicas, ray_actor_options=opts).bind(
-            c.name, a.router_name, a.threads, a.router.sample_per_slot, n_dec, n_merge, cap, a.bf16)
+        # room for a full batch per held node and the next one forming: requests wait in the node's
+        # batcher (the queue the simulator models), not in Serve's router
+        ongoing = max(16, 2 * a.queue.max_batch * cap)
+        edges[c.name] = EdgeNode.options(name=edge_deployment(c.name), num_replicas=replicas, ray_actor_options=opts,
+                                         max_ongoing_requests=ongoing).bind(
+            c.name, a.router_name, a.threads, a.router.sample_per_slot, n_dec, n_merge, cap, a.bf16,
+            a.queue.model_dump())
     nodes = {node: cls.name for node, cls in fleet.nodes()}
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0, "resources": {HEAD_RESOURCE: SHARE}})
     return ingress.bind(edges, nodes, meta.tasks, a.router_name, n_dec, a.api.model_dump())

@@ -143,7 +143,8 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         args = AppArgs(model=cfg.model, merge_operator=cfg.merge_operator, model_source=model_source, slot_seconds=0,
                        router=RouterSpec(policy=router_policies[0] if router_policies else "Tanbr", seed=cfg.seed,
                                          random_points=cfg.random_points, tanbr=cfg.tanbr, threads=cfg.threads, storage=storage),
-                       router_name=f"tanbr-router-sim-{cfg.seed}", replicas=replicas, bf16=cfg.bf16)
+                       router_name=f"tanbr-router-sim-{cfg.seed}", replicas=replicas, bf16=cfg.bf16,
+                       queue=cfg.queue)
         serve.run(make_app(args, fleet, moe_cfg), name=APP_NAME, route_prefix=None)
         client = DecisionClient(args.router_name, args.router.decision_actors())
         edges = {c.name: serve.get_deployment_handle(edge_deployment(c.name), app_name=APP_NAME) for c in fleet.classes}

@@ -7,6 +7,8 @@ model multiplexing: a request carries its node as the multiplexed model id, Serv
 replica already holding that node's model, and the loader pulls the node's current (version, x) from
 the decision leader when a replica takes a node on (a new or restarted replica included). Pushes
 arrive by `broadcast("sync", assignments)`; every replica answers with the versions it now holds.
+Each node's requests go through its own dynamic batcher (`batcher.py`, the scenario's `queue:`
+settings, the rule the simulator models): one batch at a time per node, heads mixed in a batch.
 Weights come from the pushed object-store ref, or, when that ref died with its owner (a decision
 leader that was killed), from any merger. A new version with the same x (a takeover re-stamps every
 node) only relabels the model it holds.
@@ -18,17 +20,19 @@ import asyncio
 import resource
 import weakref
 
-import numpy as np
 import ray
 from ray import serve
 
 from ray.serve.exceptions import BackPressureError
 
+from tanbr_ray.cluster.batcher import DynamicBatcher
 from tanbr_ray.cluster.decision_client import DecisionClient
 from tanbr_ray.cluster.merger_pool import GONE as WEIGHTS_GONE
 from tanbr_ray.cluster.merger_pool import MergerPool
 from tanbr_ray.cluster.names import ROUTER_NAME
 from tanbr_ray.moe.edge import EdgeModel
+from tanbr_ray.moe.serving import check_items
+from tanbr_ray.sim.queueing import QueueConfig
 
 RETRIES = 5
 REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, BackPressureError)
@@ -59,12 +63,14 @@ class NodeModel:
         self.node, self.version, self.x, self.model = node, -1, None, None
 
 
-@serve.deployment(max_ongoing_requests=16)
+@serve.deployment(max_ongoing_requests=32)
 class EdgeNode:
     async def __init__(self, node_class: str, router_name: str = ROUTER_NAME, threads: int = 1,
                        sample_per_slot: int = 32, decision_actors: int = 1, mergers: int = 1,
-                       max_nodes: int = 1, bf16: bool = False):
+                       max_nodes: int = 1, bf16: bool = False, queue: dict | None = None):
         self.node_class, self.sample_per_slot = node_class, sample_per_slot
+        self.queue = QueueConfig(**(queue or {}))
+        self.batchers: dict[str, DynamicBatcher] = {}  # per node: one batch at a time, as on a machine of its own
 
         async def node_model(node: str) -> NodeModel:  # Serve's LRU over the nodes this replica holds
             return await self._load_node(node)
@@ -116,11 +122,16 @@ class EdgeNode:
         node = serve.get_multiplexed_model_id()
         if not node:
             raise ValueError("infer: no node given (pass it as the multiplexed model id)")
+        check_items(items, self.edge.tasks)  # a bad request fails alone, never the batch it would join
         nm = await self.node_model(node)
         if nm.version < min_version:  # a push this replica missed: pull before serving
             await self._refresh(nm)
-        model, version = nm.model, nm.version
-        preds = await asyncio.to_thread(self._predict, model, items)
+        batcher = self.batchers.get(node)
+        if batcher is None:
+            batcher = self.batchers[node] = DynamicBatcher(self._serve_batch, self.queue)
+        served = await asyncio.gather(*(batcher.submit((nm, item)) for item in items))
+        preds = [p for p, _ in served]
+        version = min(v for _, v in served)
         seen = self.heads.setdefault(node, [])
         rows = self.sample.setdefault(node, [])
         for (head, a, b), p in zip(items, preds):
@@ -129,14 +140,12 @@ class EdgeNode:
                 rows.append((head, a, b, float(p)))
         return {"preds": preds, "node": node, "model_version": version, "replica": self.replica}
 
-    def _predict(self, model, items) -> list[float]:
-        out = np.zeros(len(items))
-        for head in sorted({h for h, _, _ in items}):
-            idx = [i for i, (h, _, _) in enumerate(items) if h == head]
-            a = [items[i][1] for i in idx]
-            b = [items[i][2] for i in idx] if items[idx[0]][2] is not None else None
-            out[idx] = self.edge.predict(head, a, b, model=model)
-        return out.tolist()
+    async def _serve_batch(self, batch: list[tuple[NodeModel, tuple]]) -> list[tuple[float, int]]:
+        """One batch of a node's requests on the model it holds when the batch starts: (pred, version)."""
+        nm = batch[0][0]
+        model, version = nm.model, nm.version
+        preds = await asyncio.to_thread(self.edge.predict_items, [item for _, item in batch], model)
+        return [(float(p), version) for p in preds]
 
     async def sync(self, assignments: dict[str, tuple[int, list, list]]) -> dict:
         """A push: bring every node this replica holds to its assigned version; ack what it holds."""
@@ -172,5 +181,8 @@ class EdgeNode:
         return {"replica": self.replica, "class": self.node_class, "ray_node": ray.get_runtime_context().get_node_id(),
                 "nodes": {node: nm.version for node, nm in self.loaded.items()},
                 "weights_refetched": self.weights_refetched,
+                "batches": {node: {"batches": len(b.batches), "requests": sum(r.size for r in b.batches),
+                                   "largest": max((r.size for r in b.batches), default=0)}
+                            for node, b in self.batchers.items()},
                 "resident_bytes": self.held_bytes(),
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB

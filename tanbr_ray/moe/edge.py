@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, BertConfig
 
-from tanbr_ray.moe.data import PAIR, TaskSplit, bucket_batches
-from tanbr_ray.moe.infer import _to_pred
+from tanbr_ray.moe.data import PAIR
 from tanbr_ray.moe.merge import FFN_KEYS
 from tanbr_ray.moe.model import DenseModel, MergedVersion, TaskMoE
-from tanbr_ray.moe.precision import bf16
+from tanbr_ray.moe.serving import Item, check_items, serve_items
 
 
 @dataclass
@@ -83,22 +82,18 @@ class EdgeModel:
     def resident_bytes(self) -> int:
         return 0 if self.model is None else self.model.resident_bytes()
 
-    @torch.no_grad()
     def predict(self, task: str, text_a: list[str], text_b: list[str] | None = None,
                 model: MergedVersion | None = None) -> np.ndarray:
         """Labels (class index) or scores (STS-B) for single-task requests, in request order; with
         this node's current model, or `model` (another FFN version on the same shell)."""
+        b = [None] * len(text_a) if text_b is None else list(text_b)
+        return self.predict_items([(task, a, tb) for a, tb in zip(text_a, b)], model, chunk=32)
+
+    def predict_items(self, items: list[Item], model: MergedVersion | None = None,
+                      chunk: int | None = None) -> np.ndarray:
+        """One batch of (head, text_a, text_b) requests, heads mixed, as a replica serves it."""
         model = model or self.model  # one version for the whole call, even if a push lands meanwhile
         if model is None:
             raise RuntimeError("no merged model loaded yet")
-        if task not in self.max_len:
-            raise ValueError(f"unknown head {task!r}; heads: {self.tasks}")
-        if PAIR[task] != (text_b is not None):
-            raise ValueError(f"head {task!r} {'needs' if PAIR[task] else 'takes no'} text_b")
-        split = TaskSplit(task, list(text_a), None if text_b is None else list(text_b), np.zeros(len(text_a)))
-        out = np.zeros(len(text_a))
-        with bf16(next(self.shell.parameters()).device, enabled=self.bf16):
-            for b in bucket_batches(self.tokenizer, split, self.max_len[task], batch_size=32):
-                b = b.to(self.device)
-                out[b.index] = _to_pred(task, model(b.input_ids, b.attention_mask, b.token_type_ids, task).float())
-        return out
+        check_items(items, self.tasks)
+        return serve_items(self.tokenizer, self.max_len, model, items, self.device, self.bf16, chunk)

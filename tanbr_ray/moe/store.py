@@ -46,6 +46,7 @@ def save_moe(moe: TaskMoE, cfg: MoEConfig, directory: str | os.PathLike, build: 
     }
     atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=float)))
     moe.identity = {"key": d.name, "weights_sha256": meta["files"][WEIGHTS]["sha256"]}
+    moe.cache_dir = d  # where measurements of this model are kept beside it (its calibration)
     return d
 
 
@@ -90,6 +91,7 @@ def load_moe(directory: str | os.PathLike, device="cpu") -> tuple[TaskMoE, MoECo
             raise ValueError(f"{d / STATS}: {e}") from e
     moe.eval()
     moe.identity = {"key": d.name, "weights_sha256": files[WEIGHTS][1]}
+    moe.cache_dir = d
     return moe, cfg, meta
 
 

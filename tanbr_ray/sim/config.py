@@ -44,6 +44,9 @@ class SimConfig(BaseModel):
     scored_per_slot: int = Field(24, ge=1, le=100_000, description="requests per node-slot scored exactly "
                                  "(rewards, accuracy); the rest are served, queued and monitored, not scored")
     queue: QueueConfig = Field(default_factory=QueueConfig)
+    calibration: str = Field("auto", min_length=1, description="service times: auto = the model's calibration on this "
+                             "host (written by `tanbr bench fidelity`; else measured here once and stored), measure = "
+                             "measure here every run, or a calibration JSON")
     label_fraction: float = Field(1.0, ge=0.0, le=1.0, description="share of requests labelled after the slot")
     label_free: bool = Field(False, description="reward = agreement with the full MoE (top-2) instead of labels")
     credit: Literal["accuracy", "balanced"] = Field(

@@ -1,8 +1,9 @@
 """The cost model of a slot: what serving, pushing and queueing cost on each node class.
 
-Service times are this host's measured batch latency per serving mode, scaled by a node's slowdown,
-plus the time to swap in the part of the model that does not fit the node's memory; a push carries
-the whole model the first time a node gets one and its merged FFNs after.
+Service times come from a calibration (`sim.calibration`): one batch of b real requests per serving
+mode on this host's serving path, scaled by a node's slowdown, plus the time to swap in the part of
+the model that does not fit the node's memory; each request adds the path's fixed overhead and the
+node's RTT. A push carries the whole model the first time a node gets one and its merged FFNs after.
 """
 
 from __future__ import annotations
@@ -14,23 +15,22 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from tanbr_ray.moe.infer import interleaved_latency, mode_forward
+from tanbr_ray.sim.calibration import MODES, Calibration, calibration_for
 from tanbr_ray.sim.fleet import NodeClass
 from tanbr_ray.sim.queueing import QueueConfig, interpolate_service, simulate_queue
 from tanbr_ray.sim.spec import Spec
 
-SERVICE_BATCHES = (1, 4, 16)
-MODES = ("merged", "oracle", "top1", "top2", "soft")
-
 
 @dataclass(frozen=True)
 class Costs:
-    """Measured on this host: batch compute per serving mode and size, and resident bytes per mode."""
+    """This host's serving costs: batch time per mode and size, resident bytes per mode."""
 
-    batch_ms: dict[str, list[float]]  # mode -> ms at SERVICE_BATCHES
+    batch_ms: dict[str, list[float]]  # mode -> ms of a batch of 1..len requests
     resident: dict[str, int]
     dense_bytes: int
     ffn_bytes: int  # what a weight push carries: the merged FFNs of the MoE layers
+    overhead_ms: float = 0.0  # per request, outside its batch (the serving path's round trip)
+    service_model: str = "measured in-process"  # where batch_ms came from (results.json says it)
 
     @property
     def compute_ms(self) -> dict[str, float]:
@@ -44,7 +44,7 @@ class Costs:
 
     def service(self, mode: str, node: NodeClass) -> Callable[[int], float]:
         """Seconds to serve a batch of b requests of this mode on this node."""
-        compute = interpolate_service(list(SERVICE_BATCHES), self.batch_ms[mode])
+        compute = interpolate_service(list(range(1, len(self.batch_ms[mode]) + 1)), self.batch_ms[mode])
         swap = self.swap_s(mode, node)
         return lambda b: compute(b) * node.slowdown + swap
 
@@ -68,30 +68,28 @@ class Costs:
         out = []
         for (_, cls), arr in zip(nodes, arrivals):
             q = simulate_queue(arr, self.service(mode, cls), queue, end_s=end_s)
-            out.append((q.latency_s[~q.dropped] * 1e3 + cls.rtt_ms, q.dropped, q.backlog_end))
+            out.append((q.latency_s[~q.dropped] * 1e3 + self.overhead_ms + cls.rtt_ms, q.dropped, q.backlog_end))
         return out
 
 
-def measure_costs(moe, runs: int = 5, seq_len: int = 64, bf16: bool = False) -> Costs:
-    """Batch latency of every serving mode at SERVICE_BATCHES, in the precision the nodes serve in,
-    timed round-robin (a load change on a shared host then hits every mode alike)."""
-    fns = {(m, b): mode_forward(moe, m, b, seq_len, bf16=bf16) for m in MODES for b in SERVICE_BATCHES}
-    timed = interleaved_latency(fns, runs=runs)
-    batch_ms = {m: [timed[(m, b)]["p50"] for b in SERVICE_BATCHES] for m in MODES}
+def costs_from(moe, cal: Calibration, service_model: str) -> Costs:
+    """Costs of this model from a calibration's times and the model's own byte counts."""
     resident = {m: int(moe.resident_bytes(m)) for m in MODES}
     x = np.full(moe.num_experts, 1.0 / moe.num_experts)
     ffn = int(sum(t.numel() * t.element_size() for t in moe.merged_state(x, "linear").values()))
-    return Costs(batch_ms, resident, resident["merged"], ffn)
+    return Costs({m: cal.batch_ms[m] for m in MODES}, resident, resident["merged"], ffn, cal.overhead_ms, service_model)
 
 
-_HOST_COSTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[bool, Costs]]" = weakref.WeakKeyDictionary()
+_HOST_COSTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Costs]]" = weakref.WeakKeyDictionary()
 
 
-def host_costs(moe, bf16: bool) -> Costs:
-    """measure_costs once per model and precision in this process: every seed and policy of a run
-    then queues on the same service times, so their latencies differ by their traffic, not by when
+def host_costs(moe, bf16: bool, calibration: str = "measure", max_batch: int = 16, data_dir=None) -> Costs:
+    """One service model per model, precision and source in this process: every seed and policy of a
+    run then queues on the same service times, so their latencies differ by their traffic, not by when
     the shared host happened to be busy (separate measurements of one model here varied up to 2.7×)."""
     per_model = _HOST_COSTS.setdefault(moe, {})
-    if bf16 not in per_model:
-        per_model[bf16] = measure_costs(moe, bf16=bf16)
-    return per_model[bf16]
+    key = (bf16, calibration, max_batch)
+    if key not in per_model:
+        cal, where = calibration_for(moe, bf16, calibration, max_batch, data_dir)
+        per_model[key] = costs_from(moe, cal, where)
+    return per_model[key]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from tanbr_ray.router import registry
 from tanbr_ray.sim.config import SimConfig
-from tanbr_ray.sim.costs import SERVICE_BATCHES, Costs
+from tanbr_ray.sim.costs import Costs
 
 MERGE_SHARE = 0.25  # of a merging policy's node-slots, those that need a merge not made before
 # measured builds on 2 CPU cores (seconds): default on an AVX512-BF16 EPYC in bf16, quick in fp32
@@ -52,7 +52,8 @@ def estimate(cfg: SimConfig, costs: Costs, rates: list[float], merge_s: float, m
     seeds = len(cfg.seed_list())
     per_slot = sum(min(cfg.scored_per_slot, r * cfg.slot_seconds) for r in rates)
     scored = int(round(len(cfg.policies) * cfg.slots * per_slot * seeds))
-    per_request_s = costs.batch_ms["merged"][SERVICE_BATCHES.index(16)] / 16 / 1e3
+    full = costs.batch_ms["merged"]
+    per_request_s = full[-1] / len(full) / 1e3  # scored in full batches
     merging = sum(registry.POLICIES[p].picks_x for p in cfg.policies) * cfg.slots * len(rates) * seeds
     seconds = scored * per_request_s + merging * MERGE_SHARE * merge_s
     return Estimate(len(cfg.policies), cfg.slots, len(rates), seeds, scored, memo_entries, seconds)

@@ -110,7 +110,7 @@ class Simulation:
         self.monitors = FleetMonitors(self.wl, self.tasks, cfg.tanbr.monitor)
         rng = np.random.default_rng(cfg.seed + 1)
         self.labelled = [[rng.random(len(r.scored)) < cfg.label_fraction for r in slot] for slot in self.wl.requests]
-        self.costs = host_costs(moe, cfg.bf16)
+        self.costs = host_costs(moe, cfg.bf16, cfg.calibration, cfg.queue.max_batch, cfg.data_dir)
         self.credit_of = Credit(self.ev, class_weights(self.tasks, cfg.data_dir) if cfg.credit == "balanced" else {})
         self._queues: dict[str, list] = {}  # mode -> per-node queue results (same arrivals for every policy)
 

@@ -12,7 +12,6 @@ from tanbr_ray.moe.data import resolve_data_dir
 from tanbr_ray.moe.store import model_identity
 from tanbr_ray.provenance import provenance
 from tanbr_ray.sim.config import SimConfig
-from tanbr_ray.sim.costs import SERVICE_BATCHES
 from tanbr_ray.sim.output import PolicyResult, PolicySeries, SimOutput
 from tanbr_ray.stats import loglog_slope, recovery_slots
 
@@ -107,7 +106,8 @@ def summarise(sim, runs: dict, best: tuple, oracle_credit: np.ndarray, phases: d
         "slots": cfg.slots, "nodes": {node: cls.name for node, cls in sim.nodes}, "tasks": sim.tasks,
         "full_moe_bytes": int(sim.costs.resident["top2"]), "dense_bytes": int(sim.costs.dense_bytes),
         "compute_ms_batch1": sim.costs.compute_ms,
-        "batch_ms": {m: dict(zip(map(str, SERVICE_BATCHES), v)) for m, v in sim.costs.batch_ms.items()},
+        "batch_ms": {m: {str(b): ms for b, ms in enumerate(v, 1)} for m, v in sim.costs.batch_ms.items()},
+        "service_model": {"source": sim.costs.service_model, "overhead_ms": sim.costs.overhead_ms},
         "monitor_error_tv": sim.monitors.error([c.name for _, c in sim.nodes]),
         "best_fixed_x": {node: x.round(6).tolist() for node, x in best_x.items()},
         "provenance": provenance(wall, cfg.bf16),

@@ -77,6 +77,28 @@ def test_health_and_inference(url):
     assert r.status_code == 200 and r.json()["node"] == "dc-0" and r.json()["label"] in (0, 1, 2)
 
 
+def test_concurrent_requests_to_a_node_are_served_in_batches(url):
+    """The node's batcher gathers what arrives together (the scenario's queue: up to 16, 20 ms)."""
+    import asyncio
+
+    def held(state):
+        return next(r["batches"].get("dc-0", {"batches": 0, "requests": 0}) for r in state["replicas"]
+                    if "dc-0" in r["nodes"])
+
+    before = held(httpx.get(f"{url}/v1/state", timeout=30).json())
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(f"{url}/v1/infer", json={
+                "text_a": f"review number {i} was fine", "head": "SST-2", "node": "dc-0"}) for i in range(24)))
+
+    assert all(r.status_code == 200 for r in asyncio.run(burst()))
+    after = held(httpx.get(f"{url}/v1/state", timeout=30).json())
+    batches, requests = after["batches"] - before["batches"], after["requests"] - before["requests"]
+    assert requests == 24 and batches < 24, after  # some requests shared a forward
+    assert 1 < after["largest"] <= 16
+
+
 def test_replicas_are_pinned_to_their_class_nodes(url):
     replicas = httpx.get(f"{url}/v1/state", timeout=30).json()["replicas"]
     assert sorted(r["class"] for r in replicas) == ["board", "board", "dc"]

@@ -9,7 +9,7 @@ from tanbr_ray.sim.estimate import MERGE_SHARE, build_line, estimate
 
 def test_estimate_counts_the_run_and_prices_it_by_the_measured_costs():
     cfg = load_config("default", ["seeds=2", "policies=[Tanbr,RegMean]", "slots=10", "slot_seconds=10"])
-    costs = Costs({"merged": [2.0, 5.0, 32.0]}, {"merged": 1}, 1, 1)  # 2 ms per request at batch 16
+    costs = Costs({"merged": [2.0 + 2.0 * b for b in range(16)]}, {"merged": 1}, 1, 1)  # 2 ms per request at batch 16
     rates = [10.0, 10.0, 1.0]  # the third node receives 10 requests a slot: fewer than 24 to score
     e = estimate(cfg, costs, rates, merge_s=0.2, memo_entries=0)
     assert e.scored == 2 * 10 * (24 + 24 + 10) * 2

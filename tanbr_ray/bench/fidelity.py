@@ -1,0 +1,161 @@
+"""`tanbr bench fidelity`: how close the simulator's latencies come to a real replica's on this host.
+
+Per serving mode (merged, top-1): a Serve replica (`cluster.mode_replica`, the edge replicas'
+batcher and serving code) first calibrates, timing its own batches of 1..max_batch dev requests and
+the per-request overhead of idle round trips; then one seeded Poisson trace per load level (a share of
+the replica's capacity, max_batch requests per full-batch time) goes through the replica, open loop,
+and the same trace through the simulator's queue (`sim.queueing`) on the calibrated service times at
+slowdown 1. Calibration and validation use different rows and different traffic (fixed-size batches
+and idle requests; Poisson traces). The calibration is stored where `tanbr simulate` finds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from tanbr_ray.sim.calibration import ITEMS_SEED, Calibration, calibration_items, host_identity
+from tanbr_ray.sim.queueing import QueueConfig, interpolate_service, simulate_queue
+
+LEVELS = (0.3, 0.6, 0.9)
+MODES = ("merged", "top1")
+TRACE_SEED = 7  # the validation traces (the calibration's rows use sim.calibration.ITEMS_SEED)
+TRACE_ROWS_SEED = ITEMS_SEED + 1
+PCTS = (50, 95, 99)
+
+
+@dataclass(frozen=True)
+class FidelityPlan:
+    seconds: float = 120.0  # per load level and mode
+    levels: tuple[float, ...] = LEVELS
+    modes: tuple[str, ...] = MODES
+    runs: int = 5  # timed runs per batch size in the calibration
+    idle_requests: int = 40  # sequential requests for the per-request overhead
+    threads: int = 1  # torch threads of the replica (an edge replica's default)
+
+
+def poisson_trace(rate: float, seconds: float, seed: int) -> np.ndarray:
+    """Arrival times (s) of a Poisson process of `rate` per second over `seconds`."""
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate, int(rate * seconds * 1.5) + 10)
+    t = np.cumsum(gaps)
+    return t[t < seconds]
+
+
+def pcts(ms: np.ndarray) -> dict[str, float]:
+    v = ms[np.isfinite(ms)]
+    return {f"p{p}": float(np.percentile(v, p)) if len(v) else float("nan") for p in PCTS}
+
+
+def simulated(arrivals: np.ndarray, batch_ms: list[float], overhead_ms: float, queue: QueueConfig) -> dict:
+    """The simulator's view of one trace: latency (ms) per request and its batches."""
+    service = interpolate_service(list(range(1, len(batch_ms) + 1)), batch_ms)
+    q = simulate_queue(arrivals, service, queue)
+    return {"latency_ms": q.latency_s * 1e3 + overhead_ms, "batches": q.batches, "dropped": int(q.dropped.sum())}
+
+
+def capacity(batch_ms: list[float]) -> float:
+    """Requests per second a replica serves in full batches back to back."""
+    return len(batch_ms) / (batch_ms[-1] / 1e3)
+
+
+def level_row(load: float, mode: str, rate: float, real: dict, sim: dict, batch_sizes: list[int]) -> dict:
+    r, s = pcts(real["latency_ms"]), pcts(sim["latency_ms"])
+    served = int(np.isfinite(real["latency_ms"]).sum())
+    return {"load": load, "mode": mode, "rate_per_s": rate, "requests": len(real["latency_ms"]), "served": served,
+            "errors": len(real["errors"]), "error_samples": real["errors"][:3],
+            "real_ms": r, "sim_ms": s, "rel_err": {k: (s[k] - r[k]) / r[k] for k in r},
+            "mean_batch": {"real": float(np.mean(batch_sizes)) if batch_sizes else None,
+                           "sim": (served - sim["dropped"]) / max(sim["batches"], 1)},
+            "send_lag_ms_p99": float(np.percentile(real["send_lag_ms"], 99)),
+            "replica_ms_p50": float(np.nanmedian(real["replica_ms"]))}
+
+
+def run_fidelity(moe, queue: QueueConfig, bf16: bool, plan: FidelityPlan, data_dir=None, progress=print) -> dict:
+    """Calibrate and replay every mode on a Serve replica; needs Serve running (`serve.start`)."""
+    from ray import serve
+
+    from tanbr_ray.cluster.mode_replica import deploy_mode, replay
+    from tanbr_ray.moe.edge import edge_package
+    from tanbr_ray.moe.store import model_identity
+
+    cal_items = calibration_items(moe.tasks, data_dir)
+    rows_items = calibration_items(moe.tasks, data_dir, per_task=100, seed=TRACE_ROWS_SEED)
+    batch_ms, overhead, levels, traces, threads = {}, {}, [], {}, plan.threads
+    uniform = np.full(moe.num_experts, 1.0 / moe.num_experts)
+    for mode in plan.modes:
+        model = (edge_package(moe), moe.merged_state(uniform)) if mode == "merged" else moe
+        handle = deploy_mode(model, mode, queue.model_dump(), plan.threads, bf16)
+        cal = handle.calibrate.remote(cal_items, queue.max_batch, plan.runs).result(timeout_s=3600)
+        batch_ms.update(cal["batch_ms"])
+        threads = cal["threads"]
+        overhead[mode] = _overhead(handle, cal_items, plan.idle_requests)
+        rate_full = capacity(batch_ms[mode])
+        progress(f"{mode}: batch 1 {batch_ms[mode][0]:.1f} ms, batch {queue.max_batch} {batch_ms[mode][-1]:.1f} ms "
+                 f"(capacity {rate_full:.0f} requests/s), overhead {overhead[mode]:.1f} ms per request")
+        for k, load in enumerate(plan.levels):
+            arrivals = poisson_trace(load * rate_full, plan.seconds, TRACE_SEED + k)
+            rng = np.random.default_rng(TRACE_SEED + k)
+            items = [rows_items[i] for i in rng.integers(len(rows_items), size=len(arrivals))]
+            before = len(handle.batch_sizes.remote().result())
+            t0 = time.perf_counter()
+            real = asyncio.run(replay(handle, arrivals, items))
+            sizes = handle.batch_sizes.remote().result()[before:]
+            sim = simulated(arrivals, batch_ms[mode], overhead[mode], queue)
+            levels.append(level_row(load, mode, load * rate_full, real, sim, sizes))
+            traces[(mode, load)] = (real["latency_ms"], sim["latency_ms"])
+            r = levels[-1]
+            progress(f"  load {load:.0%}: {len(arrivals)} requests in {time.perf_counter() - t0:.0f} s; p50 real "
+                     f"{r['real_ms']['p50']:.1f} sim {r['sim_ms']['p50']:.1f} ms, p95 real {r['real_ms']['p95']:.1f} "
+                     f"sim {r['sim_ms']['p95']:.1f} ms")
+        serve.delete(f"fidelity-{mode}")
+    over = float(np.mean(list(overhead.values())))
+    calibration = Calibration(host=host_identity(), bf16=bf16, model_sha256=model_identity(moe)["weights_sha256"],
+                              max_batch=queue.max_batch, batch_ms=batch_ms, overhead_ms=over,
+                              source="serve replica", threads=threads, runs=plan.runs,
+                              date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    return {"levels": levels, "calibration": calibration.model_dump(), "overhead_ms_by_mode": overhead,
+            "queue": queue.model_dump(), "plan": plan.__dict__, "traces": traces}
+
+
+def _overhead(handle, items: list, n: int) -> float:
+    """Median per-request time outside the replica's queue and batch: sequential single requests at
+    idle, round trip minus the replica's own time (the batch wait and the batch-of-1 service included)."""
+    out = []
+    for i in range(n + 3):
+        t0 = time.perf_counter()
+        r = handle.infer.remote(items[i % len(items)]).result()
+        if i >= 3:  # the first calls warm the route
+            out.append((time.perf_counter() - t0) * 1e3 - r["replica_ms"])
+    return float(np.median(out))
+
+
+def plot_cdfs(traces: dict, path) -> None:
+    """Latency CDFs per mode: the replica (solid) and the simulator (dashed), one colour per load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({m for m, _ in traces}, key=list(MODES).index)
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for k, load in enumerate(sorted(ld for m, ld in traces if m == mode)):
+            real, sim = traces[(mode, load)]
+            for ms, style, who in ((real, "-", "replica"), (sim, "--", "simulator")):
+                v = np.sort(ms[np.isfinite(ms)])
+                ax.plot(v, np.arange(1, len(v) + 1) / max(len(v), 1), style, color=f"C{k}",
+                        label=f"{load:.0%} load, {who}")
+        ax.set_xscale("log")
+        ax.set_xlabel("latency (ms)")
+        ax.set_ylabel("share of requests")
+        ax.set_title(f"{mode}: replica vs simulator")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

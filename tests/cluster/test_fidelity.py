@@ -1,0 +1,55 @@
+"""`tanbr bench fidelity`'s parts: traces and the simulator's side without Ray, then a short run of
+both modes through real Serve replicas of the tiny model."""
+
+import numpy as np
+import pytest
+
+from tanbr_ray.bench.fidelity import FidelityPlan, capacity, level_row, poisson_trace, run_fidelity, simulated
+from tanbr_ray.sim.calibration import MODES, Calibration
+from tanbr_ray.sim.queueing import QueueConfig
+
+
+def test_poisson_trace_is_seeded_and_has_its_rate():
+    a = poisson_trace(50.0, 60.0, seed=3)
+    assert np.array_equal(a, poisson_trace(50.0, 60.0, seed=3)) and not np.array_equal(a, poisson_trace(50.0, 60.0, 4))
+    assert abs(len(a) / 60.0 - 50.0) < 3 and np.all(np.diff(a) > 0) and a[-1] < 60.0
+
+
+def test_the_simulators_side_adds_the_overhead_to_the_queue_model():
+    cfg = QueueConfig(max_batch=4, max_wait_ms=20.0)
+    batch_ms = [10.0, 12.0, 14.0, 16.0]
+    assert capacity(batch_ms) == pytest.approx(250.0)
+    lone = simulated(np.array([0.0, 5.0]), batch_ms, overhead_ms=2.0, queue=cfg)  # far apart: each waits 20 ms alone
+    assert lone["latency_ms"] == pytest.approx([20 + 10 + 2, 20 + 10 + 2]) and lone["batches"] == 2
+    together = simulated(np.array([0.0, 0.001, 0.002, 0.003]), batch_ms, 0.0, cfg)  # full at 3 ms
+    assert together["batches"] == 1 and together["latency_ms"][0] == pytest.approx(3 + 16)
+    real = {"latency_ms": np.array([30.0, 40.0]), "errors": [], "send_lag_ms": np.zeros(2), "replica_ms": np.ones(2)}
+    row = level_row(0.3, "merged", 10.0, real, {**lone, "dropped": 0}, [1, 1])
+    assert row["rel_err"]["p50"] == pytest.approx((32.0 - 35.0) / 35.0) and row["mean_batch"] == {"real": 1.0, "sim": 1.0}
+
+
+@pytest.fixture(scope="module")
+def serve_running(ray_env):
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(proxy_location="Disabled")
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_a_short_run_calibrates_and_compares_both_modes(tiny, data_dir, serve_running):
+    _, _, moe = tiny
+    plan = FidelityPlan(seconds=4.0, levels=(0.3,), runs=1, idle_requests=3)
+    out = run_fidelity(moe, QueueConfig(max_batch=4), bf16=False, plan=plan, data_dir=data_dir, progress=lambda s: None)
+    cal = Calibration(**out["calibration"])  # a calibration the simulator loads
+    assert set(cal.batch_ms) == set(MODES) and cal.source == "serve replica" and cal.threads == 1
+    assert cal.overhead_ms > 0 and all(len(v) == 4 for v in cal.batch_ms.values())
+    assert [(r["load"], r["mode"]) for r in out["levels"]] == [(0.3, "merged"), (0.3, "top1")]
+    for r in out["levels"]:
+        assert r["errors"] == 0 and r["served"] == r["requests"] > 0
+        assert 0 < r["real_ms"]["p50"] <= r["real_ms"]["p95"] and 0 < r["sim_ms"]["p50"] <= r["sim_ms"]["p95"]
+        assert 1.0 <= r["mean_batch"]["real"] <= 4
+    assert set(out["traces"]) == {("merged", 0.3), ("top1", 0.3)}
