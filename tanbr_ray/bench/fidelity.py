@@ -1,12 +1,14 @@
 """`tanbr bench fidelity`: how close the simulator's latencies come to a real replica's on this host.
 
 Per serving mode (merged, top-1): a Serve replica (`cluster.mode_replica`, the edge replicas'
-batcher and serving code) first calibrates, timing its own batches of 1..max_batch dev requests and
-the per-request overhead of idle round trips; then one seeded Poisson trace per load level (a share of
-the replica's capacity, max_batch requests per full-batch time) goes through the replica, open loop,
-and the same trace through the simulator's queue (`sim.queueing`) on the calibrated service times at
-slowdown 1. Calibration and validation use different rows and different traffic (fixed-size batches
-and idle requests; Poisson traces). The calibration is stored where `tanbr simulate` finds it.
+batcher and serving code) first calibrates: it times its own batches of 1..max_batch dev requests in
+isolation, then serves a calibration trace (Poisson, its rate stepping from 20 to 95 % of capacity)
+whose batches give the service time per size as served, and whose round trips give the per-request
+overhead outside the replica. Then one seeded Poisson trace per load level (a share of the capacity,
+max_batch requests per full-batch time) goes through the replica, open loop, and the same trace
+through the simulator's queue (`sim.queueing`) on the calibrated times at slowdown 1. Calibration and
+validation use different rows and different traces. The calibration is stored where `tanbr simulate`
+finds it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ LEVELS = (0.3, 0.6, 0.9)
 MODES = ("merged", "top1")
 TRACE_SEED = 7  # the validation traces (the calibration's rows use sim.calibration.ITEMS_SEED)
 TRACE_ROWS_SEED = ITEMS_SEED + 1
+CAL_TRACE_SEED = 1000  # the calibration trace: another seed than every validation trace
 PCTS = (50, 95, 99)
 
 
@@ -33,8 +36,8 @@ class FidelityPlan:
     seconds: float = 120.0  # per load level and mode
     levels: tuple[float, ...] = LEVELS
     modes: tuple[str, ...] = MODES
-    runs: int = 5  # timed runs per batch size in the calibration
-    idle_requests: int = 40  # sequential requests for the per-request overhead
+    runs: int = 5  # timed runs per batch size in the isolated timing
+    calibration_seconds: float = 60.0  # the calibration trace (its own seed and rows)
     threads: int = 1  # torch threads of the replica (an edge replica's default)
 
 
@@ -75,6 +78,49 @@ def level_row(load: float, mode: str, rate: float, real: dict, sim: dict, batch_
             "replica_ms_p50": float(np.nanmedian(real["replica_ms"]))}
 
 
+def fill_batch_times(records: list[tuple[int, float]], max_batch: int) -> list[float]:
+    """ms per batch size 1..max_batch from served batches: each size's median where it was served,
+    a least-squares line through those medians (weighted by count) where it was not."""
+    by = {}
+    for size, s in records:
+        by.setdefault(int(size), []).append(s * 1e3)
+    seen = sorted(b for b in by if b <= max_batch)
+    if len(seen) < 2:
+        raise ValueError(f"the calibration trace served batches of {seen} only: too few sizes to fit")
+    med = {b: float(np.median(by[b])) for b in seen}
+    slope, icpt = np.polyfit(seen, [med[b] for b in seen], 1, w=[np.sqrt(len(by[b])) for b in seen])
+    return [med.get(b, max(icpt + slope * b, 1e-3)) for b in range(1, max_batch + 1)]
+
+
+def calibration_trace(rate_full: float, seconds: float, seed: int) -> np.ndarray:
+    """A Poisson trace whose rate steps through 20 … 95 % of capacity, so every batch size is served."""
+    steps = (0.2, 0.4, 0.6, 0.8, 0.95)
+    part = seconds / len(steps)
+    return np.concatenate([k * part + poisson_trace(f * rate_full, part, seed + k) for k, f in enumerate(steps)])
+
+
+def _calibrate(handle, mode: str, queue: QueueConfig, plan: "FidelityPlan", cal_items: list) -> dict:
+    """Isolated batch times (every mode the replica holds), then the served mode's times and the
+    per-request overhead as a calibration trace shows them: batches timed while requests keep arriving
+    (the replica's event loop and Ray's share the host with the forward), and round trips outside the
+    replica. The other modes of the replica scale by the served mode's ratio of served to isolated."""
+    from tanbr_ray.cluster.mode_replica import replay
+
+    iso = handle.calibrate.remote(cal_items, queue.max_batch, plan.runs).result(timeout_s=3600)
+    rate_full = capacity(iso["batch_ms"][mode])
+    arrivals = calibration_trace(rate_full, plan.calibration_seconds, CAL_TRACE_SEED)
+    rng = np.random.default_rng(CAL_TRACE_SEED)
+    handle.take_batches.remote().result()
+    real = asyncio.run(replay(handle, arrivals, [cal_items[i] for i in rng.integers(len(cal_items), size=len(arrivals))]))
+    served = fill_batch_times(handle.take_batches.remote().result(), queue.max_batch)
+    ratio = float(np.median(np.asarray(served) / np.asarray(iso["batch_ms"][mode])))
+    batch_ms = {m: (served if m == mode else [v * ratio for v in ms]) for m, ms in iso["batch_ms"].items()}
+    ok = np.isfinite(real["latency_ms"])
+    overhead = float(np.median(real["latency_ms"][ok] - real["replica_ms"][ok]))
+    return {"batch_ms": batch_ms, "isolated_ms": iso["batch_ms"], "served_over_isolated": ratio,
+            "overhead_ms": overhead, "threads": iso["threads"], "requests": len(arrivals)}
+
+
 def run_fidelity(moe, queue: QueueConfig, bf16: bool, plan: FidelityPlan, data_dir=None, progress=print) -> dict:
     """Calibrate and replay every mode on a Serve replica; needs Serve running (`serve.start`)."""
     from ray import serve
@@ -85,27 +131,26 @@ def run_fidelity(moe, queue: QueueConfig, bf16: bool, plan: FidelityPlan, data_d
 
     cal_items = calibration_items(moe.tasks, data_dir)
     rows_items = calibration_items(moe.tasks, data_dir, per_task=100, seed=TRACE_ROWS_SEED)
-    batch_ms, overhead, levels, traces, threads = {}, {}, [], {}, plan.threads
+    batch_ms, cals, levels, traces = {}, {}, [], {}
     uniform = np.full(moe.num_experts, 1.0 / moe.num_experts)
     for mode in plan.modes:
         model = (edge_package(moe), moe.merged_state(uniform)) if mode == "merged" else moe
         handle = deploy_mode(model, mode, queue.model_dump(), plan.threads, bf16)
-        cal = handle.calibrate.remote(cal_items, queue.max_batch, plan.runs).result(timeout_s=3600)
-        batch_ms.update(cal["batch_ms"])
-        threads = cal["threads"]
-        overhead[mode] = _overhead(handle, cal_items, plan.idle_requests)
+        cals[mode] = _calibrate(handle, mode, queue, plan, cal_items)
+        batch_ms.update(cals[mode]["batch_ms"])
         rate_full = capacity(batch_ms[mode])
         progress(f"{mode}: batch 1 {batch_ms[mode][0]:.1f} ms, batch {queue.max_batch} {batch_ms[mode][-1]:.1f} ms "
-                 f"(capacity {rate_full:.0f} requests/s), overhead {overhead[mode]:.1f} ms per request")
+                 f"as served ({cals[mode]['served_over_isolated']:.2f}× isolated; capacity {rate_full:.0f} "
+                 f"requests/s), overhead {cals[mode]['overhead_ms']:.1f} ms per request")
         for k, load in enumerate(plan.levels):
             arrivals = poisson_trace(load * rate_full, plan.seconds, TRACE_SEED + k)
             rng = np.random.default_rng(TRACE_SEED + k)
             items = [rows_items[i] for i in rng.integers(len(rows_items), size=len(arrivals))]
-            before = len(handle.batch_sizes.remote().result())
+            handle.take_batches.remote().result()
             t0 = time.perf_counter()
             real = asyncio.run(replay(handle, arrivals, items))
-            sizes = handle.batch_sizes.remote().result()[before:]
-            sim = simulated(arrivals, batch_ms[mode], overhead[mode], queue)
+            sizes = [b for b, _ in handle.take_batches.remote().result()]
+            sim = simulated(arrivals, batch_ms[mode], cals[mode]["overhead_ms"], queue)
             levels.append(level_row(load, mode, load * rate_full, real, sim, sizes))
             traces[(mode, load)] = (real["latency_ms"], sim["latency_ms"])
             r = levels[-1]
@@ -113,25 +158,13 @@ def run_fidelity(moe, queue: QueueConfig, bf16: bool, plan: FidelityPlan, data_d
                      f"{r['real_ms']['p50']:.1f} sim {r['sim_ms']['p50']:.1f} ms, p95 real {r['real_ms']['p95']:.1f} "
                      f"sim {r['sim_ms']['p95']:.1f} ms")
         serve.delete(f"fidelity-{mode}")
-    over = float(np.mean(list(overhead.values())))
     calibration = Calibration(host=host_identity(), bf16=bf16, model_sha256=model_identity(moe)["weights_sha256"],
-                              max_batch=queue.max_batch, batch_ms=batch_ms, overhead_ms=over,
-                              source="serve replica", threads=threads, runs=plan.runs,
+                              max_batch=queue.max_batch, batch_ms=batch_ms,
+                              overhead_ms=float(np.mean([c["overhead_ms"] for c in cals.values()])),
+                              source="serve replica", threads=cals[plan.modes[0]]["threads"], runs=plan.runs,
                               date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-    return {"levels": levels, "calibration": calibration.model_dump(), "overhead_ms_by_mode": overhead,
+    return {"levels": levels, "calibration": calibration.model_dump(), "calibration_runs": cals,
             "queue": queue.model_dump(), "plan": plan.__dict__, "traces": traces}
-
-
-def _overhead(handle, items: list, n: int) -> float:
-    """Median per-request time outside the replica's queue and batch: sequential single requests at
-    idle, round trip minus the replica's own time (the batch wait and the batch-of-1 service included)."""
-    out = []
-    for i in range(n + 3):
-        t0 = time.perf_counter()
-        r = handle.infer.remote(items[i % len(items)]).result()
-        if i >= 3:  # the first calls warm the route
-            out.append((time.perf_counter() - t0) * 1e3 - r["replica_ms"])
-    return float(np.median(out))
 
 
 def plot_cdfs(traces: dict, path) -> None:

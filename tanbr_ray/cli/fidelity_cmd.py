@@ -40,10 +40,10 @@ def bench_fidelity(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     plan = FidelityPlan(seconds=seconds or (30.0 if quick else 120.0), runs=3 if quick else 5,
-                        idle_requests=20 if quick else 40)
+                        calibration_seconds=20.0 if quick else 60.0)
     built = load_or_build_info(quick_config() if cfg.model == "quick" else default_config(), cfg.models_dir,
                                progress=True, data_dir=cfg.data_dir, isolate=True)
-    minutes = len(plan.modes) * len(plan.levels) * plan.seconds / 60
+    minutes = len(plan.modes) * (len(plan.levels) * plan.seconds + plan.calibration_seconds) / 60
     typer.echo(f"model {built.cache_dir.name}, {'bf16' if cfg.bf16 else 'fp32'}, queue {cfg.queue.max_batch} requests / "
                f"{cfg.queue.max_wait_ms:g} ms; traces take {minutes:.0f} min plus calibration; keep the host otherwise idle")
     t0 = time.perf_counter()

@@ -42,7 +42,7 @@ def serve_running(ray_env):
 
 def test_a_short_run_calibrates_and_compares_both_modes(tiny, data_dir, serve_running):
     _, _, moe = tiny
-    plan = FidelityPlan(seconds=4.0, levels=(0.3,), runs=1, idle_requests=3)
+    plan = FidelityPlan(seconds=4.0, levels=(0.3,), runs=1, calibration_seconds=5.0)
     out = run_fidelity(moe, QueueConfig(max_batch=4), bf16=False, plan=plan, data_dir=data_dir, progress=lambda s: None)
     cal = Calibration(**out["calibration"])  # a calibration the simulator loads
     assert set(cal.batch_ms) == set(MODES) and cal.source == "serve replica" and cal.threads == 1
@@ -53,3 +53,19 @@ def test_a_short_run_calibrates_and_compares_both_modes(tiny, data_dir, serve_ru
         assert 0 < r["real_ms"]["p50"] <= r["real_ms"]["p95"] and 0 < r["sim_ms"]["p50"] <= r["sim_ms"]["p95"]
         assert 1.0 <= r["mean_batch"]["real"] <= 4
     assert set(out["traces"]) == {("merged", 0.3), ("top1", 0.3)}
+    for mode in ("merged", "top1"):  # the served mode's times are the trace's, the rest scale with them
+        run = out["calibration_runs"][mode]
+        assert run["requests"] > 0 and cal.batch_ms[mode] == run["batch_ms"][mode]
+    top1 = out["calibration_runs"]["top1"]
+    assert cal.batch_ms["top2"] == pytest.approx([v * top1["served_over_isolated"] for v in top1["isolated_ms"]["top2"]])
+
+
+def test_batch_times_fill_unserved_sizes_from_a_line_through_the_served_ones():
+    from tanbr_ray.bench.fidelity import fill_batch_times
+
+    records = [(1, 0.010), (1, 0.012), (2, 0.014), (4, 0.022), (4, 0.022)]
+    ms = fill_batch_times(records, 5)
+    assert ms[0] == pytest.approx(11.0) and ms[1] == pytest.approx(14.0) and ms[3] == pytest.approx(22.0)
+    assert 14.0 < ms[2] < 22.0 and ms[4] > 22.0  # size 3 between, size 5 beyond, on the fitted line
+    with pytest.raises(ValueError, match="too few sizes"):
+        fill_batch_times([(3, 0.01)], 4)
