@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tanbr_ray.sim.calibration import ITEMS_SEED, Calibration, calibration_items, host_identity
-from tanbr_ray.sim.queueing import QueueConfig, interpolate_service, simulate_queue
+from tanbr_ray.sim.queueing import QueueConfig, interpolate_service, simulate_queue, spread_service
 
 LEVELS = (0.3, 0.6, 0.9)
 MODES = ("merged", "top1")
@@ -54,10 +54,12 @@ def pcts(ms: np.ndarray) -> dict[str, float]:
     return {f"p{p}": float(np.percentile(v, p)) if len(v) else float("nan") for p in PCTS}
 
 
-def simulated(arrivals: np.ndarray, batch_ms: list[float], overhead_ms: float, queue: QueueConfig) -> dict:
-    """The simulator's view of one trace: latency (ms) per request and its batches."""
+def simulated(arrivals: np.ndarray, batch_ms: list[float], overhead_ms: float, queue: QueueConfig,
+              spread=(), seed: int = 0) -> dict:
+    """The simulator's view of one trace: latency (ms) per request and its batches (service times
+    drawn around the calibrated ones by `spread`, as `sim.costs` draws them)."""
     service = interpolate_service(list(range(1, len(batch_ms) + 1)), batch_ms)
-    q = simulate_queue(arrivals, service, queue)
+    q = simulate_queue(arrivals, spread_service(service, spread, np.random.default_rng(seed)), queue)
     return {"latency_ms": q.latency_s * 1e3 + overhead_ms, "batches": q.batches, "dropped": int(q.dropped.sum())}
 
 
@@ -82,7 +84,7 @@ def fill_batch_times(records: list[tuple[int, float]], max_batch: int) -> list[f
     """ms per batch size 1..max_batch from served batches: each size's median where it was served,
     a least-squares line through those medians (weighted by count) where it was not."""
     by = {}
-    for size, s in records:
+    for size, s, *_ in records:
         by.setdefault(int(size), []).append(s * 1e3)
     seen = sorted(b for b in by if b <= max_batch)
     if len(seen) < 2:
@@ -90,6 +92,12 @@ def fill_batch_times(records: list[tuple[int, float]], max_batch: int) -> list[f
     med = {b: float(np.median(by[b])) for b in seen}
     slope, icpt = np.polyfit(seen, [med[b] for b in seen], 1, w=[np.sqrt(len(by[b])) for b in seen])
     return [med.get(b, max(icpt + slope * b, 1e-3)) for b in range(1, max_batch + 1)]
+
+
+def service_spread(records: list[tuple], batch_ms: list[float]) -> list[float]:
+    """Quantiles (0, 5, …, 100 %) of each served batch's time over its size's calibrated time."""
+    ratios = [s * 1e3 / batch_ms[size - 1] for size, s, *_ in records if 1 <= size <= len(batch_ms)]
+    return [float(q) for q in np.quantile(ratios, np.linspace(0.0, 1.0, 21))] if ratios else []
 
 
 def calibration_trace(rate_full: float, seconds: float, seed: int) -> np.ndarray:
@@ -112,12 +120,14 @@ def _calibrate(handle, mode: str, queue: QueueConfig, plan: "FidelityPlan", cal_
     rng = np.random.default_rng(CAL_TRACE_SEED)
     handle.take_batches.remote().result()
     real = asyncio.run(replay(handle, arrivals, [cal_items[i] for i in rng.integers(len(cal_items), size=len(arrivals))]))
-    served = fill_batch_times(handle.take_batches.remote().result(), queue.max_batch)
+    records = handle.take_batches.remote().result()
+    served = fill_batch_times(records, queue.max_batch)
     ratio = float(np.median(np.asarray(served) / np.asarray(iso["batch_ms"][mode])))
     batch_ms = {m: (served if m == mode else [v * ratio for v in ms]) for m, ms in iso["batch_ms"].items()}
     ok = np.isfinite(real["latency_ms"])
     overhead = float(np.median(real["latency_ms"][ok] - real["replica_ms"][ok]))
     return {"batch_ms": batch_ms, "isolated_ms": iso["batch_ms"], "served_over_isolated": ratio,
+            "spread": service_spread(records, served),
             "overhead_ms": overhead, "threads": iso["threads"], "requests": len(arrivals)}
 
 
@@ -149,8 +159,8 @@ def run_fidelity(moe, queue: QueueConfig, bf16: bool, plan: FidelityPlan, data_d
             handle.take_batches.remote().result()
             t0 = time.perf_counter()
             real = asyncio.run(replay(handle, arrivals, items))
-            sizes = [b for b, _ in handle.take_batches.remote().result()]
-            sim = simulated(arrivals, batch_ms[mode], cals[mode]["overhead_ms"], queue)
+            sizes = [b for b, *_ in handle.take_batches.remote().result()]
+            sim = simulated(arrivals, batch_ms[mode], cals[mode]["overhead_ms"], queue, cals[mode]["spread"], TRACE_SEED + k)
             levels.append(level_row(load, mode, load * rate_full, real, sim, sizes))
             traces[(mode, load)] = (real["latency_ms"], sim["latency_ms"])
             r = levels[-1]
@@ -161,6 +171,7 @@ def run_fidelity(moe, queue: QueueConfig, bf16: bool, plan: FidelityPlan, data_d
     calibration = Calibration(host=host_identity(), bf16=bf16, model_sha256=model_identity(moe)["weights_sha256"],
                               max_batch=queue.max_batch, batch_ms=batch_ms,
                               overhead_ms=float(np.mean([c["overhead_ms"] for c in cals.values()])),
+                              spread=[float(q) for q in np.mean([c["spread"] for c in cals.values()], axis=0)],
                               source="serve replica", threads=cals[plan.modes[0]]["threads"], runs=plan.runs,
                               date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     return {"levels": levels, "calibration": calibration.model_dump(), "calibration_runs": cals,

@@ -46,9 +46,9 @@ class ModeReplica:
         return {"batch_ms": batch_times(self.servers, items, max_batch, runs=runs, bf16=self.bf16),
                 "threads": torch.get_num_threads()}
 
-    def take_batches(self) -> list[tuple[int, float]]:
-        """(size, service seconds) of every batch served since the last call."""
-        out = [(b.size, b.service_s) for b in self.batcher.batches]
+    def take_batches(self) -> list[tuple[int, float, float]]:
+        """(size, service seconds, start) of every batch served since the last call."""
+        out = [(b.size, b.service_s, b.start) for b in self.batcher.batches]
         self.batcher.batches.clear()
         return out
 

@@ -39,6 +39,8 @@ class Calibration(BaseModel):
     max_batch: int = Field(ge=1, le=4096)
     batch_ms: dict[str, list[float]] = Field(description="mode -> p50 ms of one batch of 1..max_batch requests")
     overhead_ms: float = Field(0.0, ge=0.0, description="per request, outside the batch (round trip)")
+    spread: list[float] = Field(default_factory=list, description="quantiles (0, 5, …, 100 %) of a served batch's "
+                                "time over its size's median; empty = every batch of a size takes its median")
     source: str = Field(description="'serve replica' or 'in-process'")
     threads: int = Field(ge=1, description="torch threads of the process that served the batches")
     runs: int = Field(ge=1)

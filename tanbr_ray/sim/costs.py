@@ -17,8 +17,11 @@ import torch
 
 from tanbr_ray.sim.calibration import MODES, Calibration, calibration_for
 from tanbr_ray.sim.fleet import NodeClass
-from tanbr_ray.sim.queueing import QueueConfig, interpolate_service, simulate_queue
+from tanbr_ray.sim.queueing import QueueConfig, interpolate_service, simulate_queue, spread_service
 from tanbr_ray.sim.spec import Spec
+
+
+SPREAD_SEED = 7_000  # the service-time draws of node n use SPREAD_SEED + n
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class Costs:
     dense_bytes: int
     ffn_bytes: int  # what a weight push carries: the merged FFNs of the MoE layers
     overhead_ms: float = 0.0  # per request, outside its batch (the serving path's round trip)
+    spread: tuple[float, ...] = ()  # a served batch's time over its size's median, as quantiles
     service_model: str = "measured in-process"  # where batch_ms came from (results.json says it)
 
     @property
@@ -42,9 +46,11 @@ class Costs:
         memory = node.memory_x_dense * self.dense_bytes
         return max(0, self.resident[mode] - memory) / (node.storage_mbps * 1e6 / 8)
 
-    def service(self, mode: str, node: NodeClass) -> Callable[[int], float]:
-        """Seconds to serve a batch of b requests of this mode on this node."""
+    def service(self, mode: str, node: NodeClass, rng: np.random.Generator | None = None) -> Callable[[int], float]:
+        """Seconds to serve a batch of b requests of this mode on this node (drawn around the
+        calibrated time by its spread when an rng is given)."""
         compute = interpolate_service(list(range(1, len(self.batch_ms[mode]) + 1)), self.batch_ms[mode])
+        compute = spread_service(compute, self.spread, rng)
         swap = self.swap_s(mode, node)
         return lambda b: compute(b) * node.slowdown + swap
 
@@ -66,8 +72,8 @@ class Costs:
         """Per node, over the whole run: (latency ms of served requests, dropped mask, backlog at the
         end) of every request it received (scored or not), through its queue with dynamic batching."""
         out = []
-        for (_, cls), arr in zip(nodes, arrivals):
-            q = simulate_queue(arr, self.service(mode, cls), queue, end_s=end_s)
+        for n, ((_, cls), arr) in enumerate(zip(nodes, arrivals)):  # node n draws the same batch times for every policy
+            q = simulate_queue(arr, self.service(mode, cls, np.random.default_rng(SPREAD_SEED + n)), queue, end_s=end_s)
             out.append((q.latency_s[~q.dropped] * 1e3 + self.overhead_ms + cls.rtt_ms, q.dropped, q.backlog_end))
         return out
 
@@ -77,7 +83,8 @@ def costs_from(moe, cal: Calibration, service_model: str) -> Costs:
     resident = {m: int(moe.resident_bytes(m)) for m in MODES}
     x = np.full(moe.num_experts, 1.0 / moe.num_experts)
     ffn = int(sum(t.numel() * t.element_size() for t in moe.merged_state(x, "linear").values()))
-    return Costs({m: cal.batch_ms[m] for m in MODES}, resident, resident["merged"], ffn, cal.overhead_ms, service_model)
+    return Costs({m: cal.batch_ms[m] for m in MODES}, resident, resident["merged"], ffn, cal.overhead_ms,
+                 tuple(cal.spread), service_model)
 
 
 _HOST_COSTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Costs]]" = weakref.WeakKeyDictionary()

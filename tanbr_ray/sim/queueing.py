@@ -68,6 +68,17 @@ def simulate_queue(arrivals_s: np.ndarray, service_s: Callable[[int], float], co
     return QueueResult(latency, dropped, batches, backlog)
 
 
+def spread_service(service: Callable[[int], float], spread, rng: np.random.Generator | None) -> Callable[[int], float]:
+    """`service` × a draw from `spread` (quantiles, evenly spaced in probability, of a batch's service
+    time over its size's median, as a replica served them): batches of one size differ by their texts'
+    lengths and the host's noise, and that variance is what lengthens a queue's tail. Without a spread
+    or an rng, `service` itself."""
+    if rng is None or len(spread) < 2:
+        return service
+    q, levels = np.asarray(spread, dtype=np.float64), np.linspace(0.0, 1.0, len(spread))
+    return lambda b: service(b) * float(np.interp(rng.random(), levels, q))
+
+
 def interpolate_service(sizes: list[int], ms: list[float]) -> Callable[[int], float]:
     """Batch service time in seconds for any size, linear between measured sizes (and beyond the
     largest, by its slope)."""

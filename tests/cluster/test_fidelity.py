@@ -46,7 +46,7 @@ def test_a_short_run_calibrates_and_compares_both_modes(tiny, data_dir, serve_ru
     out = run_fidelity(moe, QueueConfig(max_batch=4), bf16=False, plan=plan, data_dir=data_dir, progress=lambda s: None)
     cal = Calibration(**out["calibration"])  # a calibration the simulator loads
     assert set(cal.batch_ms) == set(MODES) and cal.source == "serve replica" and cal.threads == 1
-    assert cal.overhead_ms > 0 and all(len(v) == 4 for v in cal.batch_ms.values())
+    assert cal.overhead_ms > 0 and all(len(v) == 4 for v in cal.batch_ms.values()) and len(cal.spread) == 21
     assert [(r["load"], r["mode"]) for r in out["levels"]] == [(0.3, "merged"), (0.3, "top1")]
     for r in out["levels"]:
         assert r["errors"] == 0 and r["served"] == r["requests"] > 0
@@ -55,15 +55,30 @@ def test_a_short_run_calibrates_and_compares_both_modes(tiny, data_dir, serve_ru
     assert set(out["traces"]) == {("merged", 0.3), ("top1", 0.3)}
     for mode in ("merged", "top1"):  # the served mode's times are the trace's, the rest scale with them
         run = out["calibration_runs"][mode]
-        assert run["requests"] > 0 and cal.batch_ms[mode] == run["batch_ms"][mode]
+        assert run["requests"] > 0 and cal.batch_ms[mode] == run["batch_ms"][mode] and len(run["spread"]) == 21
     top1 = out["calibration_runs"]["top1"]
     assert cal.batch_ms["top2"] == pytest.approx([v * top1["served_over_isolated"] for v in top1["isolated_ms"]["top2"]])
+
+
+def test_service_times_spread_as_served_and_drawn_seeded():
+    from tanbr_ray.bench.fidelity import service_spread
+    from tanbr_ray.sim.queueing import spread_service
+
+    records = [(1, 0.008, 0.0), (1, 0.012, 0.0), (2, 0.020, 0.0), (2, 0.030, 0.0)]
+    spread = service_spread(records, [10.0, 25.0])
+    assert len(spread) == 21 and spread[0] == pytest.approx(0.8) and spread[-1] == pytest.approx(1.2)
+    draw = spread_service(lambda b: 0.010 * b, spread, np.random.default_rng(0))
+    again = spread_service(lambda b: 0.010 * b, spread, np.random.default_rng(0))
+    xs = [draw(2) for _ in range(2000)]
+    assert xs[:50] == [again(2) for _ in range(50)] and 0.016 <= min(xs) and max(xs) <= 0.024
+    assert np.mean(xs) == pytest.approx(0.020, rel=0.02)
+    assert spread_service(lambda b: 1.0, spread, None)(3) == 1.0 and spread_service(lambda b: 1.0, [], np.random.default_rng(0))(3) == 1.0
 
 
 def test_batch_times_fill_unserved_sizes_from_a_line_through_the_served_ones():
     from tanbr_ray.bench.fidelity import fill_batch_times
 
-    records = [(1, 0.010), (1, 0.012), (2, 0.014), (4, 0.022), (4, 0.022)]
+    records = [(1, 0.010, 0.0), (1, 0.012, 0.0), (2, 0.014, 0.0), (4, 0.022, 0.0), (4, 0.022, 0.0)]
     ms = fill_batch_times(records, 5)
     assert ms[0] == pytest.approx(11.0) and ms[1] == pytest.approx(14.0) and ms[3] == pytest.approx(22.0)
     assert 14.0 < ms[2] < 22.0 and ms[4] > 22.0  # size 3 between, size 5 beyond, on the fitted line
