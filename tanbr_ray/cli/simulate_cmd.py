@@ -92,6 +92,8 @@ def _model(cfg, memo: bool, progress: bool):
 
 def _runner(cfg, moe_cfg, moe, memo_dir, backend: str, address, replicas, progress: bool):
     """One seed's run (local or on Ray), logged to W&B live, after saying what the whole job costs."""
+    import torch
+
     from tanbr_ray.sim.costs import host_costs
     from tanbr_ray.sim.estimate import estimate
     from tanbr_ray.sim.fleet import load_fleet
@@ -108,7 +110,7 @@ def _runner(cfg, moe_cfg, moe, memo_dir, backend: str, address, replicas, progre
     moe.merged_state(np.arange(1.0, moe.num_experts + 1) / (moe.num_experts * (moe.num_experts + 1) / 2), cfg.merge_operator)
     merge_s = time.perf_counter() - t0
     for line in estimate(cfg, host_costs(moe, cfg.bf16, cfg.calibration, cfg.queue.max_batch, cfg.data_dir),
-                         rates, merge_s, held).lines():
+                         rates, merge_s, held, torch.get_num_threads()).lines():
         typer.echo(line)
     multi = len(cfg.seed_list()) > 1
     trackers: dict = {}

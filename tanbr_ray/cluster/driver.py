@@ -111,6 +111,15 @@ class ServeEdge:
         return list(await asyncio.gather(*(one(n, node, c.name) for n, (node, c) in enumerate(self.sim.nodes))))
 
 
+def _app_args(cfg: SimConfig, router_policies: list[str], model_source, storage, replicas) -> AppArgs:
+    """The served app a simulation drives: its router, precision and batching are the scenario's."""
+    return AppArgs(model=cfg.model, merge_operator=cfg.merge_operator, model_source=model_source, slot_seconds=0,
+                   router=RouterSpec(policy=router_policies[0] if router_policies else "Tanbr", seed=cfg.seed,
+                                     random_points=cfg.random_points, tanbr=cfg.tanbr, threads=cfg.threads,
+                                     storage=storage),
+                   router_name=f"tanbr-router-sim-{cfg.seed}", replicas=replicas, bf16=cfg.bf16, queue=cfg.queue)
+
+
 def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | None = None,
                        progress: bool = True, address: str | None = None, on_slot=None,
                        storage: str | None = None, faults: list | None = None,
@@ -140,11 +149,7 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
             model_source = publish_model(cluster, moe_cfg, cfg.models_dir)
         serve.start(proxy_location="Disabled")
         router_policies = [p for p in cfg.policies if registry.POLICIES[p].picks_x]
-        args = AppArgs(model=cfg.model, merge_operator=cfg.merge_operator, model_source=model_source, slot_seconds=0,
-                       router=RouterSpec(policy=router_policies[0] if router_policies else "Tanbr", seed=cfg.seed,
-                                         random_points=cfg.random_points, tanbr=cfg.tanbr, threads=cfg.threads, storage=storage),
-                       router_name=f"tanbr-router-sim-{cfg.seed}", replicas=replicas, bf16=cfg.bf16,
-                       queue=cfg.queue)
+        args = _app_args(cfg, router_policies, model_source, storage, replicas)
         serve.run(make_app(args, fleet, moe_cfg), name=APP_NAME, route_prefix=None)
         client = DecisionClient(args.router_name, args.router.decision_actors())
         edges = {c.name: serve.get_deployment_handle(edge_deployment(c.name), app_name=APP_NAME) for c in fleet.classes}

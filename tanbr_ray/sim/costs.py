@@ -34,6 +34,7 @@ class Costs:
     ffn_bytes: int  # what a weight push carries: the merged FFNs of the MoE layers
     overhead_ms: float = 0.0  # per request, outside its batch (the serving path's round trip)
     spread: tuple[float, ...] = ()  # a served batch's time over its size's median, as quantiles
+    threads: int | None = None  # torch threads the batch times were measured with
     service_model: str = "measured in-process"  # where batch_ms came from (results.json says it)
 
     @property
@@ -84,7 +85,7 @@ def costs_from(moe, cal: Calibration, service_model: str) -> Costs:
     x = np.full(moe.num_experts, 1.0 / moe.num_experts)
     ffn = int(sum(t.numel() * t.element_size() for t in moe.merged_state(x, "linear").values()))
     return Costs({m: cal.batch_ms[m] for m in MODES}, resident, resident["merged"], ffn, cal.overhead_ms,
-                 tuple(cal.spread), service_model)
+                 tuple(cal.spread), cal.threads, service_model)
 
 
 _HOST_COSTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Costs]]" = weakref.WeakKeyDictionary()

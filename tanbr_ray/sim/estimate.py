@@ -1,7 +1,7 @@
 """What a run will cost, said before it starts: the build (or a cache hit), its size, and its time.
 
-The time comes from this host's measured costs: the merged model's batch-16 service time (which
-`costs.host_costs` measures anyway) per scored request, and one timed merge for every
+The time comes from this host's measured costs: the merged model's batch-16 service time (from the
+run's calibration, scaled to the run's torch threads) per scored request, and one timed merge for every
 MERGE_SHARE of the node-slots a merging policy plays (in a cold default run, 12 policies × 40
 slots × 9 nodes on a 2-core AVX512-BF16 EPYC, the two terms add up to its 469 s).
 """
@@ -46,14 +46,16 @@ def build_line(model: str, cached: bool) -> str:
             f"CPU cores; once, then reused)" + ("; `tanbr simulate --quick` is the 5-minute look" if model == "default" else ""))
 
 
-def estimate(cfg: SimConfig, costs: Costs, rates: list[float], merge_s: float, memo_entries: int = 0) -> Estimate:
+def estimate(cfg: SimConfig, costs: Costs, rates: list[float], merge_s: float, memo_entries: int = 0,
+             threads: int | None = None) -> Estimate:
     """`rates`: each node's requests per second (a node-slot scores at most what it receives);
-    `merge_s`: one merge by the run's operator, timed on this host."""
+    `merge_s`: one merge by the run's operator, timed on this host; `threads`: the run's torch threads."""
     seeds = len(cfg.seed_list())
     per_slot = sum(min(cfg.scored_per_slot, r * cfg.slot_seconds) for r in rates)
     scored = int(round(len(cfg.policies) * cfg.slots * per_slot * seeds))
     full = costs.batch_ms["merged"]
-    per_request_s = full[-1] / len(full) / 1e3  # scored in full batches
+    # scored in full batches, on this process's threads (a replica's calibration may use fewer)
+    per_request_s = full[-1] / len(full) / 1e3 * (costs.threads or 1) / (threads or costs.threads or 1)
     merging = sum(registry.POLICIES[p].picks_x for p in cfg.policies) * cfg.slots * len(rates) * seeds
     seconds = scored * per_request_s + merging * MERGE_SHARE * merge_s
     return Estimate(len(cfg.policies), cfg.slots, len(rates), seeds, scored, memo_entries, seconds)

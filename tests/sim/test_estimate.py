@@ -17,6 +17,9 @@ def test_estimate_counts_the_run_and_prices_it_by_the_measured_costs():
     assert e.seconds == pytest.approx(e.scored * 0.002 + merges * MERGE_SHARE * 0.2)
     assert "2 policies × 10 slots × 3 nodes × 2 seed(s) ≈ 2,320 scored requests" in e.lines()[0]
     assert len(e.lines()) == 1 and len(estimate(cfg, costs, rates, 0.2, memo_entries=500).lines()) == 2
+    one_thread = Costs(costs.batch_ms, {"merged": 1}, 1, 1, threads=1)  # a 1-thread replica's calibration
+    on_two = estimate(cfg, one_thread, rates, 0.2, 0, threads=2)  # priced for a run on 2 threads
+    assert on_two.seconds == pytest.approx(e.scored * 0.001 + merges * MERGE_SHARE * 0.2)
 
 
 def test_build_line_says_whether_the_model_is_built_and_points_to_quick():
