@@ -29,15 +29,15 @@ def test_the_simulators_side_adds_the_overhead_to_the_queue_model():
 
 
 @pytest.fixture(scope="module")
-def serve_running(ray_env):
-    import ray
+def serve_running(ray_env, fleet):
+    """A local cluster as the other cluster tests start one (loopback, its own node directories)."""
     from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(proxy_location="Disabled")
-    yield
-    serve.shutdown()
-    ray.shutdown()
+    from tanbr_ray.cluster.local import local_cluster
+
+    with local_cluster(fleet):
+        serve.start(proxy_location="Disabled")
+        yield
 
 
 def test_a_short_run_calibrates_and_compares_both_modes(tiny, data_dir, serve_running):
