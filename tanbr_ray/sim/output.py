@@ -65,6 +65,39 @@ class PolicySeries:
         return self.choices is not None
 
 
+@dataclass(frozen=True)
+class Phases:
+    """Seconds of a run's parts: setup (pool cache, workload, costs), the policies, the comparator."""
+
+    setup: float
+    policies: float
+    best_fixed: float
+
+
+@dataclass(frozen=True)
+class SeedCredits:
+    credit_second_half: list[float]  # one per seed
+    credit_second_half_mean: float
+    credit_second_half_sd: float  # ddof 1; 0 for one seed
+
+
+@dataclass(frozen=True)
+class SeedsSummary:
+    list: list[int]
+    policies: dict[str, SeedCredits]
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    """Tanbr − a baseline in second-half credit (fractions), paired over the same node-slots."""
+
+    diff_mean: float
+    ci95: list[float]
+    per_seed: list[float]
+    ci95_t_over_seeds: list[float] | None
+    method: str
+
+
 @dataclass
 class SimOutput:
     """Everything one `tanbr simulate` run produced; `summary` is the results.json content."""
@@ -80,3 +113,6 @@ class SimOutput:
     config: dict  # the simulation config as a JSON-able dict
     true_mix: np.ndarray | None = None  # (slots, nodes, V) each node's true task mix
     records: dict[str, PolicyResult] = field(default_factory=dict)  # the typed form of summary["policies"]
+    phases: Phases | None = None  # of summary["wall_seconds_phases"]
+    seeds: SeedsSummary | None = None  # of summary["seeds"] (first seed's output of a multi-seed run)
+    paired: dict[str, PairedDiff] = field(default_factory=dict)  # of summary["paired"]

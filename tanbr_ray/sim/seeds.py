@@ -9,12 +9,13 @@ beside it once there are two seeds or more).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from tanbr_ray.sim.config import SimConfig
-from tanbr_ray.sim.output import SimOutput
+from tanbr_ray.sim.output import PairedDiff, SeedCredits, SeedsSummary, SimOutput
 from tanbr_ray.stats import paired_bootstrap, t_interval
 
 REFERENCE = "Tanbr"
@@ -24,8 +25,10 @@ def run_seeds(cfg: SimConfig, run: Callable[[SimConfig], SimOutput]) -> list[Sim
     """`run` once per seed of `cfg.seed_list()` (each with `seed` set and `seeds` cleared); the first
     output then carries the seeds' summary and Tanbr's paired intervals over all of them."""
     outs = [run(cfg.model_copy(update={"seed": s, "seeds": None})) for s in cfg.seed_list()]
-    outs[0].summary["seeds"] = seeds_section(outs, cfg.seed_list())
-    outs[0].summary["paired"] = paired_section(outs)
+    outs[0].seeds = seeds_section(outs, cfg.seed_list())
+    outs[0].paired = paired_section(outs)
+    outs[0].summary["seeds"] = asdict(outs[0].seeds)
+    outs[0].summary["paired"] = {name: asdict(p) for name, p in outs[0].paired.items()}
     return outs
 
 
@@ -34,17 +37,16 @@ def seed_dir(cfg: SimConfig, seed: int) -> Path:
     return Path(cfg.out) if len(cfg.seed_list()) == 1 else Path(cfg.out) / f"seed-{seed}"
 
 
-def seeds_section(outs: list[SimOutput], seeds: list[int]) -> dict:
+def seeds_section(outs: list[SimOutput], seeds: list[int]) -> SeedsSummary:
     """Each policy's second-half credit per seed, mean and sd (ddof 1; 0 for one seed)."""
-    pols: dict = {}
-    for name in outs[0].summary["policies"]:
-        v = [o.summary["policies"][name]["credit_second_half"] for o in outs]
-        pols[name] = {"credit_second_half": v, "credit_second_half_mean": float(np.mean(v)),
-                      "credit_second_half_sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0}
-    return {"list": list(seeds), "policies": pols}
+    pols: dict[str, SeedCredits] = {}
+    for name in outs[0].records:
+        v = [o.records[name].credit_second_half for o in outs]
+        pols[name] = SeedCredits(v, float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+    return SeedsSummary(list(seeds), pols)
 
 
-def paired_section(outs: list[SimOutput], reference: str = REFERENCE) -> dict:
+def paired_section(outs: list[SimOutput], reference: str = REFERENCE) -> dict[str, PairedDiff]:
     """{baseline: {diff_mean, ci95, per_seed, ci95_t_over_seeds}}: `reference` − baseline in
     second-half credit (fractions)."""
     if reference not in outs[0].series:
@@ -63,7 +65,6 @@ def paired_section(outs: list[SimOutput], reference: str = REFERENCE) -> dict:
             per_seed.append(float((a[-1] - b[-1]).sum() / max(n[-1].sum(), 1)))
         diff, ci = paired_bootstrap(np.concatenate(a), np.concatenate(b), np.concatenate(n))
         _, t_ci = t_interval(per_seed)
-        out[name] = {"diff_mean": diff, "ci95": list(ci), "per_seed": per_seed,
-                     "ci95_t_over_seeds": None if t_ci is None else list(t_ci),
-                     "method": "bootstrap over second-half node-slots, pooled over seeds (2000 resamples)"}
+        out[name] = PairedDiff(diff, list(ci), per_seed, None if t_ci is None else list(t_ci),
+                               "bootstrap over second-half node-slots, pooled over seeds (2000 resamples)")
     return out

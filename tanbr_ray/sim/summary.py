@@ -12,7 +12,7 @@ from tanbr_ray.moe.data import resolve_data_dir
 from tanbr_ray.moe.store import model_identity
 from tanbr_ray.provenance import provenance
 from tanbr_ray.sim.config import SimConfig
-from tanbr_ray.sim.output import PolicyResult, PolicySeries, SimOutput
+from tanbr_ray.sim.output import Phases, PolicyResult, PolicySeries, SimOutput
 from tanbr_ray.stats import loglog_slope, recovery_slots
 
 RECOVERY_TOLERANCE = 0.01  # after a mix change: back within 1 credit point of the gap to the oracle before it
@@ -114,4 +114,4 @@ def summarise(sim, runs: dict, best: tuple, oracle_credit: np.ndarray, phases: d
     }
     return SimOutput(summary, series, sim.tasks, [f"expert:{t}" for t in sim.tasks], [n for n, _ in sim.nodes],
                      {n: c.name for n, c in sim.nodes}, sim.wl.mix_changes, cfg.slot_seconds, cfg.model_dump(),
-                     sim.wl.psi, records)
+                     sim.wl.psi, records, Phases(**phases))

@@ -502,13 +502,18 @@ def test_seeds_and_paired_intervals_on_a_tiny_run(tiny_moe):
     outs = run_seeds(cfg, lambda c: run_simulation(c, tiny_moe, fleet=Fleet(**FLEET), progress=False))
     assert [o.config["seed"] for o in outs] == [0, 1]
     seeds = seeds_section(outs, cfg.seed_list())
-    per = seeds["policies"]["Uniform"]["credit_second_half"]
-    assert len(per) == 2 and seeds["policies"]["Uniform"]["credit_second_half_mean"] == pytest.approx(np.mean(per))
+    per = seeds.policies["Uniform"].credit_second_half
+    assert len(per) == 2 and seeds.policies["Uniform"].credit_second_half_mean == pytest.approx(np.mean(per))
     paired = paired_section(outs)
     assert set(paired) == {"Uniform", "RegMean"}
-    for name, d in paired.items():
-        lo, hi = d["ci95"]
-        assert lo <= d["diff_mean"] <= hi and len(d["per_seed"]) == 2 and d["ci95_t_over_seeds"] is not None
+    assert outs[0].seeds == seeds and outs[0].paired == paired  # typed, and the same in results.json:
+    assert outs[0].summary["seeds"]["policies"]["Uniform"]["credit_second_half"] == per
+    assert outs[0].summary["paired"]["RegMean"]["diff_mean"] == paired["RegMean"].diff_mean
+    assert outs[0].phases.setup > 0 and outs[0].summary["wall_seconds_phases"]["policies"] == outs[0].phases.policies
+    for name, p in paired.items():
+        d = {"ci95": p.ci95, "diff_mean": p.diff_mean}
+        lo, hi = p.ci95
+        assert lo <= p.diff_mean <= hi and len(p.per_seed) == 2 and p.ci95_t_over_seeds is not None
         # the pooled difference is the credit difference over the same requests
         tan = sum(o.series["Tanbr"].node_credit[1:].sum() for o in outs)
         base = sum(o.series[name].node_credit[1:].sum() for o in outs)
