@@ -60,7 +60,7 @@ def simulated(arrivals: np.ndarray, batch_ms: list[float], overhead_ms: float, q
     drawn around the calibrated ones by `spread`, as `sim.costs` draws them)."""
     service = interpolate_service(list(range(1, len(batch_ms) + 1)), batch_ms)
     q = simulate_queue(arrivals, spread_service(service, spread, np.random.default_rng(seed)), queue)
-    return {"latency_ms": q.latency_s * 1e3 + overhead_ms, "batches": q.batches, "dropped": int(q.dropped.sum())}
+    return {"latency_ms": q.latency_s * 1e3 + overhead_ms, "batches": q.batches, "served": q.served}
 
 
 def capacity(batch_ms: list[float]) -> float:
@@ -75,7 +75,8 @@ def level_row(load: float, mode: str, rate: float, real: dict, sim: dict, batch_
             "errors": len(real["errors"]), "error_samples": real["errors"][:3],
             "real_ms": r, "sim_ms": s, "rel_err": {k: (s[k] - r[k]) / r[k] for k in r},
             "mean_batch": {"real": float(np.mean(batch_sizes)) if batch_sizes else None,
-                           "sim": (served - sim["dropped"]) / max(sim["batches"], 1)},
+                           "sim": sim["served"] / max(sim["batches"], 1)},
+            "batched_requests": int(sum(batch_sizes)),
             "send_lag_ms_p99": float(np.percentile(real["send_lag_ms"], 99)),
             "replica_ms_p50": float(np.nanmedian(real["replica_ms"]))}
 
