@@ -51,6 +51,9 @@ def simulate(
     cfg = _config(config, quick, [*(overrides or []), *([f"out={out}"] if out is not None else []),
                                   *([f"wandb={wandb}"] if wandb is not None else []),
                                   *([f"wandb_project={wandb_project}"] if wandb_project is not None else [])])
+    if backend == "ray" and cfg.model.endswith((".yaml", ".yml")):
+        raise typer.BadParameter("--backend ray: the cluster serves the built-in models (default, quick); "
+                                 "simulate a pool of fine-tunes with --backend local")
     moe_cfg, built, memo_dir = _model(cfg, memo, progress)
     run, trackers = _runner(cfg, moe_cfg, built.moe, memo_dir, backend, address, replicas, progress)
     outs = run_seeds(cfg, run)
@@ -76,17 +79,16 @@ def _config(config: Optional[Path], quick: bool, extra: list[str]):
 
 def _model(cfg, memo: bool, progress: bool):
     """The MoE (built on first use, said beforehand) and its prediction memo's folder."""
-    from tanbr_ray.moe import default_config, quick_config
-    from tanbr_ray.moe.build import load_or_build_info
-    from tanbr_ray.moe.config import default_models_dir
-    from tanbr_ray.moe.store import weights_checksum
+    from tanbr_ray.moe.resolve import PRESETS, is_cached, open_model, preset_config
     from tanbr_ray.sim.estimate import build_line
 
-    moe_cfg = quick_config() if cfg.model == "quick" else default_config()
-    cached = (Path(cfg.models_dir or default_models_dir()) / moe_cfg.cache_dirname() / "config.json").exists()
-    typer.echo(build_line(cfg.model, cached))
-    built = load_or_build_info(moe_cfg, cfg.models_dir, progress=progress, data_dir=cfg.data_dir, isolate=True)
-    memo_dir = built.cache_dir / "predictions" / weights_checksum(built.cache_dir)[:16] if memo else None
+    typer.echo(build_line(cfg.model, is_cached(cfg.model, cfg.models_dir)))
+    try:
+        built = open_model(cfg.model, cfg.models_dir, progress=progress, data_dir=cfg.data_dir, isolate=True)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    moe_cfg = preset_config(cfg.model) if cfg.model in PRESETS else None
+    memo_dir = built.cache_dir / "predictions" / built.moe.identity["weights_sha256"][:16] if memo else None
     return moe_cfg, built, memo_dir
 
 

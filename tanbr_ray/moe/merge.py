@@ -82,21 +82,24 @@ class ExpertStats:
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     @classmethod
-    def from_tensors(cls, t: Mapping[str, torch.Tensor], where: str = "stats") -> "ExpertStats":
-        need = [f"fisher.{k}" for k in FFN_KEYS] + [f"gram.{g}" for g in GRAM_OF.values()] + ["tokens"]
+    def from_tensors(cls, t: Mapping[str, torch.Tensor], where: str = "stats", keys: Sequence[str] = FFN_KEYS,
+                     grams: Mapping[str, str] = GRAM_OF) -> "ExpertStats":
+        need = [f"fisher.{k}" for k in keys] + [f"gram.{g}" for g in grams.values()] + ["tokens"]
         missing = [k for k in need if k not in t]
         if missing:
             raise ValueError(f"{where}: missing tensors {missing}")
-        return cls({k: t[f"fisher.{k}"] for k in FFN_KEYS}, {g: t[f"gram.{g}"] for g in GRAM_OF.values()}, t["tokens"].float())
+        return cls({k: t[f"fisher.{k}"] for k in keys}, {g: t[f"gram.{g}"] for g in grams.values()}, t["tokens"].float())
 
-    def check(self, experts: Mapping[str, torch.Tensor], where: str = "stats") -> None:
-        """Shapes must match the experts they describe."""
-        M, K = experts["w1"].shape[:2]
-        for k in FFN_KEYS:
+    def check(self, experts: Mapping[str, torch.Tensor], where: str = "stats", grams: Mapping[str, str] = GRAM_OF,
+              transposed: frozenset = frozenset()) -> None:
+        """Shapes must match the experts they describe (`grams`: each linear's Gram; `transposed`: the
+        linears stored [in, out], as GPT-2's Conv1D)."""
+        M, K = next(iter(experts.values())).shape[:2]
+        for k in experts:
             if tuple(self.fisher[k].shape) != tuple(experts[k].shape):
                 raise ValueError(f"{where}: fisher.{k} shaped {tuple(self.fisher[k].shape)}, experts {tuple(experts[k].shape)}")
-        for wk, g in GRAM_OF.items():
-            n = experts[wk].shape[-1]
+        for wk, g in grams.items():
+            n = experts[wk].shape[-2 if wk in transposed else -1]
             if tuple(self.grams[g].shape) != (M, K, n, n):
                 raise ValueError(f"{where}: gram.{g} shaped {tuple(self.grams[g].shape)}, want {(M, K, n, n)}")
         if tuple(self.tokens.shape) != (K,):
@@ -121,12 +124,19 @@ def _linear(experts: Mapping[str, torch.Tensor], x: np.ndarray, nz: np.ndarray, 
 
 class Merger:
     """The experts of every MoE layer and their statistics; `merger(x, op)` → merged FFN state
-    ({key: [layers, ...]}). x must already be feasible (TaskMoE.merged_state validates it)."""
+    ({key: [layers, ...]}). x must already be feasible (the model's `merged_state` validates it).
+    `grams` names each linear weight's input Gram (RegMean solves those; every other key is
+    x-averaged); `transposed`: weights stored [in, out] (GPT-2's Conv1D) rather than [out, in]."""
 
-    def __init__(self, experts: Mapping[str, torch.Tensor], stats: ExpertStats | None = None, alpha: float = 0.9):
+    def __init__(self, experts: Mapping[str, torch.Tensor], stats: ExpertStats | None = None, alpha: float = 0.9,
+                 grams: Mapping[str, str] = GRAM_OF, transposed: frozenset = frozenset()):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"regmean_alpha: {alpha} outside [0, 1]")
-        self.experts = {k: experts[k].detach() for k in FFN_KEYS}
+        self.experts = {k: v.detach() for k, v in experts.items()}
+        self.keys = tuple(self.experts)
+        self.grams = dict(grams)
+        self.transposed = frozenset(transposed)
+        self.dev = next(iter(self.experts.values())).device
         self.stats = stats
         self.alpha = float(alpha)
         self._rhs: dict[str, torch.Tensor] | None = None  # G̃_k W_kᵀ per linear, built on first regmean merge
@@ -134,11 +144,11 @@ class Merger:
 
     @property
     def num_experts(self) -> int:
-        return int(self.experts["w1"].shape[1])
+        return int(next(iter(self.experts.values())).shape[1])
 
     def __call__(self, x: Sequence[float], op: str = "linear") -> dict[str, torch.Tensor]:
         check_operator(op)
-        with fp32(self.experts["w1"].device):
+        with fp32(self.dev):
             return self._merge(x, op)
 
     def _merge(self, x: Sequence[float], op: str) -> dict[str, torch.Tensor]:
@@ -149,14 +159,14 @@ class Merger:
         if len(nz) == 1:  # every operator returns the expert itself at a vertex
             return {k: v[:, nz[0]].clone() for k, v in self.experts.items()}
         if op == "linear":
-            return _linear(self.experts, x, nz, FFN_KEYS)
+            return _linear(self.experts, x, nz, self.keys)
         if self.stats is None:
             raise ValueError(f"merge operator {op!r} needs the experts' statistics (this model has none)")
         return self._fisher(x, nz) if op == "fisher" else self._regmean(x, nz)
 
     @torch.no_grad()
     def _fisher(self, x: np.ndarray, nz: np.ndarray) -> dict[str, torch.Tensor]:
-        w = torch.as_tensor(x[nz], dtype=torch.float32, device=self.experts["w1"].device)
+        w = torch.as_tensor(x[nz], dtype=torch.float32, device=self.dev)
         out = {}
         for k, t in self.experts.items():
             f = self.stats.fisher[k][:, nz].float() + FISHER_EPS
@@ -178,10 +188,10 @@ class Merger:
         product per layer: converting the fp16 Grams at every merge was half its cost) and the
         right-hand sides G̃_k W_kᵀ [M, K, in, out]."""
         if self._rhs is None:
-            tok = self.stats.tokens.to(self.experts["w1"].device).view(-1, 1, 1)
+            tok = self.stats.tokens.to(self.dev).view(-1, 1, 1)
             grams, rhs = {}, {}
-            for wk, g in GRAM_OF.items():
-                W = self.experts[wk]  # [M, K, out, in]
+            for wk, g in self.grams.items():
+                W = self._out_in(wk)  # [M, K, out, in]
                 raw = [self.stats.grams[g][m].float() * tok for m in range(W.shape[0])]
                 grams[g] = torch.stack([G.flatten(1) for G in raw])
                 rhs[wk] = torch.stack([  # per layer: contiguous [K, in, out] (a batched solve over layers failed in MKL)
@@ -191,12 +201,11 @@ class Merger:
 
     @torch.no_grad()
     def _regmean(self, x: np.ndarray, nz: np.ndarray) -> dict[str, torch.Tensor]:
-        out = _linear(self.experts, x, nz, ("b1", "b2", "ln_w", "ln_b"))
+        out = _linear(self.experts, x, nz, [k for k in self.keys if k not in self.grams])
         grams, rhs = self._prepare_regmean()
-        dev = self.experts["w1"].device
-        w = torch.as_tensor(x, dtype=torch.float32, device=dev)  # all K: indexing the experts copied 75 MB a layer
-        for wk, g in GRAM_OF.items():
-            W = self.experts[wk]
+        w = torch.as_tensor(x, dtype=torch.float32, device=self.dev)  # all K: indexing the experts copied 75 MB a layer
+        for wk, g in self.grams.items():
+            W = self._out_in(wk)
             n = W.shape[-1]
             merged = torch.empty_like(W[:, 0])
             for m in range(W.shape[0]):
@@ -207,8 +216,13 @@ class Merger:
                 if int(info) != 0:
                     raise ValueError(f"regmean: Gram of layer {m} ({wk}) is not positive definite")
                 merged[m] = torch.cholesky_solve(b, L).transpose(0, 1)
-            out[wk] = merged
-        return {k: out[k] for k in FFN_KEYS}
+            out[wk] = merged.transpose(-1, -2).contiguous() if wk in self.transposed else merged
+        return {k: out[k] for k in self.keys}
+
+    def _out_in(self, key: str) -> torch.Tensor:
+        """A linear's stacked weights as [M, K, out, in]."""
+        W = self.experts[key]
+        return W.transpose(-1, -2) if key in self.transposed else W
 
 
 def merge_experts(experts: Mapping[str, torch.Tensor], x: Sequence[float]) -> dict[str, torch.Tensor]:

@@ -31,7 +31,8 @@ class SimConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("simulate", pattern=r"^[A-Za-z0-9_.-]+$")
-    model: Literal["default", "quick"] = "default"
+    model: str = Field("default", description="default | quick (the built-in MoE) | path/to/pool.yaml (a pool "
+                       "of fine-tunes)")
     models_dir: str | None = None
     data_dir: str | None = None
     fleet: str | None = Field(None, description="fleet YAML, or a packaged fleet: default (9 nodes), 8, 32 or 128 "
@@ -86,6 +87,13 @@ class SimConfig(BaseModel):
         if v == "auto":
             return native_bf16("cuda" if torch.cuda.is_available() else "cpu")
         return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        from tanbr_ray.moe.resolve import check_spec
+
+        return check_spec(v)
 
     @field_validator("fleet", mode="before")
     @classmethod

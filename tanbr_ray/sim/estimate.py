@@ -39,7 +39,9 @@ class Estimate:
         return out
 
 
-def build_line(model: str, cached: bool) -> str:
+def build_line(model: str, cached: bool | None) -> str:
+    if cached is None:
+        return f"model: {model} (a pool of fine-tunes: reused from the models cache, or built on first use)"
     if cached:
         return f"model: {model} MoE found in the models cache"
     return (f"model: {model} MoE not in the cache: building it first (about {_minutes(BUILD_SECONDS[model])} on 2 "

@@ -1,0 +1,110 @@
+"""A pool of task fine-tunes as the model (`model: path/to/pool.yaml`): a base checkpoint and one
+fine-tuned `*ForSequenceClassification` checkpoint of it per task. Validated on load; paths are
+relative to the YAML's folder; the error names the file and the field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tanbr_ray.fileio import read_yaml_mapping
+from tanbr_ray.moe.config import GLUE_TASKS
+
+
+class PoolExpert(BaseModel):
+    """One fine-tune: the task it was tuned on and its checkpoint (a local folder or a hub id)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str
+    checkpoint: str = Field(min_length=1)
+
+    @field_validator("task")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in GLUE_TASKS:
+            raise ValueError(f"unknown task {v!r}; known: {GLUE_TASKS}")
+        return v
+
+
+class PoolBuild(BaseModel):
+    """What the pool build computes (no expert training: the experts are the fine-tunes' MLPs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    router_examples: int = Field(200, ge=1, description="per task, for the token router (top-k, soft)")
+    router_steps: int = Field(600, ge=1)
+    router_batch: int = Field(4096, ge=1, description="tokens per router step")
+    router_lr: float = Field(1e-2, gt=0, le=1)
+    fisher_examples: int = Field(64, ge=1, description="per task")
+    regmean_examples: int = Field(256, ge=1, description="per task: Grams of the experts and of the shared part")
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+
+
+class PoolConfig(BaseModel):
+    """Everything that determines a built pool; with the checkpoints' and data's content hashes it
+    names the cache directory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    base: str = Field(min_length=1, description="the checkpoint every expert was fine-tuned from")
+    tokenizer: str | None = Field(None, description="a tokenizer folder; default: the base checkpoint's")
+    experts: list[PoolExpert] = Field(min_length=2)
+    shared_merge: Literal["regmean", "average"] = Field(
+        "regmean", description="how everything but the MLPs (embeddings, attention, norms) is merged once")
+    moe_layers: list[int] | None = Field(None, description="layers whose MLP becomes experts; None = all")
+    budget: int | None = Field(None, ge=1)
+    merge_operator: Literal["linear", "fisher", "regmean"] = "linear"
+    regmean_alpha: float = Field(0.9, ge=0, le=1)
+    max_len_single: int = Field(64, ge=4, le=4096)
+    max_len_pair: int = Field(128, ge=4, le=4096)
+    build: PoolBuild = Field(default_factory=PoolBuild)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PoolConfig":
+        tasks = [e.task for e in self.experts]
+        dup = sorted({t for t in tasks if tasks.count(t) > 1})
+        if dup:
+            raise ValueError(f"experts: task(s) {dup} listed twice; one fine-tune per task")
+        if self.budget is not None and self.budget > len(tasks):
+            raise ValueError(f"budget: {self.budget} exceeds the number of experts {len(tasks)}")
+        return self
+
+    @property
+    def tasks(self) -> list[str]:
+        return [e.task for e in self.experts]
+
+
+def is_pool_spec(spec: str) -> bool:
+    """A `model:` value naming a YAML file (anything else is a built-in preset)."""
+    return str(spec).endswith((".yaml", ".yml"))
+
+
+def _resolve(ref: str, root: Path) -> str:
+    """A relative path against the YAML's folder; a hub id (no such folder) is kept as written."""
+    p = Path(os.path.expanduser(ref))
+    cand = p if p.is_absolute() else root / p
+    return str(cand.resolve()) if cand.exists() or ref.startswith((".", "/", "~")) else ref
+
+
+def load_pool_config(path: str | os.PathLike) -> PoolConfig:
+    p = Path(path)
+    raw = read_yaml_mapping(p, "pool config")
+    if raw.get("kind", "pool") != "pool":
+        raise ValueError(f"{p}: kind: {raw.get('kind')!r} is not a pool of fine-tunes (kind: pool)")
+    raw = {k: v for k, v in raw.items() if k != "kind"}
+    try:
+        cfg = PoolConfig(**raw)
+    except ValueError as e:
+        raise ValueError(f"{p}: invalid pool config: {e}") from e
+    root = p.resolve().parent
+    return cfg.model_copy(update={
+        "base": _resolve(cfg.base, root),
+        "tokenizer": None if cfg.tokenizer is None else _resolve(cfg.tokenizer, root),
+        "experts": [e.model_copy(update={"checkpoint": _resolve(e.checkpoint, root)}) for e in cfg.experts]})

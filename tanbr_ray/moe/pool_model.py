@@ -1,0 +1,280 @@
+"""A pool of task fine-tunes as one MoE (BTX-style): the fine-tunes' shared parts merged once into one
+transformer, the MLP block of every MoE layer holding K experts (fine-tune k's MLP), each task's own
+classification head. It serves the same modes as the built-in `TaskMoE` (`MODE_SPECS`): dense (the
+base checkpoint's MLPs), oracle (the request's expert), top1/top2 and soft (a token router the pool
+build trains), merged (one MLP per layer from x under a merge operator, or a static merge).
+
+Each MoE layer's MLP module is replaced by an `ExpertMLP` that keeps the original module as its
+template and runs it functionally (`torch.func.functional_call`) with the parameters the mode picks,
+so any MLP layout of a known family (`families.py`) is served by one code path.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from tanbr_ray.moe.data import check_task
+from tanbr_ray.moe.families import Family
+from tanbr_ray.moe.merge import ExpertStats, Merger, check_operator, validate_x
+from tanbr_ray.moe.model import STATIC_MERGES, mode_spec
+
+
+@dataclass
+class MLPPlan:
+    """What every ExpertMLP of one forward pass runs."""
+
+    kind: str  # base | state | routed | soft
+    state: Mapping[str, torch.Tensor] | None = None  # [M, ...] per MLP parameter (kind state)
+    k: int = 0  # routed: experts per token
+    mask: torch.Tensor | None = None  # [B, T] (kind soft: each example's tokens)
+    record: list | None = None  # collects (moe layer index, MLP input)
+
+
+_PLAN: contextvars.ContextVar[MLPPlan] = contextvars.ContextVar("tanbr_pool_plan")
+
+
+def _safe(key: str) -> str:
+    return key.replace(".", "__")
+
+
+class ExpertMLP(nn.Module):
+    """Stands in a layer for its MLP block: runs the template with the parameters of the current plan."""
+
+    def __init__(self, template: nn.Module, m: int, owner: "PoolMoE"):
+        super().__init__()
+        self.template, self.m = template, m
+        self.__dict__["_owner"] = owner  # not a submodule (the owner holds this module)
+
+    def forward(self, h: torch.Tensor, *_ignored) -> torch.Tensor:
+        return self._owner.run_mlp(self.m, self.template, h)
+
+
+class PoolMoE(nn.Module):
+    """A pool of fine-tunes merged into one MoE; the interface of `tanbr_ray.moe.interface`."""
+
+    def __init__(self, family: Family, backbone: nn.Module, tasks: list[str], heads: Mapping[str, nn.ModuleDict],
+                 moe_layers: list[int] | None = None, budget: int | None = None):
+        super().__init__()
+        for t in tasks:
+            check_task(t)
+        self.family, self.backbone = family, backbone
+        self.tasks, self.num_experts = list(tasks), len(tasks)
+        self.expert_of = {t: i for i, t in enumerate(tasks)}
+        self.expert_map = "task"  # expert k was fine-tuned on task k
+        layers = family.layer_list(backbone)
+        self.moe_layers = list(range(len(layers))) if moe_layers is None else list(moe_layers)
+        if not self.moe_layers or min(self.moe_layers) < 0 or max(self.moe_layers) >= len(layers):
+            raise ValueError(f"moe_layers: {self.moe_layers} outside 0..{len(layers) - 1}")
+        self.budget = budget or self.num_experts
+        if self.budget > self.num_experts:
+            raise ValueError(f"budget: {self.budget} exceeds the number of experts {self.num_experts}")
+        self.mlps = []
+        for m, l in enumerate(self.moe_layers):
+            mlp = ExpertMLP(family.get_mlp(layers[l]), m, self)
+            family.set_mlp(layers[l], mlp)
+            self.mlps.append(mlp)
+        template = self.mlps[0].template
+        self.keys = [n for n, _ in template.named_parameters()]
+        M, K, H = len(self.moe_layers), self.num_experts, backbone.config.hidden_size
+        self.experts = nn.ParameterDict({_safe(k): nn.Parameter(torch.zeros(M, K, *p.shape), requires_grad=False)
+                                         for k, p in template.named_parameters()})
+        self.router_w = nn.Parameter(torch.zeros(M, K, H), requires_grad=False)
+        self.router_b = nn.Parameter(torch.zeros(M, K), requires_grad=False)
+        self.heads = nn.ModuleDict({t.replace("-", "_"): heads[t] for t in tasks})
+        self.register_buffer("adapted", torch.zeros((), dtype=torch.uint8))  # no merge-aware adaptation
+        self.stats: ExpertStats | None = None
+        self.static_merges: dict[str, dict[str, torch.Tensor]] = {}
+        self.merge_operator, self.regmean_alpha = "linear", 0.9
+        self._merger: Merger | None = None
+        self.tokenizer = None
+        self.max_len_single, self.max_len_pair = 64, 128
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    # ----------------------------------------------------------------------------- experts, merging
+    @property
+    def device(self) -> torch.device:
+        return self.router_w.device
+
+    def task_index(self, task: str) -> int:
+        check_task(task)
+        if task not in self.expert_of:
+            raise ValueError(f"unknown task {task!r} for this pool; its tasks are {self.tasks}")
+        return self.expert_of[task]
+
+    def expert_tensors(self) -> dict[str, torch.Tensor]:
+        """The stacked experts [M, K, ...] by the MLP's own parameter names."""
+        return {k: self.experts[_safe(k)] for k in self.keys}
+
+    def expert_state(self, e: int) -> dict[str, torch.Tensor]:
+        return {k: v[:, e] for k, v in self.expert_tensors().items()}
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        return {k: torch.stack([dict(mlp.template.named_parameters())[k] for mlp in self.mlps]) for k in self.keys}
+
+    def validate_x(self, x) -> np.ndarray:
+        return validate_x(x, self.num_experts, self.budget)
+
+    def set_stats(self, stats: ExpertStats | None) -> None:
+        if stats is not None:
+            stats.check(self.expert_tensors(), grams=self.family.grams, transposed=self.family.transposed)
+        self.stats, self._merger, self.static_merges = stats, None, {}
+
+    @property
+    def merger(self) -> Merger:
+        if self._merger is None:
+            self._merger = Merger(self.expert_tensors(), self.stats, self.regmean_alpha, self.family.grams,
+                                  self.family.transposed)
+        return self._merger
+
+    @torch.no_grad()
+    def merged_state(self, x, op: str | None = None) -> dict[str, torch.Tensor]:
+        return self.merger(self.validate_x(x), check_operator(op or self.merge_operator))
+
+    def static_state(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in STATIC_MERGES:
+            raise ValueError(f"no static merge {name!r}; available: {list(STATIC_MERGES)}")
+        if name not in self.static_merges:
+            uniform = np.full(self.num_experts, 1.0 / self.num_experts)
+            self.static_merges[name] = self.merger(uniform, STATIC_MERGES[name])
+        return self.static_merges[name]
+
+    # ----------------------------------------------------------------------------- the MLPs per mode
+    def _plan(self, mode: str, task: str, x=None, state=None, mask=None, record=None) -> MLPPlan:
+        spec = mode_spec(mode)
+        if spec.ffn == "merged":
+            if (x is None) == (state is None):
+                raise ValueError("merged mode needs exactly one of x (weight vector) or state (merged weights)")
+            return MLPPlan("state", self.merged_state(x) if state is None else state, record=record)
+        if spec.ffn == "task":
+            return MLPPlan("state", self.expert_state(self.task_index(task)), record=record)
+        if spec.ffn == "routed":
+            return MLPPlan("routed", k=spec.k, record=record)
+        if spec.ffn == "soft":
+            return MLPPlan("soft", mask=mask, record=record)
+        return MLPPlan("base", record=record)
+
+    def run_mlp(self, m: int, template: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        plan = _PLAN.get()
+        if plan.record is not None:
+            plan.record.append((m, h))
+        if plan.kind == "base":
+            return template(h)
+        if plan.kind == "state":
+            return functional_call(template, {k: plan.state[k][m] for k in self.keys}, (h,))
+        if plan.kind == "routed":
+            return self._routed(m, template, h, plan.k)
+        return self._soft(m, template, h, plan.mask)
+
+    def _routed(self, m: int, template: nn.Module, h: torch.Tensor, k: int) -> torch.Tensor:
+        """Token-level top-k over the experts, gate weights renormalised (Switch / Mixtral style)."""
+        shape = h.shape
+        hf = h.reshape(-1, shape[-1])
+        p = torch.softmax(F.linear(hf, self.router_w[m], self.router_b[m]).float(), dim=-1)
+        topv, topi = p.topk(k, dim=-1)
+        topv = (topv / topv.sum(-1, keepdim=True)).to(h.dtype)
+        out = torch.zeros_like(hf)
+        experts = self.expert_tensors()
+        for e in range(self.num_experts):
+            sel = topi == e
+            rows = sel.any(-1).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            w = (topv * sel).sum(-1)[rows]
+            y = functional_call(template, {kk: experts[kk][m, e] for kk in self.keys}, (hf[rows],))
+            out.index_add_(0, rows, (w[:, None] * y).to(out.dtype))
+        return out.reshape(shape)
+
+    def _soft(self, m: int, template: nn.Module, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """SMEAR-style: each example's MLP is Σ_k p_k W_k, p the router's probabilities averaged over
+        its real tokens."""
+        p = torch.softmax(F.linear(h, self.router_w[m], self.router_b[m]).float(), dim=-1)
+        w = mask.to(p.dtype).unsqueeze(-1)
+        p = (p * w).sum(1) / w.sum(1).clamp(min=1.0)
+        params = {k: torch.einsum("bk,k...->b...", p.to(v.dtype), v[m]) for k, v in self.expert_tensors().items()}
+        return vmap(lambda ps, x: functional_call(template, ps, (x,)))(params, h)
+
+    # ----------------------------------------------------------------------------- forward
+    def embed_to_first_moe(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        """What the eval cache keeps per example: its tokens (ids and type ids). A pool's layers are
+        the checkpoint's own modules, so its forward starts from the tokens."""
+        return torch.stack([input_ids, token_type_ids], -1)
+
+    def _trunk(self, ids, attention_mask, types) -> torch.Tensor:
+        kwargs = {"input_ids": ids, "attention_mask": attention_mask}
+        if self.family.token_types and getattr(self.backbone.config, "type_vocab_size", 1) > 1:
+            kwargs["token_type_ids"] = types
+        if self.family.decoder:
+            kwargs["use_cache"] = False
+        return self.backbone(**kwargs).last_hidden_state
+
+    def pooled_from_first_moe(self, h, attention_mask, task, mode="oracle", x=None, state=None, adapted=None,
+                              record=None):
+        """The features each task head reads (the first or last real token's hidden state) for cached
+        tokens; returns (features, False: a pool has no merge-aware adaptation)."""
+        self.task_index(task)
+        token = _PLAN.set(self._plan(mode, task, x, state, attention_mask, record))
+        try:
+            hidden = self._trunk(h[..., 0], attention_mask, h[..., 1])
+        finally:
+            _PLAN.reset(token)
+        return self.family.pick(hidden, attention_mask), False
+
+    def head_for(self, mode: str, task: str, use_adapt: bool):
+        head = self.heads[task.replace("-", "_")]
+        return lambda feats: self.family.head(head, feats)
+
+    def forward_from_first_moe(self, h, attention_mask, task, mode="oracle", x=None, state=None, adapted=None):
+        pooled, use = self.pooled_from_first_moe(h, attention_mask, task, mode, x, state)
+        return self.head_for(mode, task, use)(pooled)
+
+    def forward(self, input_ids, attention_mask, token_type_ids, task, mode="oracle", x=None, state=None, adapted=None):
+        h = self.embed_to_first_moe(input_ids, attention_mask, token_type_ids)
+        return self.forward_from_first_moe(h, attention_mask, task, mode, x, state)
+
+    def prepare(self, splits, batch_size: int = 32, progress: bool = False):
+        from tanbr_ray.moe.infer import prepare
+
+        return prepare(self, splits, batch_size, progress)
+
+    # ----------------------------------------------------------------------------- dense models, bytes
+    def dense_model(self, x=None, state=None, adapted=None) -> "PoolDense":
+        """The dense model a node would serve: merged MLPs (x or state), or the base MLPs."""
+        if x is None and state is None:
+            return PoolDense(self, "dense", None)
+        return PoolDense(self, "merged", self.merged_state(x) if state is None else state)
+
+    def _bytes(self, tensors) -> int:
+        return int(sum(t.numel() * t.element_size() for t in tensors))
+
+    def resident_bytes(self, mode: str) -> int:
+        """Parameter bytes a node must hold to serve the mode (the heads of every task included)."""
+        mlp_ids = {id(p) for mlp in self.mlps for p in mlp.template.parameters()}
+        shared = [p for p in self.backbone.parameters() if id(p) not in mlp_ids] + list(self.heads.parameters())
+        spec = mode_spec(mode)
+        if spec.ffn in ("base", "merged"):
+            return self._bytes(shared) + self._bytes(p for mlp in self.mlps for p in mlp.template.parameters())
+        held = self._bytes(shared) + self._bytes(self.experts.values())
+        return held + (self._bytes([self.router_w, self.router_b]) if spec.ffn in ("routed", "soft") else 0)
+
+
+class PoolDense:
+    """A pool served with one MLP per layer (merged weights, or the base's): a forward (ids, mask,
+    types, task) -> logits, as a node holding only that model runs it."""
+
+    def __init__(self, moe: PoolMoE, mode: str, state):
+        self.moe, self.mode, self.state = moe, mode, state
+
+    def __call__(self, input_ids, attention_mask, token_type_ids, task: str) -> torch.Tensor:
+        return self.moe(input_ids, attention_mask, token_type_ids, task, mode=self.mode, state=self.state)
+
+    def resident_bytes(self) -> int:
+        return self.moe.resident_bytes(self.mode)

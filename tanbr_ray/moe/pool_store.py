@@ -1,0 +1,143 @@
+"""Cache of built pools, like the built-in model's (`store.py`): safetensors weights and statistics,
+a JSON config with their sha256s written last (the commit point). The directory is named by the
+pool's settings and the content hashes of its checkpoints and data, so a changed checkpoint or data
+file is a new model, never a stale cache hit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from tanbr_ray.fileio import atomic_write, sha256_file
+from tanbr_ray.moe.build import BuiltMoE
+from tanbr_ray.moe.config import default_models_dir, resolve_device
+from tanbr_ray.moe.families import family_of
+from tanbr_ray.moe.merge import ExpertStats
+from tanbr_ray.moe.pool_config import PoolConfig, load_pool_config
+from tanbr_ray.moe.pool_model import PoolMoE
+from tanbr_ray.moe.store import CONFIG, STATS, WEIGHTS, _read_verified
+
+FORMAT = "tanbr-pool-moe/1"
+_WEIGHT_FILES = (".safetensors", ".bin", ".json")
+
+
+def checkpoint_sha256(ref: str) -> str:
+    """Content hash of a local checkpoint folder (its weight and config files); a hub id as written."""
+    p = Path(ref)
+    if not p.is_dir():
+        return "hub:" + ref
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.iterdir() if q.is_file() and q.name.endswith(_WEIGHT_FILES)):
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def data_sha256(data: dict) -> dict[str, str]:
+    """Content hash of each task's train split (texts and labels, in order)."""
+    out = {}
+    for t, sp in data.items():
+        h = hashlib.sha256()
+        for i in range(len(sp)):
+            h.update(sp.text_a[i].encode())
+            h.update(b"\0" + (sp.text_b[i].encode() if sp.text_b is not None else b"") + b"\1")
+        h.update(np.ascontiguousarray(sp.labels, dtype=np.float64).tobytes())
+        out[t] = h.hexdigest()
+    return out
+
+
+def pool_key(cfg: PoolConfig, data: dict) -> dict:
+    """What names a built pool: its settings, its checkpoints' contents and its data's."""
+    settings = cfg.model_dump(exclude={"device", "merge_operator", "regmean_alpha"})
+    ident = {"settings": settings, "base": checkpoint_sha256(cfg.base),
+             "checkpoints": {e.task: checkpoint_sha256(e.checkpoint) for e in cfg.experts},
+             "tokenizer": checkpoint_sha256(cfg.tokenizer) if cfg.tokenizer else None,
+             "data": data_sha256(data)}
+    ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    return ident
+
+
+def save_pool(moe: PoolMoE, cfg: PoolConfig, ident: dict, directory: Path, build: dict, configs: dict) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    files = {WEIGHTS: {k: v.detach().cpu().contiguous().clone() for k, v in moe.state_dict().items()}}
+    if moe.stats is not None:
+        files[STATS] = moe.stats.tensors()
+    for name, tensors in files.items():
+        atomic_write(d / name, lambda p, t=tensors: save_file(t, p, metadata={"format": FORMAT}))
+    meta = {"format": FORMAT, "pool_config": cfg.model_dump(), "identity": ident, "family": moe.family.name,
+            "backbone_config": moe.backbone.config.to_dict(),
+            "head_configs": {t: c.to_dict() for t, c in configs.items()},
+            "files": {n: {"sha256": sha256_file(d / n), "bytes": (d / n).stat().st_size} for n in files},
+            "build": build}
+    atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=float)))
+    moe.identity = {"key": d.name, "weights_sha256": meta["files"][WEIGHTS]["sha256"]}
+    moe.cache_dir = d
+    return d
+
+
+def load_pool(directory: str | os.PathLike, device="cpu") -> tuple[PoolMoE, dict]:
+    """Verify checksums, rebuild the modules from the stored configs, load; never unpickles."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    from tanbr_ray.moe.pool_build import _tokenizer
+
+    d = Path(directory)
+    try:
+        meta = json.loads((d / CONFIG).read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} config")
+        cfg = PoolConfig(**meta["pool_config"])
+        family = family_of(meta["backbone_config"]["model_type"], str(d))
+        files = {n: (int(v["bytes"]), str(v["sha256"])) for n, v in meta["files"].items()}
+    except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"{d / CONFIG}: invalid pool config ({e})") from e
+    loaded = {n: _read_verified(d / n, *files[n]) for n in files}
+
+    def config(raw: dict):
+        raw = dict(raw)
+        return AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+    backbone = AutoModel.from_config(config(meta["backbone_config"]))
+    if hasattr(backbone, "pooler"):
+        backbone.pooler = None
+    heads = {t: family.head_modules(AutoModelForSequenceClassification.from_config(config(c)))
+             for t, c in meta["head_configs"].items()}
+    moe = PoolMoE(family, backbone, cfg.tasks, heads, cfg.moe_layers, cfg.budget)
+    try:
+        moe.load_state_dict(loaded[WEIGHTS], strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{d / WEIGHTS}: weights do not match the config ({e})") from e
+    moe.to(device).eval()
+    if STATS in loaded:
+        moe.set_stats(ExpertStats.from_tensors(loaded[STATS], str(d / STATS), moe.keys,
+                                               family.grams).to(device))
+    moe.tokenizer, moe.max_len_single, moe.max_len_pair = _tokenizer(cfg), cfg.max_len_single, cfg.max_len_pair
+    moe.merge_operator, moe.regmean_alpha = cfg.merge_operator, cfg.regmean_alpha
+    moe.identity = {"key": d.name, "weights_sha256": files[WEIGHTS][1]}
+    moe.cache_dir = d
+    return moe, meta
+
+
+def load_or_build_pool(path: str | os.PathLike, models_dir=None, progress: bool = True, data_dir=None,
+                       rebuild: bool = False) -> BuiltMoE:
+    """The pool a YAML names: checked, then reused from the cache or built and cached."""
+    from tanbr_ray.moe.pool_build import build_pool, load_configs, load_data
+
+    cfg = load_pool_config(path)
+    _, _, configs = load_configs(cfg)  # refuses a bad pool before any data or weights are read
+    data = load_data(cfg, data_dir)
+    ident = pool_key(cfg, data)
+    d = Path(models_dir or default_models_dir()) / f"pool-{cfg.name}-{ident['key']}"
+    if (d / CONFIG).exists() and not rebuild:
+        moe, meta = load_pool(d, resolve_device(cfg.device))
+        return BuiltMoE(moe, d, meta.get("build", {}))
+    moe, stats = build_pool(cfg, data_dir, progress, data)
+    save_pool(moe, cfg, ident, d, stats, configs)
+    return BuiltMoE(moe, d, stats)

@@ -1,0 +1,66 @@
+"""Tiny pools of fine-tunes for tests: a random-weight base of one family, fine-tuned a few steps per
+task on the local GLUE copy, saved as `*ForSequenceClassification` checkpoints, and the pool YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from tanbr_ray.moe.build import minilm_path
+from tanbr_ray.moe.data import NUM_LABELS, bucket_batches, load_task
+
+VOCAB = 30522  # the MiniLM tokenizer's
+
+
+def tiny_config(family: str, num_labels: int = 2):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, num_labels=num_labels, pad_token_id=0)
+    if family == "gpt2":
+        return tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=160, **common)
+    if family in ("llama", "mistral", "qwen2"):
+        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
+        return cls(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                   num_key_value_heads=2, max_position_embeddings=160, **common)
+    cls = {"bert": tf.BertConfig, "roberta": tf.RobertaConfig, "distilbert": tf.DistilBertConfig}[family]
+    if family == "distilbert":
+        return cls(n_layers=2, dim=32, hidden_dim=64, n_heads=2, max_position_embeddings=160, **common)
+    return cls(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+               max_position_embeddings=160, **common)
+
+
+def make_pool(root: Path, family: str, tasks=("SST-2", "RTE"), steps: int = 4, seed: int = 0, **extra) -> Path:
+    """Write base + one fine-tune per task under root; returns the pool YAML's path."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    base = AutoModel.from_config(tiny_config(family))
+    base.save_pretrained(root / "base")
+    experts = []
+    for i, t in enumerate(tasks):
+        torch.manual_seed(seed + 1 + i)
+        clf = AutoModelForSequenceClassification.from_config(tiny_config(family, NUM_LABELS[t]))
+        bb = getattr(clf, clf.base_model_prefix)
+        bb.load_state_dict(base.state_dict(), strict=False)
+        opt = torch.optim.AdamW(clf.parameters(), lr=3e-3)
+        split = load_task(t, "train").head(16 * steps, seed)
+        clf.train()
+        for b in bucket_batches(tok, split, 32, 16)[:steps]:
+            kw = {"token_type_ids": b.token_type_ids} if family == "bert" else {}
+            loss = clf(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels, **kw).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        clf.save_pretrained(root / t)
+        experts.append({"task": t, "checkpoint": t})
+    spec = {"name": f"tiny-{family}", "base": "base", "tokenizer": minilm_path(), "experts": experts,
+            "max_len_single": 32, "max_len_pair": 48,
+            "build": {"router_examples": 16, "router_steps": 20, "fisher_examples": 8, "regmean_examples": 16,
+                      "batch_size": 8}}
+    spec.update(extra)
+    path = root / "pool.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
