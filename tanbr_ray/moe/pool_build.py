@@ -15,13 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from tanbr_ray.moe.build import _loss, fit
+from tanbr_ray.moe.build import _loss, fit, sample_x
 from tanbr_ray.moe.config import resolve_device
 from tanbr_ray.moe.data import NUM_LABELS, PAIR, TaskSplit, bucket_batches, load_task
 from tanbr_ray.moe.families import Family, family_of
-from tanbr_ray.moe.merge import ExpertStats
+from tanbr_ray.moe.merge import ExpertStats, merge_experts
 from tanbr_ray.moe.pool_config import PoolConfig
-from tanbr_ray.moe.pool_model import MLPPlan, PoolMoE, _PLAN
+from tanbr_ray.moe.pool_model import PoolMoE, _safe
+from tanbr_ray.moe.pool_parts import PoolParts, mean_mlp_head
 from tanbr_ray.moe.precision import fp32
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def load_checkpoints(cfg: PoolConfig, family: Family, progress: bool):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar over the checkpoints instead of one per file
+    hf_logging.set_verbosity_error()  # a pooler the base lacks, a tanbr_head beside the classifier: expected
     base = AutoModel.from_pretrained(cfg.base)
     want = {k: tuple(v.shape) for k, v in base.state_dict().items()}
     clfs = {}
@@ -201,12 +203,34 @@ def _max_len(cfg: PoolConfig, task: str) -> int:
     return cfg.max_len_pair if PAIR[task] else cfg.max_len_single
 
 
-def assemble(cfg: PoolConfig, family: Family, base: nn.Module, clfs: dict) -> PoolMoE:
-    """The PoolMoE: base (shared parts merged) with experts = each fine-tune's MLPs, heads kept."""
-    heads = {t: family.head_modules(c) for t, c in clfs.items()}
+def default_adapt_names(family: Family, backbone: nn.Module, moe_layers: list[int]) -> list[str]:
+    """What merge-aware adaptation trains besides the merged-mode heads: the norms outside the MLP
+    blocks of the layers above the first MoE layer (they see the merged MLPs' outputs)."""
+    layers = family.layer_list(backbone)
+    mlp = {id(p) for l in moe_layers for p in family.get_mlp(layers[l]).parameters()}
+    above = {id(p) for l in range(min(moe_layers) + 1, len(layers)) for p in layers[l].parameters()}
+    return [n for mod_name, mod in backbone.named_modules() if "norm" in type(mod).__name__.lower()
+            for n, p in ((f"{mod_name}.{k}", v) for k, v in mod.named_parameters(recurse=False))
+            if id(p) in above and id(p) not in mlp]
+
+
+def assemble(cfg: PoolConfig, family: Family, base: nn.Module, clfs: dict, parts: PoolParts | None) -> PoolMoE:
+    """The PoolMoE: base (shared parts merged) with experts = each fine-tune's MLPs, heads kept (a
+    checkpoint's mean-pooled MLP head when it carries one), and the parts given."""
+    hidden = base.config.hidden_size
+    own = {e.task: mean_mlp_head(e.checkpoint, clfs[e.task].config, hidden) for e in cfg.experts}
+    if len({v is None for v in own.values()}) > 1:
+        raise ValueError("experts: some checkpoints carry a tanbr_head and some do not; one head kind per pool")
+    mean = next(iter(own.values())) is not None
+    heads = {t: own[t] if mean else family.head_modules(c) for t, c in clfs.items()}
     if hasattr(base, "pooler"):
         base.pooler = None  # BERT's pooler is each fine-tune's own (in its head)
-    moe = PoolMoE(family, base, cfg.tasks, heads, cfg.moe_layers, cfg.budget)
+    moe_layers = cfg.moe_layers if cfg.moe_layers is not None else list(range(len(family.layer_list(base))))
+    if parts is not None and (parts.adapt or parts.merge_heads):
+        adapt = sorted(parts.adapt)
+    else:
+        adapt = default_adapt_names(family, base, moe_layers) if cfg.build.adapt_steps > 0 else []
+    moe = PoolMoE(family, base, cfg.tasks, heads, cfg.moe_layers, cfg.budget, "mean" if mean else None, adapt)
     with torch.no_grad():
         for e, t in enumerate(cfg.tasks):
             layers = family.layer_list(getattr(clfs[t], family.backbone))
@@ -214,7 +238,41 @@ def assemble(cfg: PoolConfig, family: Family, base: nn.Module, clfs: dict) -> Po
                 src = dict(family.get_mlp(layers[l]).named_parameters())
                 for k in moe.keys:
                     moe.experts[k.replace(".", "__")][m, e].copy_(src[k])
+    if parts is not None:
+        apply_parts(moe, parts, cfg.parts)
     return moe
+
+
+@torch.no_grad()
+def apply_parts(moe: PoolMoE, parts: PoolParts, where: str) -> None:
+    """Load the given parts into the pool, each checked against the shape it replaces."""
+    def put(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ValueError(f"parts {where}: {name} shaped {tuple(src.shape)}, the pool's {tuple(dst.shape)}")
+        dst.copy_(src)
+
+    if parts.router_w is not None:
+        put(moe.router_w, parts.router_w, "router_w")
+        put(moe.router_b, parts.router_b, "router_b")
+    for heads, given, what in ((moe.dense_heads, parts.dense_heads, "dense_head"),
+                               (moe.merge_heads, parts.merge_heads, "merge_head")):
+        for t, state in given.items():
+            if t not in moe.tasks:
+                raise ValueError(f"parts {where}: {what} for task {t!r}, which the pool does not have ({moe.tasks})")
+            try:
+                heads[t.replace("-", "_")].load_state_dict(state)
+            except RuntimeError as e:
+                raise ValueError(f"parts {where}: {what} of {t} does not fit the pool's head ({e})") from e
+    for n, v in parts.adapt.items():
+        put(moe.adapt[_safe(n)], v, f"adapt/{n}")
+    if parts.adapt or parts.merge_heads:
+        moe.adapted.fill_(1)
+    stats = parts.expert_stats(moe.keys, moe.family.grams, f"parts {where}")
+    if stats is not None:
+        try:
+            moe.set_stats(stats.to(moe.device))
+        except ValueError as e:
+            raise ValueError(f"parts {where}: {e}") from e
 
 
 def _batches(moe: PoolMoE, cfg: PoolConfig, split: TaskSplit):
@@ -280,7 +338,7 @@ def expert_stats(moe: PoolMoE, cfg: PoolConfig, data: dict, progress: bool) -> E
         n = 0
         for b in _batches(moe, cfg, data[t].head(cfg.build.fisher_examples, cfg.build.seed)):
             b = b.to(moe.device)
-            logits = moe(b.input_ids, b.attention_mask, b.token_type_ids, t, mode="merged", state=P)
+            logits = moe(b.input_ids, b.attention_mask, b.token_type_ids, t, mode="merged", state=P, adapted=False)
             for k, gr in zip(P, torch.autograd.grad(_loss(t, logits, b.labels), list(P.values()))):
                 fisher[k][:, e] += gr.pow(2) * len(b.index)
             n += len(b.index)
@@ -329,16 +387,61 @@ def build_pool(cfg: PoolConfig, data_dir=None, progress: bool = True, data: dict
         stats["stages"][name] = round(time.perf_counter() - s, 2)
         return out
 
+    parts = PoolParts.load(cfg.parts) if cfg.parts else None
     base, clfs = stage("load", lambda: load_checkpoints(cfg, family, progress))
     moe_layers = cfg.moe_layers if cfg.moe_layers is not None else list(range(len(family.layer_list(base))))
     stats["shared"] = stage("shared_merge", lambda: merge_shared(cfg, family, base, clfs, data, tok, moe_layers, progress))
-    moe = stage("assemble", lambda: assemble(cfg, family, base, clfs))
+    moe = stage("assemble", lambda: assemble(cfg, family, base, clfs, parts))
     del clfs
     moe.tokenizer, moe.max_len_single, moe.max_len_pair = tok, cfg.max_len_single, cfg.max_len_pair
     moe.merge_operator, moe.regmean_alpha = cfg.merge_operator, cfg.regmean_alpha
     moe.to(resolve_device(cfg.device)).eval()
-    stats["router"] = stage("router", lambda: train_router(moe, cfg, data, progress))
-    moe.set_stats(stage("expert_stats", lambda: expert_stats(moe, cfg, data, progress)))
+    given = parts or PoolParts()
+    stats["from_parts"] = sorted(k for k, v in {"router": given.router_w is not None, "statistics": bool(given.stats),
+                                                "adaptation": bool(given.adapt or given.merge_heads),
+                                                "dense_heads": bool(given.dense_heads)}.items() if v)
+    if given.router_w is None:
+        stats["router"] = stage("router", lambda: train_router(moe, cfg, data, progress))
+    if not given.stats:
+        moe.set_stats(stage("expert_stats", lambda: expert_stats(moe, cfg, data, progress)))
+    if not (given.adapt or given.merge_heads) and len(moe.adapt) and cfg.build.adapt_steps > 0:
+        stats["adapt_loss"] = stage("adaptation", lambda: adapt_merged(moe, cfg, data, progress))
     stats["build_seconds"] = round(time.perf_counter() - t0, 2)
     log.info("pool %s built in %.1fs", cfg.name, stats["build_seconds"])
     return moe, stats
+
+
+def adapt_merged(moe: PoolMoE, cfg: PoolConfig, data: dict, progress: bool) -> float:
+    """Merge-aware adaptation, as the built-in build does it: the merged-mode heads (from the
+    experts' heads) and the adapted norms trained on the task mixture while the MLPs are merged
+    linearly at random feasible x, so any merge the router picks stays usable."""
+    with torch.no_grad():
+        for t in moe.tasks:
+            k = t.replace("-", "_")
+            moe.merge_heads[k].load_state_dict(moe.heads[k].state_dict())
+    params = list(moe.adapt.values()) + list(moe.merge_heads.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    rng = np.random.default_rng(cfg.build.seed + 17)
+    experts = {k: v.detach() for k, v in moe.expert_tensors().items()}
+    pools: dict[str, list] = {t: [] for t in moe.tasks}
+
+    def next_batch(step: int):
+        t = moe.tasks[step % moe.num_experts]
+        if not pools[t]:
+            pools[t] = bucket_batches(moe.tokenizer, data[t], _max_len(cfg, t), cfg.build.batch_size, True,
+                                      int(rng.integers(1 << 30)))[:64]
+        return pools[t].pop().to(moe.device), sample_x(rng, moe.num_experts, moe.budget)
+
+    def loss_of(item):
+        b, x = item
+        state = merge_experts(experts, x)
+        logits = moe(b.input_ids, b.attention_mask, b.token_type_ids, b.task, mode="merged", state=state, adapted=True)
+        return _loss(b.task, logits, b.labels)
+
+    res = fit(params, [next_batch(s) for s in range(cfg.build.adapt_steps)], loss_of, cfg.build.adapt_lr,
+              desc="merge-aware adaptation", progress=progress)
+    for p in params:
+        p.requires_grad_(False)
+    moe.adapted.fill_(1)
+    return res.loss

@@ -39,6 +39,9 @@ class PoolBuild(BaseModel):
     router_steps: int = Field(600, ge=1)
     router_batch: int = Field(4096, ge=1, description="tokens per router step")
     router_lr: float = Field(1e-2, gt=0, le=1)
+    adapt_steps: int = Field(120, ge=0, description="merge-aware adaptation (norms + merged-mode heads under "
+                             "random merges); 0 = off")
+    adapt_lr: float = Field(5e-4, gt=0, le=1)
     fisher_examples: int = Field(64, ge=1, description="per task")
     regmean_examples: int = Field(256, ge=1, description="per task: Grams of the experts and of the shared part")
     batch_size: int = Field(16, ge=1)
@@ -54,6 +57,9 @@ class PoolConfig(BaseModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     base: str = Field(min_length=1, description="the checkpoint every expert was fine-tuned from")
     tokenizer: str | None = Field(None, description="a tokenizer folder; default: the base checkpoint's")
+    parts: str | None = Field(None, description="a safetensors file of the parts no single fine-tune holds "
+                              "(router, dense and adapted heads, adapted norms, statistics), as `tanbr export-pool` "
+                              "writes it; the build then computes none of them")
     experts: list[PoolExpert] = Field(min_length=2)
     shared_merge: Literal["regmean", "average"] = Field(
         "regmean", description="how everything but the MLPs (embeddings, attention, norms) is merged once")
@@ -107,4 +113,5 @@ def load_pool_config(path: str | os.PathLike) -> PoolConfig:
     return cfg.model_copy(update={
         "base": _resolve(cfg.base, root),
         "tokenizer": None if cfg.tokenizer is None else _resolve(cfg.tokenizer, root),
+        "parts": None if cfg.parts is None else str((root / cfg.parts).resolve()),
         "experts": [e.model_copy(update={"checkpoint": _resolve(e.checkpoint, root)}) for e in cfg.experts]})

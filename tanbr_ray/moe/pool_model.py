@@ -12,6 +12,7 @@ so any MLP layout of a known family (`families.py`) is served by one code path.
 from __future__ import annotations
 
 import contextvars
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from torch.func import functional_call, vmap
 from tanbr_ray.moe.data import check_task
 from tanbr_ray.moe.families import Family
 from tanbr_ray.moe.merge import ExpertStats, Merger, check_operator, validate_x
-from tanbr_ray.moe.model import STATIC_MERGES, mode_spec
+from tanbr_ray.moe.model import STATIC_MERGES, mean_pool, mode_spec
 
 
 @dataclass
@@ -61,7 +62,11 @@ class PoolMoE(nn.Module):
     """A pool of fine-tunes merged into one MoE; the interface of `tanbr_ray.moe.interface`."""
 
     def __init__(self, family: Family, backbone: nn.Module, tasks: list[str], heads: Mapping[str, nn.ModuleDict],
-                 moe_layers: list[int] | None = None, budget: int | None = None):
+                 moe_layers: list[int] | None = None, budget: int | None = None, pooling: str | None = None,
+                 adapt_names: list[str] | None = None):
+        """`heads`: each task's head modules (the family's, or {"mean_mlp": Head} read over mean-pooled
+        tokens); `pooling`: first | last | mean (default: the family's token); `adapt_names`: backbone
+        parameters with a merged-mode value of their own (merge-aware adaptation)."""
         super().__init__()
         for t in tasks:
             check_task(t)
@@ -88,8 +93,13 @@ class PoolMoE(nn.Module):
                                          for k, p in template.named_parameters()})
         self.router_w = nn.Parameter(torch.zeros(M, K, H), requires_grad=False)
         self.router_b = nn.Parameter(torch.zeros(M, K), requires_grad=False)
-        self.heads = nn.ModuleDict({t.replace("-", "_"): heads[t] for t in tasks})
-        self.register_buffer("adapted", torch.zeros((), dtype=torch.uint8))  # no merge-aware adaptation
+        self.pooling = pooling or family.token
+        self.heads = nn.ModuleDict({t.replace("-", "_"): heads[t] for t in tasks})  # with the experts
+        self.dense_heads = copy.deepcopy(self.heads)  # dense mode (default: the experts' heads)
+        self.merge_heads = copy.deepcopy(self.heads)  # merged mode once adapted
+        named = dict(backbone.named_parameters())
+        self.adapt = nn.ParameterDict({_safe(n): nn.Parameter(named[n].detach().clone()) for n in adapt_names or []})
+        self.register_buffer("adapted", torch.zeros((), dtype=torch.uint8))
         self.stats: ExpertStats | None = None
         self.static_merges: dict[str, dict[str, torch.Tensor]] = {}
         self.merge_operator, self.regmean_alpha = "linear", 0.9
@@ -148,6 +158,9 @@ class PoolMoE(nn.Module):
         return self.static_merges[name]
 
     # ----------------------------------------------------------------------------- the MLPs per mode
+    def adapt_names(self) -> list[str]:
+        return [k.replace("__", ".") for k in self.adapt]
+
     def _plan(self, mode: str, task: str, x=None, state=None, mask=None, record=None) -> MLPPlan:
         spec = mode_spec(mode)
         if spec.ffn == "merged":
@@ -208,37 +221,46 @@ class PoolMoE(nn.Module):
         the checkpoint's own modules, so its forward starts from the tokens."""
         return torch.stack([input_ids, token_type_ids], -1)
 
-    def _trunk(self, ids, attention_mask, types) -> torch.Tensor:
+    def _trunk(self, ids, attention_mask, types, use_adapt: bool) -> torch.Tensor:
         kwargs = {"input_ids": ids, "attention_mask": attention_mask}
         if self.family.token_types and getattr(self.backbone.config, "type_vocab_size", 1) > 1:
             kwargs["token_type_ids"] = types
         if self.family.decoder:
             kwargs["use_cache"] = False
+        if use_adapt and len(self.adapt):
+            own = {k.replace("__", "."): v for k, v in self.adapt.items()}
+            return functional_call(self.backbone, own, (), kwargs, strict=False).last_hidden_state
         return self.backbone(**kwargs).last_hidden_state
 
     def pooled_from_first_moe(self, h, attention_mask, task, mode="oracle", x=None, state=None, adapted=None,
                               record=None):
-        """The features each task head reads (the first or last real token's hidden state) for cached
-        tokens; returns (features, False: a pool has no merge-aware adaptation)."""
+        """The features each task head reads (the first or last real token's hidden state, or the mean
+        of the real tokens') for cached tokens; returns (features, whether merge-aware adaptation ran)."""
         self.task_index(task)
+        use = mode_spec(mode).ffn == "merged" and (bool(self.adapted.item()) if adapted is None else bool(adapted))
         token = _PLAN.set(self._plan(mode, task, x, state, attention_mask, record))
         try:
-            hidden = self._trunk(h[..., 0], attention_mask, h[..., 1])
+            hidden = self._trunk(h[..., 0], attention_mask, h[..., 1], use)
         finally:
             _PLAN.reset(token)
-        return self.family.pick(hidden, attention_mask), False
+        if self.pooling == "mean":
+            return mean_pool(hidden, attention_mask), use
+        return self.family.pick(hidden, attention_mask), use
 
     def head_for(self, mode: str, task: str, use_adapt: bool):
-        head = self.heads[task.replace("-", "_")]
+        heads = self.merge_heads if use_adapt else self.dense_heads if mode_spec(mode).heads == "dense" else self.heads
+        head = heads[task.replace("-", "_")]
+        if "mean_mlp" in head:
+            return head["mean_mlp"]
         return lambda feats: self.family.head(head, feats)
 
     def forward_from_first_moe(self, h, attention_mask, task, mode="oracle", x=None, state=None, adapted=None):
-        pooled, use = self.pooled_from_first_moe(h, attention_mask, task, mode, x, state)
+        pooled, use = self.pooled_from_first_moe(h, attention_mask, task, mode, x, state, adapted)
         return self.head_for(mode, task, use)(pooled)
 
     def forward(self, input_ids, attention_mask, token_type_ids, task, mode="oracle", x=None, state=None, adapted=None):
         h = self.embed_to_first_moe(input_ids, attention_mask, token_type_ids)
-        return self.forward_from_first_moe(h, attention_mask, task, mode, x, state)
+        return self.forward_from_first_moe(h, attention_mask, task, mode, x, state, adapted)
 
     def prepare(self, splits, batch_size: int = 32, progress: bool = False):
         from tanbr_ray.moe.infer import prepare

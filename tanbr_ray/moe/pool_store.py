@@ -21,6 +21,7 @@ from tanbr_ray.moe.families import family_of
 from tanbr_ray.moe.merge import ExpertStats
 from tanbr_ray.moe.pool_config import PoolConfig, load_pool_config
 from tanbr_ray.moe.pool_model import PoolMoE
+from tanbr_ray.moe.pool_parts import empty_mean_mlp_head
 from tanbr_ray.moe.store import CONFIG, STATS, WEIGHTS, _read_verified
 
 FORMAT = "tanbr-pool-moe/1"
@@ -58,6 +59,7 @@ def pool_key(cfg: PoolConfig, data: dict) -> dict:
     ident = {"settings": settings, "base": checkpoint_sha256(cfg.base),
              "checkpoints": {e.task: checkpoint_sha256(e.checkpoint) for e in cfg.experts},
              "tokenizer": checkpoint_sha256(cfg.tokenizer) if cfg.tokenizer else None,
+             "parts": sha256_file(cfg.parts) if cfg.parts else None,
              "data": data_sha256(data)}
     ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     return ident
@@ -74,6 +76,9 @@ def save_pool(moe: PoolMoE, cfg: PoolConfig, ident: dict, directory: Path, build
     meta = {"format": FORMAT, "pool_config": cfg.model_dump(), "identity": ident, "family": moe.family.name,
             "backbone_config": moe.backbone.config.to_dict(),
             "head_configs": {t: c.to_dict() for t, c in configs.items()},
+            "pooling": moe.pooling, "adapt_names": moe.adapt_names(),
+            "mean_mlp_heads": {t: int(moe.heads[t.replace("-", "_")]["mean_mlp"].fc.out_features)
+                               for t in moe.tasks if "mean_mlp" in moe.heads[t.replace("-", "_")]},
             "files": {n: {"sha256": sha256_file(d / n), "bytes": (d / n).stat().st_size} for n in files},
             "build": build}
     atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=float)))
@@ -107,9 +112,12 @@ def load_pool(directory: str | os.PathLike, device="cpu") -> tuple[PoolMoE, dict
     backbone = AutoModel.from_config(config(meta["backbone_config"]))
     if hasattr(backbone, "pooler"):
         backbone.pooler = None
-    heads = {t: family.head_modules(AutoModelForSequenceClassification.from_config(config(c)))
+    hidden, inner = backbone.config.hidden_size, meta.get("mean_mlp_heads", {})
+    heads = {t: empty_mean_mlp_head(hidden, inner[t], t) if t in inner else
+             family.head_modules(AutoModelForSequenceClassification.from_config(config(c)))
              for t, c in meta["head_configs"].items()}
-    moe = PoolMoE(family, backbone, cfg.tasks, heads, cfg.moe_layers, cfg.budget)
+    moe = PoolMoE(family, backbone, cfg.tasks, heads, cfg.moe_layers, cfg.budget, meta.get("pooling"),
+                  meta.get("adapt_names", []))
     try:
         moe.load_state_dict(loaded[WEIGHTS], strict=True)
     except RuntimeError as e:
