@@ -9,6 +9,7 @@ from tanbr_ray.cli import config_cmd  # noqa: F401  (registers `tanbr config sho
 from tanbr_ray.cli import serve_cmd  # noqa: F401  (registers `tanbr serve`, `tanbr bench serve`)
 from tanbr_ray.cli import report_cmd  # noqa: F401  (registers `tanbr report`)
 from tanbr_ray.cli import fidelity_cmd  # noqa: F401  (registers `tanbr bench fidelity`)
+from tanbr_ray.cli import pool_cmd  # noqa: F401  (registers `tanbr export-pool`, `tanbr bench pool`)
 from tanbr_ray.cli.app import app
 
 

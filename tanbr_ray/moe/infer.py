@@ -162,7 +162,7 @@ def mode_forward(moe, mode: str, batch_size: int, seq_len: int = 64, task: str |
 
 def _mode_forward(moe, mode: str, batch_size: int, seq_len: int, task: str | None, x):
     task = task or moe.tasks[0]
-    ids, am, tt = synthetic_batch(batch_size, seq_len, moe.bert_config.vocab_size, moe.device)
+    ids, am, tt = synthetic_batch(batch_size, seq_len, moe.tokenizer.vocab_size, moe.device)
     moe.eval()
     if mode == "dense":
         dm = moe.dense_model()

@@ -289,7 +289,7 @@ def _record(moe: PoolMoE, cfg: PoolConfig, split: TaskSplit, mode: str = "oracle
         moe.pooled_from_first_moe(moe.embed_to_first_moe(b.input_ids, b.attention_mask, b.token_type_ids),
                                   b.attention_mask, split.task, mode, record=rec)
         keep = b.attention_mask.bool()
-        out.extend((m, h[keep]) for m, h in rec)
+        out.extend((moe.moe_layers.index(l), h[keep]) for l, h in rec)
     return out
 
 

@@ -178,7 +178,7 @@ class PoolMoE(nn.Module):
     def run_mlp(self, m: int, template: nn.Module, h: torch.Tensor) -> torch.Tensor:
         plan = _PLAN.get()
         if plan.record is not None:
-            plan.record.append((m, h))
+            plan.record.append((self.moe_layers[m], h))
         if plan.kind == "base":
             return template(h)
         if plan.kind == "state":
@@ -187,11 +187,14 @@ class PoolMoE(nn.Module):
             return self._routed(m, template, h, plan.k)
         return self._soft(m, template, h, plan.mask)
 
+    def router_logits(self, m: int, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.router_w[m], self.router_b[m])
+
     def _routed(self, m: int, template: nn.Module, h: torch.Tensor, k: int) -> torch.Tensor:
         """Token-level top-k over the experts, gate weights renormalised (Switch / Mixtral style)."""
         shape = h.shape
         hf = h.reshape(-1, shape[-1])
-        p = torch.softmax(F.linear(hf, self.router_w[m], self.router_b[m]).float(), dim=-1)
+        p = torch.softmax(self.router_logits(m, hf).float(), dim=-1)
         topv, topi = p.topk(k, dim=-1)
         topv = (topv / topv.sum(-1, keepdim=True)).to(h.dtype)
         out = torch.zeros_like(hf)
@@ -209,7 +212,7 @@ class PoolMoE(nn.Module):
     def _soft(self, m: int, template: nn.Module, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """SMEAR-style: each example's MLP is Σ_k p_k W_k, p the router's probabilities averaged over
         its real tokens."""
-        p = torch.softmax(F.linear(h, self.router_w[m], self.router_b[m]).float(), dim=-1)
+        p = torch.softmax(self.router_logits(m, h).float(), dim=-1)
         w = mask.to(p.dtype).unsqueeze(-1)
         p = (p * w).sum(1) / w.sum(1).clamp(min=1.0)
         params = {k: torch.einsum("bk,k...->b...", p.to(v.dtype), v[m]) for k, v in self.expert_tensors().items()}
