@@ -221,7 +221,8 @@ def run_bench(
     cache = prepare(moe, {t: s.head(eval_examples, seed) for t, s in dev.items()}, progress=progress)
     modes, statics, preds = mode_scores(moe, cache, bf16, progress)
     experts = expert_table(moe, cache, preds, modes, data_dir)
-    router = {"routed_to_task_expert": routed_share(moe, cache), "build": (build_info or {}).get("router", {})}
+    router = {"routed_to_task_expert": routed_share(moe, cache) if hasattr(moe, "router_logits") else None,
+              "build": (build_info or {}).get("router", {})}
     del cache
     # 3. latency and bytes of every mode; merge time per operator
     modes = latency_table(moe, modes, batch_sizes, seq_len, runs, warmup)
@@ -238,7 +239,7 @@ def run_bench(
     info = build_info or {}
     res = {
         "model": {"tasks": tasks, "num_experts": moe.num_experts, "moe_layers": moe.moe_layers, "budget": moe.budget,
-                  "adapted": bool(moe.adapted.item()), "merge_operator": moe.merge_operator},
+                  "adapted": bool(moe.adapted), "merge_operator": moe.merge_operator},
         "device": str(moe.device), "seq_len": seq_len, "runs": runs,
         "eval_examples": {t: len(dev[t].head(eval_examples, seed)) for t in tasks},
         "modes": modes, "static_merges": statics, "experts": experts, "router": router,
@@ -275,7 +276,7 @@ def mode_scores(moe, cache: EvalCache, bf16: bool, progress: bool) -> tuple[dict
     for name in ("uniform", "fisher", "regmean"):
         if name == "uniform" or moe.stats is not None:
             statics[name] = {"scores": score(cache, predict(moe, cache, "merged", state=moe.static_state(name), bf16=bf16))}
-    if bool(moe.adapted.item()):
+    if bool(moe.adapted):
         statics["uniform_no_adaptation"] = {"scores": score(cache, predict(moe, cache, "merged", x=uniform, adapted=False, bf16=bf16))}
     return modes, statics, preds
 
@@ -332,7 +333,7 @@ def landscape_references(moe, pool: "CreditTable", by_op: dict) -> dict:
 
 def adaptation_effect(moe, pool: "CreditTable", mix_vs, psis, budget: int) -> dict | None:
     """Merge-aware adaptation: x ∝ ψ² (linear) with and without the adapted LayerNorms and heads."""
-    if not bool(moe.adapted.item()):
+    if not bool(moe.adapted):
         return None
     vals = {}
     for flag in (True, False):
@@ -399,7 +400,9 @@ def format_table(res: dict) -> str:
         lines.append(f"  {t:6} {e['metric_name']:>20} {e['metric']:6.3f} {e['majority_metric']:8.3f} {e['heads_only']:10.3f} "
                      f"{e['accuracy']:8.3f} {e['majority']:12.3f}{flag}")
     r = res["router"]["routed_to_task_expert"]
-    lines += ["", "Switch-top1: share of dev tokens routed to their task's expert, per layer: " + " ".join(f"{v:.2f}" for v in r)]
+    if r is not None:
+        lines += ["", "Switch-top1: share of dev tokens routed to their task's expert, per layer: "
+                  + " ".join(f"{v:.2f}" for v in r)]
     lines.append("merge ms p50 (x over all experts): " + ", ".join(f"{k} {v:.1f}" for k, v in res["merge_ms_p50"].items())
                  + "".join(f"; {k} set-up {v:.0f} ms once" for k, v in res["merge_prepare_ms"].items()))
     lm, ref = res["landscape_meta"], res["landscape_reference"]

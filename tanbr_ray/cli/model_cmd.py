@@ -29,12 +29,34 @@ def _config(quick: bool, config: Path | None):
     return quick_config() if quick else default_config()
 
 
+MODEL_HELP = "default | quick | path/to/pool.yaml (a pool of fine-tunes, or kind: native for a MoE checkpoint)"
+
+
+def _built(model: str | None, quick: bool, config: Path | None, models_dir, progress: bool, data_dir=None,
+           rebuild: bool = False, isolate: bool = False):
+    """The model a command runs on: --model (any model), else --config / --quick (the built-in MoE)."""
+    from tanbr_ray.moe.build import load_or_build_info
+    from tanbr_ray.moe.config import default_models_dir
+    from tanbr_ray.moe.resolve import open_model
+
+    if model is not None:
+        if quick or config is not None:
+            raise typer.BadParameter("--model names the model; drop --quick / --config")
+        try:
+            return open_model(model, models_dir, progress=progress, data_dir=data_dir, rebuild=rebuild, isolate=isolate)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    return load_or_build_info(_config(quick, config), models_dir or default_models_dir(), progress=progress,
+                              data_dir=data_dir, rebuild=rebuild, isolate=isolate)
+
+
 @app.command("build-moe")
 def build_moe_cmd(
     quick: bool = typer.Option(False, "--quick", help="small 4-task MoE (short sequences): under 5 min on 2 CPU cores"),
     models_dir: Path = typer.Option(None, "--models-dir", help="default $TANBR_MODELS_DIR or ~/.cache/tanbr_ray/models"),
     data_dir: Path = typer.Option(None, "--data-dir", help="GLUE copy (<TASK>/{train,dev}.jsonl); default $TANBR_DATA_DIR, else the hub"),
     config: Path = typer.Option(None, "--config", help="YAML/JSON MoEConfig instead of the default/quick preset"),
+    model: str = typer.Option(None, "--model", help=MODEL_HELP),
     rebuild: bool = typer.Option(False, "--rebuild", help="build even if a valid cache exists"),
     threads: int = typer.Option(None, "--threads", min=1, help="torch CPU threads (1 is faster when the cores are shared)"),
     publish: str = typer.Option(None, "--publish", help="also upload it to this storage location (a path every "
@@ -42,17 +64,14 @@ def build_moe_cmd(
                                 "fetch it from there (pass it as model_source) instead of building it"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
-    """Build the default task-expert MoE (or reuse its cache) and print where it lives."""
-    from tanbr_ray.moe.build import load_or_build_info
-    from tanbr_ray.moe.config import default_models_dir
-
+    """Build a model (the default task-expert MoE, or --model's) or reuse its cache; print where it lives."""
     _setup(threads, data_dir)
-    cfg = _config(quick, config)
     t0 = time.perf_counter()
-    built = load_or_build_info(cfg, models_dir or default_models_dir(), progress=progress, data_dir=data_dir, rebuild=rebuild)
+    built = _built(model, quick, config, models_dir, progress, data_dir, rebuild)
     took = time.perf_counter() - t0
     moe, info = built.moe, built.build_info
-    typer.echo(f"MoE {cfg.name}: tasks {moe.tasks}, {moe.num_experts} experts in layers {moe.moe_layers}")
+    typer.echo(f"MoE {built.cache_dir.name}: tasks {moe.tasks}, {moe.num_experts} experts in layers {moe.moe_layers}"
+               + ("" if moe.expert_map == "task" else f"; task -> expert by {moe.expert_map}: {moe.expert_of}"))
     typer.echo(f"cache: {built.cache_dir}")
     typer.echo(f"build time (recorded): {info.get('build_seconds', float('nan')):.1f}s; this run: {took:.1f}s")
     if info.get("stages"):
@@ -73,6 +92,7 @@ def bench_model_cmd(
     models_dir: Path = typer.Option(None, "--models-dir"),
     data_dir: Path = typer.Option(None, "--data-dir", help="evaluate on this copy of the GLUE layout"),
     config: Path = typer.Option(None, "--config"),
+    model: str = typer.Option(None, "--model", help=MODEL_HELP),
     json_path: Path = typer.Option(None, "--json", help="write the full result as JSON"),
     eval_examples: int = typer.Option(None, "--eval-examples", min=1, help="dev examples per task for mode scores (default all)"),
     mixes: int = typer.Option(6, "--mixes", min=1, help="node mixes drawn from Dirichlet(0.3) over the tasks"),
@@ -89,12 +109,9 @@ def bench_model_cmd(
 ):
     """Latency, bytes and scores per mode; each expert; merge cost; the landscape per operator."""
     from tanbr_ray.bench.model import format_table, run_bench
-    from tanbr_ray.moe.build import load_or_build_info
-    from tanbr_ray.moe.config import default_models_dir
 
     _setup(threads, data_dir)
-    cfg = _config(quick, config)
-    built = load_or_build_info(cfg, models_dir or default_models_dir(), progress=progress, data_dir=data_dir, isolate=True)
+    built = _built(model, quick, config, models_dir, progress, data_dir, isolate=True)
     res = run_bench(
         built.moe,
         data_dir=data_dir,
@@ -121,6 +138,7 @@ def bench_merge_cmd(
     quick: bool = typer.Option(False, "--quick", help="benchmark the quick MoE"),
     models_dir: Path = typer.Option(None, "--models-dir"),
     config: Path = typer.Option(None, "--config"),
+    model: str = typer.Option(None, "--model", help=MODEL_HELP),
     json_path: Path = typer.Option(None, "--json", help="write merge_ms_p50 / prepare_ms as JSON"),
     runs: int = typer.Option(20, "--runs", min=1, help="merges timed per operator (x drawn over all experts)"),
     seed: int = typer.Option(0, "--seed"),
@@ -130,12 +148,10 @@ def bench_merge_cmd(
     import torch
 
     from tanbr_ray.bench.model import merge_timing
-    from tanbr_ray.moe.build import load_or_build_info
-    from tanbr_ray.moe.config import default_models_dir
     from tanbr_ray.moe.merge import OPERATORS
 
     _setup(threads, None)
-    built = load_or_build_info(_config(quick, config), models_dir or default_models_dir(), progress=True)
+    built = _built(model, quick, config, models_dir, True)
     ops = [op for op in OPERATORS if op == "linear" or built.moe.stats is not None]
     merge_ms, prep_ms = merge_timing(built.moe, ops, runs, seed)
     typer.echo(f"{'operator':10s} {'merge ms p50':>13s} {'one-off set-up ms':>18s}")

@@ -43,6 +43,36 @@ def _attr(name: str) -> tuple[Callable, Callable]:
     return (lambda layer: getattr(layer, name)), (lambda layer, mlp: setattr(layer, name, mlp))
 
 
+class GatedMLP(nn.Module):
+    """One expert of a native MoE as a dense gated MLP: down(act(gate(h)) * up(h)) (Mixtral's experts
+    are stored fused, [E, 2I, H] and [E, H, I]; an expert, or a merge of them, runs through this)."""
+
+    def __init__(self, hidden: int, inner: int, act: nn.Module):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.act = act
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
+
+
+def _mixtral_get(layer) -> nn.Module:
+    ex = layer.mlp.experts
+    return GatedMLP(ex.hidden_dim, ex.intermediate_dim, ex.act_fn)
+
+
+def _mixtral_experts(layer) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, int]:
+    """(each expert's GatedMLP parameters, the router's weight [E, H], experts per token) of a layer."""
+    block = layer.mlp
+    out = []
+    for e in range(block.experts.num_experts):
+        gate, up = block.experts.gate_up_proj[e].chunk(2, dim=0)
+        out.append({"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": block.experts.down_proj[e]})
+    return out, block.gate.weight, int(block.top_k)
+
+
 def _bert_head(head: nn.ModuleDict, feats: torch.Tensor) -> torch.Tensor:
     return head["classifier"](head["pooler"].activation(head["pooler"].dense(feats)))
 
@@ -76,6 +106,17 @@ class Family:
     head: Callable[[nn.ModuleDict, torch.Tensor], torch.Tensor]
     token_types: bool  # the backbone reads token type ids
     decoder: bool  # a causal LM backbone (forward takes use_cache)
+    # a native MoE: a layer's block already holds experts and a router (`native_experts` reads them);
+    # `get_mlp` then builds an empty dense MLP of one expert's shape
+    native_experts: Callable[[nn.Module], tuple] | None = None
+
+    @property
+    def native(self) -> bool:
+        return self.native_experts is not None
+
+    def block_params(self, layer: nn.Module) -> list[nn.Parameter]:
+        """The parameters that become (or are) the experts in a layer: its MLP block's."""
+        return list((layer.mlp if self.native else self.get_mlp(layer)).parameters())
 
     def layer_list(self, backbone: nn.Module) -> nn.ModuleList:
         obj = backbone
@@ -107,6 +148,9 @@ FAMILIES = (
     Family("llama", ("llama", "mistral", "qwen2"), "model", "layers", *_attr("mlp"),  # gated MLPs
            {"gate_proj.weight": "in", "up_proj.weight": "in", "down_proj.weight": "act"}, frozenset(), "last",
            ("score",), _score_head, False, True),
+    Family("mixtral", ("mixtral",), "model", "layers", _mixtral_get, *_attr("mlp")[1:],
+           {"gate_proj.weight": "in", "up_proj.weight": "in", "down_proj.weight": "act"}, frozenset(), "last",
+           ("score",), _score_head, False, True, _mixtral_experts),
 )
 
 

@@ -89,7 +89,8 @@ def predict(
         x = None
     out = {t: np.zeros(len(y), dtype=np.float32 if t == "STS-B" else np.int64) for t, y in cache.labels.items()}
     for b in cache.batches:
-        logits = moe.forward_from_first_moe(b.h, b.attention_mask, b.task, mode, x=x, state=state, adapted=adapted)
+        pooled, use = moe.pooled_from_first_moe(b.h, b.attention_mask, b.task, mode, x=x, state=state, adapted=adapted)
+        logits = moe.head_for(mode, b.task, use)(pooled)
         out[b.task][b.index] = _to_pred(b.task, logits)
     return out
 

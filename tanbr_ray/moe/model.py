@@ -241,6 +241,14 @@ class TaskMoE(nn.Module):
             raise ValueError(f"unknown task {task!r} for this MoE; its tasks are {self.tasks}")
         return self.expert_of[task]
 
+    @property
+    def expert_labels(self) -> list[str]:
+        return [f"expert:{t}" for t in self.tasks]  # expert k was trained on task k
+
+    @property
+    def expert_map(self) -> str:
+        return "task"
+
     def expert_state(self, e: int) -> dict[str, torch.Tensor]:
         """Expert e of every MoE layer as a state ([layers, ...] tensors), as `serving_experts` holds it."""
         if not 0 <= e < self.num_experts:

@@ -23,7 +23,7 @@ from tanbr_ray.moe.merge import ExpertStats, merge_experts
 from tanbr_ray.moe.pool_config import PoolConfig
 from tanbr_ray.moe.pool_model import PoolMoE, _safe
 from tanbr_ray.moe.pool_parts import PoolParts, mean_mlp_head
-from tanbr_ray.moe.precision import fp32
+from tanbr_ray.moe.precision import bf16, fp32
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,13 @@ def load_configs(cfg: PoolConfig) -> tuple[Family, object, dict[str, object]]:
 
     base = config_of(cfg.base, "base")
     family = family_of(base.model_type, f"base {cfg.base}")
-    shape_keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
+    shape_keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size",
+                  "num_local_experts")
+    if (cfg.kind == "native") != family.native:
+        raise ValueError(f"base {cfg.base}: model_type {base.model_type!r} is {'a' if family.native else 'not a'} "
+                         f"native MoE; use kind: {'native' if family.native else 'pool'}")
+    if family.native and cfg.budget is not None and cfg.budget > base.num_local_experts:
+        raise ValueError(f"budget: {cfg.budget} exceeds the MoE's {base.num_local_experts} experts")
     configs = {}
     for e in cfg.experts:
         c = config_of(e.checkpoint, f"checkpoint of {e.task}")
@@ -116,7 +122,7 @@ def load_checkpoints(cfg: PoolConfig, family: Family, progress: bool):
 def _mlp_names(family: Family, backbone: nn.Module, moe_layers: list[int]) -> set[str]:
     """State-dict names (in the backbone) of the MLP parameters of the MoE layers."""
     layers = family.layer_list(backbone)
-    ids = {id(p) for l in moe_layers for p in family.get_mlp(layers[l]).parameters()}
+    ids = {id(p) for l in moe_layers for p in family.block_params(layers[l])}
     return {n for n, p in backbone.named_parameters() if id(p) in ids}
 
 
@@ -168,7 +174,7 @@ def merge_shared(cfg: PoolConfig, family: Family, base: nn.Module, clfs: dict, d
                     and any(not torch.equal(s[n], states[cfg.tasks[0]][n]) for s in states.values()))
     linear = set(_linear_inputs(base, set(differ))) if cfg.shared_merge == "regmean" else set()
     grams = {t: _shared_grams(clfs[t], family, data[t], tok, cfg, linear)
-             for t in tqdm(cfg.tasks, desc="shared RegMean Grams", disable=not progress or not linear, leave=False)}
+             for t in tqdm(cfg.tasks if linear else [], desc="shared RegMean Grams", disable=not progress, leave=False)}
     merged = {}
     for n in differ:
         stack = torch.stack([states[t][n].float() for t in cfg.tasks])
@@ -207,7 +213,7 @@ def default_adapt_names(family: Family, backbone: nn.Module, moe_layers: list[in
     """What merge-aware adaptation trains besides the merged-mode heads: the norms outside the MLP
     blocks of the layers above the first MoE layer (they see the merged MLPs' outputs)."""
     layers = family.layer_list(backbone)
-    mlp = {id(p) for l in moe_layers for p in family.get_mlp(layers[l]).parameters()}
+    mlp = {id(p) for l in moe_layers for p in family.block_params(layers[l])}
     above = {id(p) for l in range(min(moe_layers) + 1, len(layers)) for p in layers[l].parameters()}
     return [n for mod_name, mod in backbone.named_modules() if "norm" in type(mod).__name__.lower()
             for n, p in ((f"{mod_name}.{k}", v) for k, v in mod.named_parameters(recurse=False))
@@ -230,6 +236,8 @@ def assemble(cfg: PoolConfig, family: Family, base: nn.Module, clfs: dict, parts
         adapt = sorted(parts.adapt)
     else:
         adapt = default_adapt_names(family, base, moe_layers) if cfg.build.adapt_steps > 0 else []
+    if family.native:
+        return _assemble_native(cfg, family, base, heads, moe_layers, adapt, parts)
     moe = PoolMoE(family, base, cfg.tasks, heads, cfg.moe_layers, cfg.budget, "mean" if mean else None, adapt)
     with torch.no_grad():
         for e, t in enumerate(cfg.tasks):
@@ -241,6 +249,103 @@ def assemble(cfg: PoolConfig, family: Family, base: nn.Module, clfs: dict, parts
     if parts is not None:
         apply_parts(moe, parts, cfg.parts)
     return moe
+
+
+@torch.no_grad()
+def _assemble_native(cfg: PoolConfig, family: Family, base: nn.Module, heads: dict, moe_layers: list[int],
+                     adapt: list[str], parts: PoolParts | None) -> PoolMoE:
+    """A native MoE: its own experts and router (the base checkpoint's) in every MoE layer, each task's
+    head; the dense mode's MLP is the experts' uniform average. `expert_of` is measured later."""
+    layers = family.layer_list(base)
+    read = [family.native_experts(layers[l]) for l in moe_layers]
+    K, top_k = len(read[0][0]), read[0][2]
+    stacked = {k: torch.stack([torch.stack([ex[e][k].detach() for e in range(K)]) for ex, _, _ in read])
+               for k in read[0][0][0]}
+    router = torch.stack([w.detach() for _, w, _ in read]).clone()
+    moe = PoolMoE(family, base, cfg.tasks, heads, cfg.moe_layers, cfg.budget, None, adapt, num_experts=K,
+                  expert_of={t: 0 for t in cfg.tasks}, expert_map="router usage")
+    moe.native_top_k = top_k
+    for k in moe.keys:
+        moe.experts[_safe(k)].copy_(stacked[k])
+        for m, mlp in enumerate(moe.mlps):
+            mlp.template.get_parameter(k).copy_(stacked[k][m].mean(0))
+    moe.router_w.copy_(router)
+    if parts is not None:
+        apply_parts(moe, parts, cfg.parts)
+    return moe
+
+
+@torch.no_grad()
+def measure_expert_map(moe: PoolMoE, cfg: PoolConfig, data: dict) -> dict:
+    """Each task's share of tokens the model's own router sends to each expert first (all MoE layers):
+    the task's expert is its most used one."""
+    shares = {}
+    for t in moe.tasks:
+        counts = torch.zeros(moe.num_experts)
+        for m, h in _record(moe, cfg, data[t].head(cfg.build.router_examples, cfg.build.seed + 1), "top1"):
+            counts += torch.bincount(moe.router_logits(m, h).argmax(-1).cpu(), minlength=moe.num_experts).float()
+        shares[t] = (counts / counts.sum().clamp(min=1)).tolist()
+    moe.expert_of = {t: int(np.argmax(v)) for t, v in shares.items()}
+    return {"expert_of": moe.expert_of, "shares": shares}
+
+
+def native_stats(moe: PoolMoE, cfg: PoolConfig, data: dict, progress: bool) -> ExpertStats:
+    """A native MoE's experts belong to no task: each one's Fisher under the model's own routing, and
+    its Grams on the tokens that routing sends it, over every task's data."""
+    k_mode = f"top{min(getattr(moe, 'native_top_k', 2), 2)}"
+    experts = moe.expert_tensors()
+    fisher = {k: torch.zeros_like(v) for k, v in experts.items()}
+    grams: dict[str, torch.Tensor] = {}
+    tokens = torch.zeros(moe.num_experts)
+    gram_mods = {}
+    for wk, g in moe.family.grams.items():
+        gram_mods.setdefault(g, moe.mlps[0].template.get_submodule(wk.rsplit(".", 1)[0]))
+    n = 0
+    for t in tqdm(moe.tasks, desc="fisher + regmean statistics", disable=not progress, leave=False):
+        for p in experts.values():
+            p.requires_grad_(True)
+        try:
+            for b in _batches(moe, cfg, data[t].head(cfg.build.fisher_examples, cfg.build.seed)):
+                b = b.to(moe.device)
+                logits = moe(b.input_ids, b.attention_mask, b.token_type_ids, t, mode=k_mode, adapted=False)
+                for k, gr in zip(experts, torch.autograd.grad(_loss(t, logits, b.labels), list(experts.values()))):
+                    fisher[k] += gr.pow(2) * len(b.index)
+                n += len(b.index)
+        finally:
+            for p in experts.values():
+                p.requires_grad_(False)
+        _routed_grams(moe, cfg, data[t], int(k_mode[-1]), gram_mods, grams, tokens)
+    for k in fisher:
+        fisher[k] /= max(n, 1)
+    return ExpertStats.from_raw(fisher, grams, (tokens / len(moe.moe_layers)).clamp(min=1.0))
+
+
+@torch.no_grad()
+def _routed_grams(moe: PoolMoE, cfg: PoolConfig, split: TaskSplit, k: int, gram_mods: dict, grams: dict,
+                  tokens: torch.Tensor) -> None:
+    """Grams of each expert's MLP linears' inputs on the tokens the router sends it (top-k)."""
+    M, K = len(moe.moe_layers), moe.num_experts
+    seen: dict[str, torch.Tensor] = {}
+    handles = [mod.register_forward_hook(lambda _m, inp, _o, g=g: seen.__setitem__(g, inp[0].float()))
+               for g, mod in gram_mods.items()]
+    try:
+        with fp32(moe.device):
+            for m, x in _record(moe, cfg, split.head(cfg.build.regmean_examples, cfg.build.seed), f"top{k}"):
+                top = moe.router_logits(m, x).topk(k, dim=-1).indices
+                for e in range(K):
+                    rows = (top == e).any(-1)
+                    if not rows.any():
+                        continue
+                    torch.func.functional_call(moe.mlps[m].template,
+                                               {kk: v[m, e] for kk, v in moe.expert_tensors().items()}, (x[rows],))
+                    for g, a in seen.items():
+                        if g not in grams:
+                            grams[g] = torch.zeros(M, K, a.shape[-1], a.shape[-1], device=a.device)
+                        grams[g][m, e] += a.T @ a
+                    tokens[e] += int(rows.sum())
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -383,7 +488,8 @@ def build_pool(cfg: PoolConfig, data_dir=None, progress: bool = True, data: dict
 
     def stage(name, fn):
         s = time.perf_counter()
-        out = fn()
+        with bf16(resolve_device(cfg.device), enabled=cfg.build.bf16, cache=False):  # as the built-in build
+            out = fn()
         stats["stages"][name] = round(time.perf_counter() - s, 2)
         return out
 
@@ -400,10 +506,13 @@ def build_pool(cfg: PoolConfig, data_dir=None, progress: bool = True, data: dict
     stats["from_parts"] = sorted(k for k, v in {"router": given.router_w is not None, "statistics": bool(given.stats),
                                                 "adaptation": bool(given.adapt or given.merge_heads),
                                                 "dense_heads": bool(given.dense_heads)}.items() if v)
-    if given.router_w is None:
+    if family.native:
+        stats["expert_map"] = stage("expert_map", lambda: measure_expert_map(moe, cfg, data))
+    elif given.router_w is None:
         stats["router"] = stage("router", lambda: train_router(moe, cfg, data, progress))
     if not given.stats:
-        moe.set_stats(stage("expert_stats", lambda: expert_stats(moe, cfg, data, progress)))
+        collect = native_stats if family.native else expert_stats
+        moe.set_stats(stage("expert_stats", lambda: collect(moe, cfg, data, progress)))
     if not (given.adapt or given.merge_heads) and len(moe.adapt) and cfg.build.adapt_steps > 0:
         stats["adapt_loss"] = stage("adaptation", lambda: adapt_merged(moe, cfg, data, progress))
     stats["build_seconds"] = round(time.perf_counter() - t0, 2)
@@ -427,7 +536,7 @@ def adapt_merged(moe: PoolMoE, cfg: PoolConfig, data: dict, progress: bool) -> f
     pools: dict[str, list] = {t: [] for t in moe.tasks}
 
     def next_batch(step: int):
-        t = moe.tasks[step % moe.num_experts]
+        t = moe.tasks[step % len(moe.tasks)]
         if not pools[t]:
             pools[t] = bucket_batches(moe.tokenizer, data[t], _max_len(cfg, t), cfg.build.batch_size, True,
                                       int(rng.integers(1 << 30)))[:64]

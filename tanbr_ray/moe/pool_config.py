@@ -15,7 +15,8 @@ from tanbr_ray.moe.config import GLUE_TASKS
 
 
 class PoolExpert(BaseModel):
-    """One fine-tune: the task it was tuned on and its checkpoint (a local folder or a hub id)."""
+    """One fine-tune: the task it was tuned on and its checkpoint (a local folder or a hub id). For a
+    native MoE, the task's `*ForSequenceClassification` checkpoint of the MoE (its head is the task's)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -28,6 +29,13 @@ class PoolExpert(BaseModel):
         if v not in GLUE_TASKS:
             raise ValueError(f"unknown task {v!r}; known: {GLUE_TASKS}")
         return v
+
+
+def _native_bf16() -> bool:
+    from tanbr_ray.moe.config import resolve_device
+    from tanbr_ray.moe.precision import native_bf16
+
+    return native_bf16(resolve_device("auto"))
 
 
 class PoolBuild(BaseModel):
@@ -45,6 +53,8 @@ class PoolBuild(BaseModel):
     fisher_examples: int = Field(64, ge=1, description="per task")
     regmean_examples: int = Field(256, ge=1, description="per task: Grams of the experts and of the shared part")
     batch_size: int = Field(16, ge=1)
+    bf16: bool = Field(default_factory=lambda: _native_bf16(), description="compute the router, statistics and "
+                       "adaptation under bfloat16 autocast (Grams stay fp32); default: where the hardware has bf16 units")
     seed: int = 0
 
 
@@ -54,13 +64,15 @@ class PoolConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["pool", "native"] = Field("pool", description="pool: K fine-tunes of one dense base, their MLPs "
+                                            "the experts; native: a MoE checkpoint (Mixtral), its own experts")
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    base: str = Field(min_length=1, description="the checkpoint every expert was fine-tuned from")
+    base: str = Field(min_length=1, description="pool: the checkpoint every expert was fine-tuned from; native: the MoE")
     tokenizer: str | None = Field(None, description="a tokenizer folder; default: the base checkpoint's")
     parts: str | None = Field(None, description="a safetensors file of the parts no single fine-tune holds "
                               "(router, dense and adapted heads, adapted norms, statistics), as `tanbr export-pool` "
                               "writes it; the build then computes none of them")
-    experts: list[PoolExpert] = Field(min_length=2)
+    experts: list[PoolExpert] = Field(min_length=1)
     shared_merge: Literal["regmean", "average"] = Field(
         "regmean", description="how everything but the MLPs (embeddings, attention, norms) is merged once")
     moe_layers: list[int] | None = Field(None, description="layers whose MLP becomes experts; None = all")
@@ -75,10 +87,12 @@ class PoolConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "PoolConfig":
         tasks = [e.task for e in self.experts]
+        if self.kind == "pool" and len(tasks) < 2:
+            raise ValueError("experts: a pool needs at least 2 fine-tunes")
         dup = sorted({t for t in tasks if tasks.count(t) > 1})
         if dup:
             raise ValueError(f"experts: task(s) {dup} listed twice; one fine-tune per task")
-        if self.budget is not None and self.budget > len(tasks):
+        if self.kind == "pool" and self.budget is not None and self.budget > len(tasks):
             raise ValueError(f"budget: {self.budget} exceeds the number of experts {len(tasks)}")
         return self
 
@@ -102,9 +116,8 @@ def _resolve(ref: str, root: Path) -> str:
 def load_pool_config(path: str | os.PathLike) -> PoolConfig:
     p = Path(path)
     raw = read_yaml_mapping(p, "pool config")
-    if raw.get("kind", "pool") != "pool":
-        raise ValueError(f"{p}: kind: {raw.get('kind')!r} is not a pool of fine-tunes (kind: pool)")
-    raw = {k: v for k, v in raw.items() if k != "kind"}
+    if raw.get("kind", "pool") == "native" and "tasks" in raw:  # a native MoE lists its tasks' heads
+        raw = {**{k: v for k, v in raw.items() if k != "tasks"}, "experts": raw["tasks"]}
     try:
         cfg = PoolConfig(**raw)
     except ValueError as e:

@@ -63,17 +63,20 @@ class PoolMoE(nn.Module):
 
     def __init__(self, family: Family, backbone: nn.Module, tasks: list[str], heads: Mapping[str, nn.ModuleDict],
                  moe_layers: list[int] | None = None, budget: int | None = None, pooling: str | None = None,
-                 adapt_names: list[str] | None = None):
+                 adapt_names: list[str] | None = None, num_experts: int | None = None,
+                 expert_of: Mapping[str, int] | None = None, expert_map: str = "task"):
         """`heads`: each task's head modules (the family's, or {"mean_mlp": Head} read over mean-pooled
         tokens); `pooling`: first | last | mean (default: the family's token); `adapt_names`: backbone
-        parameters with a merged-mode value of their own (merge-aware adaptation)."""
+        parameters with a merged-mode value of their own (merge-aware adaptation). A native MoE has
+        `num_experts` of its own, which serve no task: `expert_of` maps each task to the expert its
+        tokens use most (`expert_map` says how the map was made)."""
         super().__init__()
         for t in tasks:
             check_task(t)
         self.family, self.backbone = family, backbone
-        self.tasks, self.num_experts = list(tasks), len(tasks)
-        self.expert_of = {t: i for i, t in enumerate(tasks)}
-        self.expert_map = "task"  # expert k was fine-tuned on task k
+        self.tasks, self.num_experts = list(tasks), int(num_experts or len(tasks))
+        self.expert_of = dict(expert_of) if expert_of else {t: i for i, t in enumerate(tasks)}
+        self.expert_map = expert_map  # "task": expert k was fine-tuned on task k; else how expert_of was measured
         layers = family.layer_list(backbone)
         self.moe_layers = list(range(len(layers))) if moe_layers is None else list(moe_layers)
         if not self.moe_layers or min(self.moe_layers) < 0 or max(self.moe_layers) >= len(layers):
@@ -119,6 +122,12 @@ class PoolMoE(nn.Module):
         if task not in self.expert_of:
             raise ValueError(f"unknown task {task!r} for this pool; its tasks are {self.tasks}")
         return self.expert_of[task]
+
+    @property
+    def expert_labels(self) -> list[str]:
+        if self.expert_map == "task":
+            return [f"expert:{t}" for t in self.tasks]
+        return [f"expert {e}" for e in range(self.num_experts)]
 
     def expert_tensors(self) -> dict[str, torch.Tensor]:
         """The stacked experts [M, K, ...] by the MLP's own parameter names."""

@@ -25,6 +25,7 @@ from tanbr_ray.moe.pool_parts import empty_mean_mlp_head
 from tanbr_ray.moe.store import CONFIG, STATS, WEIGHTS, _read_verified
 
 FORMAT = "tanbr-pool-moe/1"
+TOKENIZER = "tokenizer"  # the pool's tokenizer, saved as JSON beside the weights
 _WEIGHT_FILES = (".safetensors", ".bin", ".json")
 
 
@@ -73,13 +74,17 @@ def save_pool(moe: PoolMoE, cfg: PoolConfig, ident: dict, directory: Path, build
         files[STATS] = moe.stats.tensors()
     for name, tensors in files.items():
         atomic_write(d / name, lambda p, t=tensors: save_file(t, p, metadata={"format": FORMAT}))
+    moe.tokenizer.save_pretrained(d / TOKENIZER, legacy_format=False)  # JSON only: the cache is self-contained
     meta = {"format": FORMAT, "pool_config": cfg.model_dump(), "identity": ident, "family": moe.family.name,
             "backbone_config": moe.backbone.config.to_dict(),
             "head_configs": {t: c.to_dict() for t, c in configs.items()},
             "pooling": moe.pooling, "adapt_names": moe.adapt_names(),
+            "experts": {"num_experts": moe.num_experts, "expert_of": moe.expert_of, "expert_map": moe.expert_map,
+                        "native_top_k": getattr(moe, "native_top_k", None)},
             "mean_mlp_heads": {t: int(moe.heads[t.replace("-", "_")]["mean_mlp"].fc.out_features)
                                for t in moe.tasks if "mean_mlp" in moe.heads[t.replace("-", "_")]},
             "files": {n: {"sha256": sha256_file(d / n), "bytes": (d / n).stat().st_size} for n in files},
+            "tokenizer_sha256": {f.name: sha256_file(f) for f in sorted((d / TOKENIZER).iterdir())},
             "build": build}
     atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=float)))
     moe.identity = {"key": d.name, "weights_sha256": meta["files"][WEIGHTS]["sha256"]}
@@ -89,9 +94,7 @@ def save_pool(moe: PoolMoE, cfg: PoolConfig, ident: dict, directory: Path, build
 
 def load_pool(directory: str | os.PathLike, device="cpu") -> tuple[PoolMoE, dict]:
     """Verify checksums, rebuild the modules from the stored configs, load; never unpickles."""
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
-
-    from tanbr_ray.moe.pool_build import _tokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     d = Path(directory)
     try:
@@ -116,8 +119,11 @@ def load_pool(directory: str | os.PathLike, device="cpu") -> tuple[PoolMoE, dict
     heads = {t: empty_mean_mlp_head(hidden, inner[t], t) if t in inner else
              family.head_modules(AutoModelForSequenceClassification.from_config(config(c)))
              for t, c in meta["head_configs"].items()}
+    ex = meta["experts"]
     moe = PoolMoE(family, backbone, cfg.tasks, heads, cfg.moe_layers, cfg.budget, meta.get("pooling"),
-                  meta.get("adapt_names", []))
+                  meta.get("adapt_names", []), ex["num_experts"], ex["expert_of"], ex["expert_map"])
+    if ex.get("native_top_k"):
+        moe.native_top_k = int(ex["native_top_k"])
     try:
         moe.load_state_dict(loaded[WEIGHTS], strict=True)
     except RuntimeError as e:
@@ -126,7 +132,14 @@ def load_pool(directory: str | os.PathLike, device="cpu") -> tuple[PoolMoE, dict
     if STATS in loaded:
         moe.set_stats(ExpertStats.from_tensors(loaded[STATS], str(d / STATS), moe.keys,
                                                family.grams).to(device))
-    moe.tokenizer, moe.max_len_single, moe.max_len_pair = _tokenizer(cfg), cfg.max_len_single, cfg.max_len_pair
+    for name, sha in meta.get("tokenizer_sha256", {}).items():
+        f = d / TOKENIZER / name
+        if not f.is_file() or sha256_file(f) != sha:
+            raise ValueError(f"{f}: missing or altered (sha256 mismatch)")
+    moe.tokenizer = AutoTokenizer.from_pretrained(d / TOKENIZER)
+    if moe.tokenizer.pad_token is None:
+        moe.tokenizer.pad_token = moe.tokenizer.eos_token
+    moe.max_len_single, moe.max_len_pair = cfg.max_len_single, cfg.max_len_pair
     moe.merge_operator, moe.regmean_alpha = cfg.merge_operator, cfg.regmean_alpha
     moe.identity = {"key": d.name, "weights_sha256": files[WEIGHTS][1]}
     moe.cache_dir = d

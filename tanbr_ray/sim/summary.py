@@ -104,6 +104,7 @@ def summarise(sim, runs: dict, best: tuple, oracle_credit: np.ndarray, phases: d
         "padded_tokens_per_real": sim.ev.padded_tokens / max(sim.ev.real_tokens, 1),
         "wall_seconds": wall, "wall_seconds_phases": phases, "requests_per_second": total * len(runs) / wall,
         "slots": cfg.slots, "nodes": {node: cls.name for node, cls in sim.nodes}, "tasks": sim.tasks,
+        "expert_map": {"source": sim.moe.expert_map, "task_experts": {t: int(sim.moe.expert_of[t]) for t in sim.tasks}},
         "full_moe_bytes": int(sim.costs.resident["top2"]), "dense_bytes": int(sim.costs.dense_bytes),
         "compute_ms_batch1": sim.costs.compute_ms,
         "batch_ms": {m: {str(b): ms for b, ms in enumerate(v, 1)} for m, v in sim.costs.batch_ms.items()},
@@ -112,6 +113,6 @@ def summarise(sim, runs: dict, best: tuple, oracle_credit: np.ndarray, phases: d
         "best_fixed_x": {node: x.round(6).tolist() for node, x in best_x.items()},
         "provenance": provenance(wall, cfg.bf16),
     }
-    return SimOutput(summary, series, sim.tasks, [f"expert:{t}" for t in sim.tasks], [n for n, _ in sim.nodes],
+    return SimOutput(summary, series, sim.tasks, list(sim.moe.expert_labels), [n for n, _ in sim.nodes],
                      {n: c.name for n, c in sim.nodes}, sim.wl.mix_changes, cfg.slot_seconds, cfg.model_dump(),
                      sim.wl.psi, records, Phases(**phases))

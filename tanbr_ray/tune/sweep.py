@@ -53,6 +53,8 @@ def _moe_raw(spec: TuneSpec) -> dict | None:
 def _absolute_paths(raw: dict, config_dir: Path) -> dict:
     """Workers (and the best config) must not depend on the driver's working directory."""
     out = dict(raw)
+    if str(out.get("model", "")).endswith((".yaml", ".yml")):  # a pool YAML, read by every trial
+        out["model"] = str((config_dir / Path(out["model"]).expanduser()).resolve())
     for key in ("models_dir", "data_dir", "fleet"):
         if out.get(key):
             p = Path(out[key]).expanduser()
@@ -113,10 +115,15 @@ def run_sweep(spec: TuneSpec, sim_raw: dict, config_dir: Path = Path("."), out: 
         from tanbr_ray.moe import MoEConfig, default_config, quick_config
         from tanbr_ray.moe.build import load_or_build_info
 
+        from tanbr_ray.moe.resolve import PRESETS, open_model
+
         base = SimConfig(**sim_raw)
-        moe_cfg = MoEConfig(**_moe_raw(spec)) if spec.moe_config else (
-            quick_config() if base.model == "quick" else default_config())
-        load_or_build_info(moe_cfg, base.models_dir, progress=verbose > 0, data_dir=base.data_dir)
+        if base.model not in PRESETS and not spec.moe_config:
+            open_model(base.model, base.models_dir, progress=verbose > 0, data_dir=base.data_dir)
+        else:
+            moe_cfg = MoEConfig(**_moe_raw(spec)) if spec.moe_config else (
+                quick_config() if base.model == "quick" else default_config())
+            load_or_build_info(moe_cfg, base.models_dir, progress=verbose > 0, data_dir=base.data_dir)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=sim_raw, moe_raw=_moe_raw(spec), threads=threads,
                              model_source=spec.model_source),

@@ -35,8 +35,17 @@ def trial_sim_config(base: dict, params: dict, threads: int | None) -> SimConfig
 
 def _load_moe(cfg: SimConfig, moe_raw: dict | None, model_source: str | None):
     from tanbr_ray.moe import MoEConfig, default_config, quick_config
+    from tanbr_ray.moe.pool_config import is_pool_spec
     from tanbr_ray.moe.publish import load_model
 
+    if is_pool_spec(cfg.model) and not moe_raw:  # a pool: built by the sweep's driver, read from the cache
+        from tanbr_ray.moe.resolve import open_model
+
+        key = f"{cfg.models_dir}|{cfg.model}"
+        if key not in _MOE_CACHE:
+            _MOE_CACHE.clear()
+            _MOE_CACHE[key] = open_model(cfg.model, cfg.models_dir, progress=False, data_dir=cfg.data_dir).moe
+        return _MOE_CACHE[key]
     moe_cfg = MoEConfig(**moe_raw) if moe_raw else (quick_config() if cfg.model == "quick" else default_config())
     key = f"{cfg.models_dir}|{moe_cfg.cache_dirname()}"
     if key not in _MOE_CACHE:

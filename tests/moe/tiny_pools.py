@@ -10,6 +10,7 @@ import yaml
 
 from tanbr_ray.moe.build import minilm_path
 from tanbr_ray.moe.data import NUM_LABELS, bucket_batches, load_task
+from tanbr_ray.moe.families import family_of
 
 VOCAB = 30522  # the MiniLM tokenizer's
 
@@ -31,8 +32,10 @@ def tiny_config(family: str, num_labels: int = 2):
                max_position_embeddings=160, **common)
 
 
-def make_pool(root: Path, family: str, tasks=("SST-2", "RTE"), steps: int = 4, seed: int = 0, **extra) -> Path:
-    """Write base + one fine-tune per task under root; returns the pool YAML's path."""
+def make_pool(root: Path, family: str, tasks=("SST-2", "RTE"), steps: int = 4, seed: int = 0, tune: str = "all",
+              **extra) -> Path:
+    """Write base + one fine-tune per task under root; returns the pool YAML's path. `tune`: all
+    parameters, or "mlp_head" (the MLP blocks and the head only: the shared parts stay the base's)."""
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(seed)
@@ -45,7 +48,13 @@ def make_pool(root: Path, family: str, tasks=("SST-2", "RTE"), steps: int = 4, s
         clf = AutoModelForSequenceClassification.from_config(tiny_config(family, NUM_LABELS[t]))
         bb = getattr(clf, clf.base_model_prefix)
         bb.load_state_dict(base.state_dict(), strict=False)
-        opt = torch.optim.AdamW(clf.parameters(), lr=3e-3)
+        params = list(clf.parameters())
+        if tune == "mlp_head":
+            fam = family_of(clf.config.model_type, "test")
+            layers = fam.layer_list(getattr(clf, fam.backbone))
+            params = [p for layer in layers for p in fam.get_mlp(layer).parameters()]
+            params += list(fam.head_modules(clf).parameters())
+        opt = torch.optim.AdamW(params, lr=3e-3)
         split = load_task(t, "train").head(16 * steps, seed)
         clf.train()
         for b in bucket_batches(tok, split, 32, 16)[:steps]:
@@ -54,7 +63,7 @@ def make_pool(root: Path, family: str, tasks=("SST-2", "RTE"), steps: int = 4, s
             opt.zero_grad()
             loss.backward()
             opt.step()
-        clf.save_pretrained(root / t)
+        clf.eval().save_pretrained(root / t)
         experts.append({"task": t, "checkpoint": t})
     spec = {"name": f"tiny-{family}", "base": "base", "tokenizer": minilm_path(), "experts": experts,
             "max_len_single": 32, "max_len_pair": 48,
@@ -62,5 +71,44 @@ def make_pool(root: Path, family: str, tasks=("SST-2", "RTE"), steps: int = 4, s
                       "batch_size": 8}}
     spec.update(extra)
     path = root / "pool.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def make_native(root: Path, tasks=("SST-2", "RTE"), steps: int = 4, seed: int = 0, experts: int = 4, **extra) -> Path:
+    """A tiny Mixtral-style MoE with random weights and, per task, a classifier checkpoint of it whose
+    head (only) was trained a few steps; returns the native YAML's path."""
+    import transformers as tf
+
+    from transformers import AutoTokenizer
+
+    def config(num_labels=2):
+        return tf.MixtralConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                num_key_value_heads=2, num_local_experts=experts, num_experts_per_tok=2,
+                                max_position_embeddings=160, vocab_size=VOCAB, num_labels=num_labels, pad_token_id=0)
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    base = tf.MixtralModel(config())
+    base.save_pretrained(root / "moe")
+    entries = []
+    for i, t in enumerate(tasks):
+        torch.manual_seed(seed + 1 + i)
+        clf = tf.MixtralForSequenceClassification(config(NUM_LABELS[t]))
+        clf.model.load_state_dict(base.state_dict())
+        opt = torch.optim.AdamW(clf.score.parameters(), lr=1e-2)
+        for b in bucket_batches(tok, load_task(t, "train").head(16 * steps, seed), 32, 16)[:steps]:
+            loss = clf(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        clf.eval().save_pretrained(root / t)
+        entries.append({"task": t, "checkpoint": t})
+    spec = {"kind": "native", "name": "tiny-mixtral", "base": "moe", "tokenizer": minilm_path(), "tasks": entries,
+            "max_len_single": 32, "max_len_pair": 48,
+            "build": {"router_examples": 16, "fisher_examples": 8, "regmean_examples": 16, "batch_size": 8,
+                      "adapt_steps": 4}}
+    spec.update(extra)
+    path = root / "native.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

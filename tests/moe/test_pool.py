@@ -1,0 +1,242 @@
+"""Pools of fine-tunes as the model: every family builds and serves every mode; the oracle is the
+fine-tune itself when the shared parts agree; the operators are exact at vertices and uniform x;
+bad pools are refused before any computation; the built-in MoE round-trips through export-pool."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tanbr_ray.moe.data import PAIR, bucket_batches, load_task
+from tanbr_ray.moe.merge import Merger
+from tanbr_ray.moe.model import STATIC_MERGES
+from tanbr_ray.moe.pool_store import load_or_build_pool
+from tests.moe.tiny_pools import make_pool, tiny_config
+
+FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "llama", "mistral", "qwen2"]
+MODES = ["dense", "oracle", "top1", "top2", "soft"]
+
+
+def _batches(moe, task, n=12, seed=1):
+    sp = load_task(task, "dev").head(n, seed=seed)
+    return bucket_batches(moe.tokenizer, sp, moe.max_len_pair if PAIR[task] else moe.max_len_single, 6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_oracle_is_the_fine_tune_when_only_mlps_and_heads_were_tuned(tmp_path, data_dir, family):
+    """Shared parts equal in every checkpoint are kept as they are, so expert k + head k is fine-tune
+    k itself: the pool's oracle logits equal the checkpoint's own forward."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = make_pool(tmp_path, family, tune="mlp_head")
+    built = load_or_build_pool(path, tmp_path / "models", progress=False)
+    moe = built.moe
+    assert built.build_info["shared"]["averaged"] == built.build_info["shared"]["regmean"] == 0
+    for task in moe.tasks:
+        clf = AutoModelForSequenceClassification.from_pretrained(tmp_path / task).eval()
+        for b in _batches(moe, task):
+            kw = {"token_type_ids": b.token_type_ids} if family == "bert" else {}
+            with torch.no_grad():
+                want = clf(input_ids=b.input_ids, attention_mask=b.attention_mask, **kw).logits
+                got = moe(b.input_ids, b.attention_mask, b.token_type_ids, task, mode="oracle")
+            assert (got - want).abs().max() < 1e-5, (family, task)
+            for mode in MODES:  # every mode serves and gives finite logits of the task's width
+                out = moe(b.input_ids, b.attention_mask, b.token_type_ids, task, mode=mode)
+                assert out.shape == want.shape and torch.isfinite(out).all()
+
+
+@pytest.fixture(scope="module")
+def gpt2_pool(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("gpt2pool")
+    return load_or_build_pool(make_pool(root, "gpt2"), root / "models", progress=False)
+
+
+def test_pool_build_is_cached_by_content_and_verified(tmp_path, data_dir):
+    path = make_pool(tmp_path, "llama")
+    first = load_or_build_pool(path, tmp_path / "models", progress=False)
+    again = load_or_build_pool(path, tmp_path / "models", progress=False)
+    assert again.cache_dir == first.cache_dir and again.moe.identity == first.moe.identity
+    assert set(first.build_info["stages"]) >= {"load", "shared_merge", "router", "expert_stats", "adaptation"}
+    b = _batches(first.moe, "RTE")[0]
+    for mode in MODES:
+        a1 = first.moe(b.input_ids, b.attention_mask, b.token_type_ids, "RTE", mode=mode)
+        a2 = again.moe(b.input_ids, b.attention_mask, b.token_type_ids, "RTE", mode=mode)
+        assert torch.equal(a1, a2), mode
+    # a changed checkpoint is another model (content-keyed), never a stale hit
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "RTE" / "model.safetensors"
+    original = ckpt.read_bytes()
+    t = load_file(str(ckpt))
+    k = next(k for k in t if "mlp" in k)
+    save_file({**t, k: t[k] + 0.01}, str(ckpt), metadata={"format": "pt"})
+    assert load_or_build_pool(path, tmp_path / "models", progress=False).cache_dir != first.cache_dir
+    ckpt.write_bytes(original)
+    # a corrupt cached file is refused, naming it (never silently rebuilt over)
+    w = first.cache_dir / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-7] + b"corrupt")
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_or_build_pool(path, tmp_path / "models", progress=False)
+
+
+@pytest.mark.parametrize("op", ["linear", "fisher", "regmean"])
+def test_operators_exact_at_vertices_and_uniform(gpt2_pool, op):
+    moe = gpt2_pool.moe
+    K = moe.num_experts
+    for e in range(K):
+        st = moe.merged_state(np.eye(K)[e], op)
+        for k, v in moe.expert_state(e).items():
+            assert torch.equal(st[k], v), (op, e, k)
+    uni = moe.merged_state(np.full(K, 1.0 / K), op)
+    static = {v: n for n, v in STATIC_MERGES.items()}[op]
+    for k, v in moe.static_state(static).items():
+        assert torch.equal(uni[k], v)
+    if op == "linear":
+        for k, v in moe.expert_tensors().items():
+            assert torch.allclose(uni[k], v.mean(1), atol=1e-7)
+    if op == "regmean":  # GPT-2's Conv1D stores [in, out]: the same solve as on the [out, in] transpose
+        ex = {k: (v.transpose(-1, -2) if k in moe.family.transposed else v) for k, v in moe.expert_tensors().items()}
+        ref = Merger(ex, moe.stats, moe.regmean_alpha, moe.family.grams)(np.full(K, 1.0 / K), "regmean")
+        for k in moe.family.transposed:
+            assert torch.allclose(uni[k], ref[k].transpose(-1, -2), atol=1e-6)
+
+
+def _spec(tmp_path, **changes):
+    spec = yaml.safe_load((tmp_path / "pool.yaml").read_text())
+    spec.update(changes)
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+def test_bad_pools_are_refused_before_anything_runs(tmp_path, data_dir, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    import tanbr_ray.moe.pool_build as pb
+
+    make_pool(tmp_path, "llama", steps=1)
+    ran = []
+    monkeypatch.setattr(pb, "load_checkpoints", lambda *a, **k: ran.append(1))  # nothing may get this far
+    models = tmp_path / "models"
+
+    def refused(path, *needles, data_dir=None):
+        with pytest.raises(ValueError) as err:
+            load_or_build_pool(path, models, progress=False, data_dir=data_dir)
+        for n in needles:
+            assert n in str(err.value), (n, str(err.value))
+
+    AutoModelForSequenceClassification.from_config(tiny_config("gpt2")).save_pretrained(tmp_path / "gpt2")
+    refused(_spec(tmp_path, experts=[{"task": "SST-2", "checkpoint": "SST-2"}, {"task": "RTE", "checkpoint": "gpt2"}]),
+            str(tmp_path / "gpt2"), "model_type 'gpt2'")
+    wide = tiny_config("llama")
+    wide.hidden_size, wide.head_dim = 48, 24
+    AutoModelForSequenceClassification.from_config(wide).save_pretrained(tmp_path / "wide")
+    refused(_spec(tmp_path, experts=[{"task": "SST-2", "checkpoint": "SST-2"}, {"task": "RTE", "checkpoint": "wide"}]),
+            str(tmp_path / "wide"), "hidden_size = 48")
+    refused(_spec(tmp_path, experts=[{"task": "SST-2", "checkpoint": "SST-2"}, {"task": "MNLI", "checkpoint": "RTE"}]),
+            str(tmp_path / "RTE"), "num_labels = 2", "MNLI has 3")
+    import transformers as tf
+
+    tf.ElectraForSequenceClassification(tf.ElectraConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                         num_attention_heads=2, intermediate_size=64,
+                                                         embedding_size=32)).save_pretrained(tmp_path / "electra")
+    refused(_spec(tmp_path, base="electra"), "model_type 'electra'", "MLP layout")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    refused(_spec(tmp_path, experts=[{"task": "SST-2", "checkpoint": "SST-2"},
+                                     {"task": "RTE", "checkpoint": "some-org/not-here"}]),
+            "some-org/not-here", "HF_HUB_OFFLINE=1")
+    (tmp_path / "nodata").mkdir()
+    refused(tmp_path / "pool.yaml", "task SST-2: no training data", data_dir=tmp_path / "nodata")
+    with pytest.raises(ValueError, match="listed twice"):
+        load_or_build_pool(_spec(tmp_path, experts=[{"task": "RTE", "checkpoint": "SST-2"},
+                                                    {"task": "RTE", "checkpoint": "RTE"}]), models, progress=False)
+    with pytest.raises(ValueError, match="budget"):
+        load_or_build_pool(_spec(tmp_path, budget=3), models, progress=False)
+    assert not ran and not models.exists()
+
+
+def test_export_round_trip_is_exact_with_parts_and_oracle_exact_without(tmp_path, data_dir, tiny_moe_stats):
+    """The built-in model (tiny, random, adapted) exported and built back: every mode's logits are the
+    built-in's with the exported parts; from the checkpoints alone the oracle still is."""
+    from tanbr_ray.bench.roundtrip import compare
+    from tanbr_ray.moe.export import export_pool
+
+    moe = tiny_moe_stats
+    moe.adapted.fill_(1)
+    moe.identity = {"key": "tiny-test", "weights_sha256": "x"}
+    path = export_pool(moe, moe.tokenizer, tmp_path / "exp", "tiny", (16, 24), progress=False)
+    from transformers import BertForSequenceClassification
+
+    clf = BertForSequenceClassification.from_pretrained(tmp_path / "exp" / "MNLI")  # standalone checkpoints
+    assert clf.config.num_labels == 3 and clf.config.tanbr_head["pooling"] == "mean"
+    pool = load_or_build_pool(path, tmp_path / "models", progress=False)
+    assert set(pool.build_info["from_parts"]) == {"adaptation", "dense_heads", "router", "statistics"}
+    res = compare(moe, pool.moe, rows=10, seed=1)
+    assert len(res) == 5 + 9 + 3
+    for mode, r in res.items():
+        assert r["max_abs_logit_diff"] <= 1e-5 and r["equal_predictions"] == 1.0, mode
+    spec = yaml.safe_load(path.read_text())
+    spec.pop("parts")
+    spec["build"] = {"router_examples": 8, "router_steps": 5, "fisher_examples": 4, "regmean_examples": 8,
+                     "adapt_steps": 2}
+    (tmp_path / "exp" / "alone.yaml").write_text(yaml.safe_dump(spec))
+    alone = load_or_build_pool(tmp_path / "exp" / "alone.yaml", tmp_path / "models", progress=False)
+    res = compare(moe, alone.moe, rows=10, seed=1)
+    assert res["oracle"]["max_abs_logit_diff"] <= 1e-5
+    assert res["top1"]["max_abs_logit_diff"] > 1e-3  # the router was trained anew
+    # a corrupt parts file is refused, naming it
+    (tmp_path / "exp" / "parts.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="parts"):
+        load_or_build_pool(path, tmp_path / "models", progress=False, rebuild=True)
+
+
+def test_pool_yaml_paths_and_kinds(tmp_path):
+    from tanbr_ray.moe.pool_config import load_pool_config
+
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"kind": "pool", "name": "x", "base": "b",
+                                                     "experts": [{"task": "SST-2", "checkpoint": "./a"},
+                                                                 {"task": "RTE", "checkpoint": "org/model"}]}))
+    cfg = load_pool_config(tmp_path / "p.yaml")
+    assert cfg.experts[0].checkpoint == str((tmp_path / "a").resolve()) and cfg.experts[1].checkpoint == "org/model"
+    (tmp_path / "q.yaml").write_text(json.dumps({"kind": "pool", "name": "x", "base": "b", "experts": [
+        {"task": "SQuAD", "checkpoint": "a"}, {"task": "RTE", "checkpoint": "b"}]}))
+    with pytest.raises(ValueError, match="SQuAD"):
+        load_pool_config(tmp_path / "q.yaml")
+
+
+def test_native_moe_serves_its_own_routing_and_measures_its_expert_map(tmp_path, data_dir):
+    """A tiny Mixtral: top-2 through the model's own router is the checkpoint's forward; merged is one
+    dense MLP per layer from x over its experts; tasks map to experts by measured router usage."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.moe.tiny_pools import make_native
+
+    built = load_or_build_pool(make_native(tmp_path), tmp_path / "models", progress=False)
+    moe = built.moe
+    assert moe.num_experts == 4 and moe.expert_map == "router usage"
+    shares = built.build_info["expert_map"]["shares"]
+    assert {t: int(np.argmax(shares[t])) for t in moe.tasks} == moe.expert_of
+    assert moe.expert_labels == [f"expert {e}" for e in range(4)]
+    for task in moe.tasks:
+        clf = AutoModelForSequenceClassification.from_pretrained(tmp_path / task).eval()
+        for b in _batches(moe, task):
+            with torch.no_grad():
+                want = clf(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+                got = moe(b.input_ids, b.attention_mask, b.token_type_ids, task, mode="top2")
+            assert (got - want).abs().max() < 1e-5, task
+    K = moe.num_experts
+    for op in ("linear", "fisher", "regmean"):
+        for e in range(K):
+            st = moe.merged_state(np.eye(K)[e], op)
+            assert all(torch.equal(st[k], v) for k, v in moe.expert_state(e).items()), (op, e)
+        uni = moe.merged_state(np.full(K, 1.0 / K), op)
+        static = {v: n for n, v in STATIC_MERGES.items()}[op]
+        assert all(torch.equal(uni[k], v) for k, v in moe.static_state(static).items())
+    # the dense mode's MLP is the experts' uniform average
+    lin = moe.merged_state(np.full(K, 1.0 / K), "linear")
+    for k, v in moe.base_state().items():
+        assert torch.allclose(v, lin[k], atol=1e-6)
+    again = load_or_build_pool(tmp_path / "native.yaml", tmp_path / "models", progress=False)
+    assert again.moe.expert_of == moe.expert_of and again.moe.num_experts == 4
