@@ -41,6 +41,7 @@ COMMANDS = {
     "regret_drifting.json": "tanbr bench regret --env drifting --json benchmarks/regret_drifting.json",
     "fidelity.json": "tanbr bench fidelity --json benchmarks/fidelity.json --plot benchmarks/fidelity.png",
     "tune_rho.json": "tanbr tune tune_configs/rho.yaml (its sweep.json)",
+    "pool_roundtrip.json": "tanbr bench pool --model default --out /tmp/dexp --rows 64 --json benchmarks/pool_roundtrip.json",
 }
 
 
@@ -535,6 +536,27 @@ def _render_sweep(d: dict) -> list[str]:
     return out
 
 
+def _is_roundtrip(d: dict) -> bool:
+    return isinstance(d.get("with_parts"), dict) and isinstance(d.get("checkpoints_only"), dict)
+
+
+def _render_roundtrip(d: dict) -> list[str]:
+    built = d["builtin"]["build_seconds"]
+    out = [f"The built-in model {d['builtin']['model']['key']} exported as a pool and built back; "
+           f"{d['rows_per_task']} dev rows per task (seed {d['rows_seed']}), {d['precision']} logits. Build: with "
+           f"the exported parts {_num(d['with_parts']['build_seconds'], 1)} s; from the checkpoints alone "
+           f"{_num(d['checkpoints_only']['build_seconds'], 1)} s = {_num(d['build_ratio'])}x the built-in build "
+           f"({_num(built, 1)} s as recorded).", ""]
+    rows = []
+    for mode, a in d["with_parts"]["modes"].items():
+        b = d["checkpoints_only"]["modes"][mode]
+        rows.append([mode, f"{a['max_abs_logit_diff']:.1e}", _num(a["equal_predictions"], 4),
+                     f"{b['max_abs_logit_diff']:.1e}", _num(b["equal_predictions"], 4),
+                     f"{_num(a['score_builtin'], 4)} / {_num(b['score_pool'], 4)}"])
+    return out + md_table(["mode", "with parts: max Δ logit", "equal", "checkpoints only: max Δ logit", "equal",
+                           "score built-in / checkpoints only"], rows)
+
+
 def _flatten(value, prefix: str = "") -> list[tuple[str, object]]:
     if isinstance(value, dict):
         if not value:
@@ -574,6 +596,7 @@ RENDERERS = (
     Renderer("tanbr bench regret", _is_regret, _render_regret),
     Renderer("tanbr bench fidelity", _is_fidelity, _render_fidelity),
     Renderer("tanbr tune", _is_sweep, _render_sweep),
+    Renderer("tanbr bench pool", _is_roundtrip, _render_roundtrip),
 )
 
 

@@ -84,7 +84,7 @@ def run_roundtrip(built, out: Path, models_dir=None, data_dir=None, rows: int = 
     spec.pop("parts")
     spec["name"] = spec["name"] + "-checkpoints-only"
     alone_yaml.write_text(yaml.safe_dump(spec, sort_keys=False))
-    res = {"builtin": {"model": moe.identity, "build_seconds": built.build_info.get("build_seconds")},
+    res = {"model": dict(moe.identity), "builtin": {"model": moe.identity, "build_seconds": built.build_info.get("build_seconds")},
            "export_seconds": export_s, "rows_per_task": rows, "rows_seed": seed, "precision": "fp32"}
     for name, path in (("with_parts", pool_yaml), ("checkpoints_only", alone_yaml)):
         t0 = time.perf_counter()

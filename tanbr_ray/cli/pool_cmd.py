@@ -59,3 +59,27 @@ def bench_pool_cmd(
     typer.echo(format_roundtrip(res))
     if json_path is not None:
         write_json(json_path, res)
+
+
+@app.command("merge")
+def merge_cmd(
+    out: Path = typer.Argument(..., help="folder to write (must not exist, or be empty)"),
+    x: str = typer.Option(..., "--x", help="merging weights, comma-separated, one per expert (feasible: ≥ 0, sum 1, "
+                          "at most the model's budget non-zero)"),
+    model: str = typer.Option("default", "--model", help="default | quick | path/to/pool.yaml"),
+    operator: str = typer.Option(None, "--operator", help="linear | fisher | regmean (default: the model's)"),
+    models_dir: Path = typer.Option(None, "--models-dir"),
+    data_dir: Path = typer.Option(None, "--data-dir"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Write the model merged at x as one checkpoint per task that from_pretrained loads."""
+    from tanbr_ray.moe.merged_checkpoint import write_merged
+    from tanbr_ray.moe.resolve import open_model
+
+    try:
+        weights = [float(v) for v in x.split(",")]
+        built = open_model(model, models_dir, progress=progress, data_dir=data_dir, isolate=True)
+        paths = write_merged(built.moe, weights, operator, out)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(f"merged {built.moe.identity['key']} at x = {weights}: {len(paths)} checkpoints in {out}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tanbr_ray.cluster.api import ApiSettings
 from tanbr_ray.cluster.decision_service import RouterSpec
@@ -33,7 +33,8 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     scenario: str = Field("default", description="default | quick | a simulation YAML: the router it measures")
-    model: Literal["default", "quick"] = "default"
+    model: str = Field("default", description="default | quick: the built-in MoE (a pool YAML is simulated "
+                       "locally, not yet served)")
     merge_operator: Literal["linear", "fisher", "regmean"] | None = Field(
         None, description="how x merges the experts; None = the model's own (after the scenario's)")
     moe_config: str | None = Field(None, description="a MoE YAML instead of the named model")
@@ -55,6 +56,15 @@ class AppArgs(BaseModel):
     replicas: int | None = Field(None, ge=1, description="edge replica processes for the whole fleet, nodes "
                                  "multiplexed onto them (at least one per class); None = one per node")
     api: ApiSettings = Field(default_factory=ApiSettings)
+
+    @field_validator("model")
+    @classmethod
+    def _served_model(cls, v: str) -> str:
+        if v not in ("default", "quick"):
+            raise ValueError(f"model: {v!r}: the cluster serves the built-in MoE (default, quick); a pool of "
+                             "fine-tunes or a native MoE runs in `tanbr simulate model=...` (local backend), not "
+                             "yet on Serve replicas")
+        return v
 
     @model_validator(mode="before")
     @classmethod

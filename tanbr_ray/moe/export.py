@@ -58,17 +58,25 @@ def _head_state(head) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in head.state_dict().items()}
 
 
-def _checkpoint(moe: TaskMoE, task: str, path: Path) -> None:
+def _checkpoint(moe: TaskMoE, task: str, path: Path, ffn_of_layer=None, head=None, attn_ln=None) -> None:
+    """Task `task`'s checkpoint: expert k's FFN (or `ffn_of_layer`'s), its head (or `head`), and the
+    attention LayerNorms above the first MoE layer replaced by `attn_ln` (merge-aware adaptation)."""
     cfg = _config(moe)
     cfg.num_labels = NUM_LABELS[task]
     cfg.problem_type = "regression" if task == "STS-B" else "single_label_classification"
-    head = moe.heads[moe._hk(task)]
+    head = head if head is not None else moe.heads[moe._hk(task)]
     cfg.tanbr_head = {"pooling": "mean", "inner": int(head.fc.out_features)}
     cfg.architectures = ["BertForSequenceClassification"]
     clf = BertForSequenceClassification(cfg)
     torch.nn.init.zeros_(clf.classifier.weight)
     torch.nn.init.zeros_(clf.classifier.bias)
-    state = {f"bert.{k}": v for k, v in _bert(moe, _ffn(moe, moe.task_index(task))).items()}
+    torch.nn.init.zeros_(clf.bert.pooler.dense.weight)
+    torch.nn.init.zeros_(clf.bert.pooler.dense.bias)
+    state = {f"bert.{k}": v for k, v in _bert(moe, ffn_of_layer or _ffn(moe, moe.task_index(task))).items()}
+    if attn_ln is not None:
+        for l in range(moe.first_moe + 1, moe.bert_config.num_hidden_layers):
+            state[f"bert.encoder.layer.{l}.attention.output.LayerNorm.weight"] = attn_ln[0][l].detach().clone()
+            state[f"bert.encoder.layer.{l}.attention.output.LayerNorm.bias"] = attn_ln[1][l].detach().clone()
     state.update({k: v.detach().clone() for k, v in clf.state_dict().items() if not k.startswith("bert.encoder")
                   and not k.startswith("bert.embeddings")})
     state.update({HEAD_PREFIX + k: v for k, v in _head_state(head).items()})
@@ -120,3 +128,16 @@ def export_pool(moe: TaskMoE, tokenizer, out: str | Path, name: str, max_len: tu
             "max_len_single": int(max_len[0]), "max_len_pair": int(max_len[1])}
     atomic_write(out / "pool.yaml", lambda p: Path(p).write_text(yaml.safe_dump(spec, sort_keys=False)))
     return out / "pool.yaml"
+
+
+def write_builtin_merged(moe: TaskMoE, state, out: Path) -> list[Path]:
+    """The built-in model merged (`state`: FFN_KEYS, [moe layers, ...]) as one BERT checkpoint per task,
+    with the merged-mode heads and attention LayerNorms when the model is adapted."""
+    idx = {l: m for m, l in enumerate(moe.moe_layers)}
+    ffn = lambda l: {k: (state[k][idx[l]] if l in idx else moe.base[k][l]) for k in FFN_KEYS}  # noqa: E731
+    adapted = bool(moe.adapted.item())
+    out.mkdir(parents=True, exist_ok=True)
+    for t in moe.tasks:
+        head = (moe.merge_heads if adapted else moe.heads)[moe._hk(t)]
+        _checkpoint(moe, t, out / t, ffn, head, (moe.merge_attn_ln_w, moe.merge_attn_ln_b) if adapted else None)
+    return [out / t for t in moe.tasks]

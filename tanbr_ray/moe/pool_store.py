@@ -89,6 +89,7 @@ def save_pool(moe: PoolMoE, cfg: PoolConfig, ident: dict, directory: Path, build
     atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=float)))
     moe.identity = {"key": d.name, "weights_sha256": meta["files"][WEIGHTS]["sha256"]}
     moe.cache_dir = d
+    moe.head_configs = meta["head_configs"]  # each task's classifier config (for merged checkpoints)
     return d
 
 
@@ -143,6 +144,7 @@ def load_pool(directory: str | os.PathLike, device="cpu") -> tuple[PoolMoE, dict
     moe.merge_operator, moe.regmean_alpha = cfg.merge_operator, cfg.regmean_alpha
     moe.identity = {"key": d.name, "weights_sha256": files[WEIGHTS][1]}
     moe.cache_dir = d
+    moe.head_configs = meta["head_configs"]
     return moe, meta
 
 

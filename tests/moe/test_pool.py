@@ -240,3 +240,61 @@ def test_native_moe_serves_its_own_routing_and_measures_its_expert_map(tmp_path,
         assert torch.allclose(v, lin[k], atol=1e-6)
     again = load_or_build_pool(tmp_path / "native.yaml", tmp_path / "models", progress=False)
     assert again.moe.expert_of == moe.expert_of and again.moe.num_experts == 4
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "native"])
+def test_merged_checkpoints_load_with_from_pretrained_and_predict_the_merge(tmp_path, data_dir, family):
+    from transformers import AutoModelForSequenceClassification
+
+    from tanbr_ray.moe.merged_checkpoint import write_merged
+    from tests.moe.tiny_pools import make_native
+
+    path = make_native(tmp_path) if family == "native" else make_pool(tmp_path, family)
+    moe = load_or_build_pool(path, tmp_path / "models", progress=False).moe
+    x = np.zeros(moe.num_experts)
+    x[:2] = [0.3, 0.7]
+    paths = write_merged(moe, x, "regmean", tmp_path / "merged")
+    assert [p.name for p in paths] == moe.tasks
+    for task, p in zip(moe.tasks, paths):
+        clf = AutoModelForSequenceClassification.from_pretrained(p).eval()
+        if family == "native":
+            assert clf.config.model_type == "mistral"
+        for b in _batches(moe, task):
+            kw = {"token_type_ids": b.token_type_ids} if family == "bert" else {}
+            with torch.no_grad():
+                want = moe(b.input_ids, b.attention_mask, b.token_type_ids, task, mode="merged",
+                           state=moe.merged_state(x, "regmean"))
+                got = clf(input_ids=b.input_ids, attention_mask=b.attention_mask, **kw).logits
+            assert (got - want).abs().max() < 1e-5, (family, task)
+    with pytest.raises(ValueError, match="not empty"):
+        write_merged(moe, x, "linear", tmp_path / "merged")
+
+
+def test_builtin_merged_checkpoints_carry_the_merge(tmp_path, data_dir, tiny_moe_stats):
+    """The built-in model merged at x, as BERT checkpoints: the body's mean-pooled output through the
+    checkpoint's tanbr_head is the built-in merged mode's logits (adaptation included)."""
+    from safetensors.torch import load_file
+    from transformers import BertForSequenceClassification
+
+    from tanbr_ray.moe.merged_checkpoint import write_merged
+    from tanbr_ray.moe.model import Head, mean_pool
+
+    moe = tiny_moe_stats
+    moe.adapted.fill_(1)
+    moe.identity = {"key": "tiny-test", "weights_sha256": "x"}
+    x = np.array([0.25, 0.75])
+    write_merged(moe, x, "fisher", tmp_path / "m")
+    for task in moe.tasks:
+        clf = BertForSequenceClassification.from_pretrained(tmp_path / "m" / task).eval()
+        t = load_file(str(tmp_path / "m" / task / "model.safetensors"))
+        head = Head(clf.config.hidden_size, clf.config.tanbr_head["inner"], clf.config.num_labels, 0.0).eval()
+        head.load_state_dict({k[len("tanbr_head."):]: v for k, v in t.items() if k.startswith("tanbr_head.")})
+        sp = load_task(task, "dev").head(8, seed=1)
+        for b in bucket_batches(moe.tokenizer, sp, 24 if PAIR[task] else 16, 4):
+            with torch.no_grad():
+                hidden = clf.bert(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                  token_type_ids=b.token_type_ids).last_hidden_state
+                got = head(mean_pool(hidden, b.attention_mask))
+                want = moe(b.input_ids, b.attention_mask, b.token_type_ids, task, mode="merged",
+                           state=moe.merged_state(x, "fisher"))
+            assert (got - want).abs().max() < 1e-5, task

@@ -51,7 +51,7 @@ def test_simulate_runs_on_a_pool_under_every_operator(models, tmp_path, name, op
     assert res["policies"]["Oracle"]["regret_vs_oracle"] == 0.0
     for p, r in res["policies"].items():
         assert 0.0 <= r["score"] <= 1.0 and r["resident_bytes"] > 0, p
-    assert res["config"]["merge_operator"] == op if "config" in res else True
+    assert res["config"]["merge_operator"] == op
     native = name == "native"
     assert res["expert_map"]["source"] == ("router usage" if native else "task")
     assert set(res["expert_map"]["task_experts"]) == {"SST-2", "RTE"}
