@@ -6,7 +6,10 @@ Public entry points (the simulator builds on these):
 - :func:`load_or_build` — reuse a valid cached MoE or build (and cache) a new one.
 - :class:`TaskMoE` — inference modes (dense, oracle, top-k, merged by x, static merges).
 - :func:`validate_x` — the feasibility check every merging weight vector goes through.
-- :mod:`tanbr_ray.moe.metrics` — GLUE scores; :mod:`tanbr_ray.moe.adapters` — Hugging Face MoEs.
+- :mod:`tanbr_ray.moe.metrics` — GLUE scores.
+- :mod:`tanbr_ray.moe.interface` — what every model implements; :mod:`tanbr_ray.moe.resolve` — `model:`
+  values (default, quick, a pool or native YAML) to models; :mod:`tanbr_ray.moe.pool_build` — pools of
+  fine-tunes and native MoE checkpoints.
 """
 
 from importlib import import_module

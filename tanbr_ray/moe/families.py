@@ -63,14 +63,27 @@ def _mixtral_get(layer) -> nn.Module:
     return GatedMLP(ex.hidden_dim, ex.intermediate_dim, ex.act_fn)
 
 
-def _mixtral_experts(layer) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, int]:
-    """(each expert's GatedMLP parameters, the router's weight [E, H], experts per token) of a layer."""
+def _fused_experts(layer) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, int, bool]:
+    """(each expert's GatedMLP parameters, the router's weight [E, H], experts per token, whether the
+    top-k weights are renormalised) of a layer whose block stores its experts fused (transformers ≥ 5)."""
     block = layer.mlp
     out = []
     for e in range(block.experts.num_experts):
         gate, up = block.experts.gate_up_proj[e].chunk(2, dim=0)
         out.append({"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": block.experts.down_proj[e]})
-    return out, block.gate.weight, int(block.top_k)
+    return out, block.gate.weight, int(block.gate.top_k), bool(getattr(block.gate, "norm_topk_prob", True))
+
+
+def _shared_expert(layer) -> nn.ModuleDict | None:
+    """Qwen2-MoE's always-on shared expert and its sigmoid gate, kept beside the merged experts."""
+    block = layer.mlp
+    if getattr(block, "shared_expert", None) is None:
+        return None
+    return nn.ModuleDict({"expert": block.shared_expert, "gate": block.shared_expert_gate})
+
+
+def _is_sparse(layer) -> bool:
+    return hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")
 
 
 def _bert_head(head: nn.ModuleDict, feats: torch.Tensor) -> torch.Tensor:
@@ -109,10 +122,15 @@ class Family:
     # a native MoE: a layer's block already holds experts and a router (`native_experts` reads them);
     # `get_mlp` then builds an empty dense MLP of one expert's shape
     native_experts: Callable[[nn.Module], tuple] | None = None
+    shared_of: Callable[[nn.Module], nn.ModuleDict | None] | None = None  # a native block's shared expert
 
     @property
     def native(self) -> bool:
         return self.native_experts is not None
+
+    def sparse_layers(self, backbone: nn.Module) -> list[int]:
+        """A native MoE's layers whose block holds experts (Qwen2-MoE may keep some layers dense)."""
+        return [l for l, layer in enumerate(self.layer_list(backbone)) if _is_sparse(layer)]
 
     def block_params(self, layer: nn.Module) -> list[nn.Parameter]:
         """The parameters that become (or are) the experts in a layer: its MLP block's."""
@@ -148,9 +166,9 @@ FAMILIES = (
     Family("llama", ("llama", "mistral", "qwen2"), "model", "layers", *_attr("mlp"),  # gated MLPs
            {"gate_proj.weight": "in", "up_proj.weight": "in", "down_proj.weight": "act"}, frozenset(), "last",
            ("score",), _score_head, False, True),
-    Family("mixtral", ("mixtral",), "model", "layers", _mixtral_get, *_attr("mlp")[1:],
+    Family("mixtral", ("mixtral", "qwen2_moe", "qwen3_moe"), "model", "layers", _mixtral_get, *_attr("mlp")[1:],
            {"gate_proj.weight": "in", "up_proj.weight": "in", "down_proj.weight": "act"}, frozenset(), "last",
-           ("score",), _score_head, False, True, _mixtral_experts),
+           ("score",), _score_head, False, True, _fused_experts, _shared_expert),
 )
 
 

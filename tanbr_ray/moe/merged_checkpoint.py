@@ -103,6 +103,10 @@ def write_merged(moe, x, operator: str | None, out: str | Path) -> list[Path]:
     op = operator or moe.merge_operator
     state = moe.merged_state(x, op)
     if hasattr(moe, "family"):
+        kind = moe.backbone.config.model_type
+        if moe.family.native and kind != "mixtral":
+            raise ValueError(f"merge: a merged {kind} has no standard dense architecture to write (its shared "
+                             "expert or attention norms); merged checkpoints of native MoEs: mixtral (as mistral)")
         paths = _pool_checkpoints(moe, state, out)
     else:
         from tanbr_ray.moe.export import write_builtin_merged

@@ -50,12 +50,13 @@ def load_configs(cfg: PoolConfig) -> tuple[Family, object, dict[str, object]]:
     base = config_of(cfg.base, "base")
     family = family_of(base.model_type, f"base {cfg.base}")
     shape_keys = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size",
-                  "num_local_experts")
+                  "num_local_experts", "num_experts", "moe_intermediate_size")
     if (cfg.kind == "native") != family.native:
         raise ValueError(f"base {cfg.base}: model_type {base.model_type!r} is {'a' if family.native else 'not a'} "
                          f"native MoE; use kind: {'native' if family.native else 'pool'}")
-    if family.native and cfg.budget is not None and cfg.budget > base.num_local_experts:
-        raise ValueError(f"budget: {cfg.budget} exceeds the MoE's {base.num_local_experts} experts")
+    experts = getattr(base, "num_local_experts", None) or getattr(base, "num_experts", None)
+    if family.native and cfg.budget is not None and cfg.budget > experts:
+        raise ValueError(f"budget: {cfg.budget} exceeds the MoE's {experts} experts")
     configs = {}
     for e in cfg.experts:
         c = config_of(e.checkpoint, f"checkpoint of {e.task}")
@@ -231,7 +232,10 @@ def assemble(cfg: PoolConfig, family: Family, base: nn.Module, clfs: dict, parts
     heads = {t: own[t] if mean else family.head_modules(c) for t, c in clfs.items()}
     if hasattr(base, "pooler"):
         base.pooler = None  # BERT's pooler is each fine-tune's own (in its head)
-    moe_layers = cfg.moe_layers if cfg.moe_layers is not None else list(range(len(family.layer_list(base))))
+    if cfg.moe_layers is not None:
+        moe_layers = cfg.moe_layers
+    else:
+        moe_layers = family.sparse_layers(base) if family.native else list(range(len(family.layer_list(base))))
     if parts is not None and (parts.adapt or parts.merge_heads):
         adapt = sorted(parts.adapt)
     else:
@@ -258,13 +262,13 @@ def _assemble_native(cfg: PoolConfig, family: Family, base: nn.Module, heads: di
     head; the dense mode's MLP is the experts' uniform average. `expert_of` is measured later."""
     layers = family.layer_list(base)
     read = [family.native_experts(layers[l]) for l in moe_layers]
-    K, top_k = len(read[0][0]), read[0][2]
-    stacked = {k: torch.stack([torch.stack([ex[e][k].detach() for e in range(K)]) for ex, _, _ in read])
+    K, top_k, renorm = len(read[0][0]), read[0][2], read[0][3]
+    stacked = {k: torch.stack([torch.stack([ex[e][k].detach() for e in range(K)]) for ex, *_ in read])
                for k in read[0][0][0]}
-    router = torch.stack([w.detach() for _, w, _ in read]).clone()
-    moe = PoolMoE(family, base, cfg.tasks, heads, cfg.moe_layers, cfg.budget, None, adapt, num_experts=K,
+    router = torch.stack([r[1].detach() for r in read]).clone()
+    moe = PoolMoE(family, base, cfg.tasks, heads, moe_layers, cfg.budget, None, adapt, num_experts=K,
                   expert_of={t: 0 for t in cfg.tasks}, expert_map="router usage")
-    moe.native_top_k = top_k
+    moe.native_top_k, moe.renormalize = top_k, renorm
     for k in moe.keys:
         moe.experts[_safe(k)].copy_(stacked[k])
         for m, mlp in enumerate(moe.mlps):
@@ -495,7 +499,10 @@ def build_pool(cfg: PoolConfig, data_dir=None, progress: bool = True, data: dict
 
     parts = PoolParts.load(cfg.parts) if cfg.parts else None
     base, clfs = stage("load", lambda: load_checkpoints(cfg, family, progress))
-    moe_layers = cfg.moe_layers if cfg.moe_layers is not None else list(range(len(family.layer_list(base))))
+    if cfg.moe_layers is not None:
+        moe_layers = cfg.moe_layers
+    else:
+        moe_layers = family.sparse_layers(base) if family.native else list(range(len(family.layer_list(base))))
     stats["shared"] = stage("shared_merge", lambda: merge_shared(cfg, family, base, clfs, data, tok, moe_layers, progress))
     moe = stage("assemble", lambda: assemble(cfg, family, base, clfs, parts))
     del clfs

@@ -49,13 +49,16 @@ def _safe(key: str) -> str:
 class ExpertMLP(nn.Module):
     """Stands in a layer for its MLP block: runs the template with the parameters of the current plan."""
 
-    def __init__(self, template: nn.Module, m: int, owner: "PoolMoE"):
+    def __init__(self, template: nn.Module, m: int, owner: "PoolMoE", shared: nn.ModuleDict | None = None):
         super().__init__()
-        self.template, self.m = template, m
+        self.template, self.m, self.shared = template, m, shared
         self.__dict__["_owner"] = owner  # not a submodule (the owner holds this module)
 
     def forward(self, h: torch.Tensor, *_ignored) -> torch.Tensor:
-        return self._owner.run_mlp(self.m, self.template, h)
+        out = self._owner.run_mlp(self.m, self.template, h)
+        if self.shared is not None:  # an always-on shared expert (Qwen2-MoE), the same in every mode
+            out = out + torch.sigmoid(self.shared["gate"](h)) * self.shared["expert"](h)
+        return out
 
 
 class PoolMoE(nn.Module):
@@ -77,6 +80,7 @@ class PoolMoE(nn.Module):
         self.tasks, self.num_experts = list(tasks), int(num_experts or len(tasks))
         self.expert_of = dict(expert_of) if expert_of else {t: i for i, t in enumerate(tasks)}
         self.expert_map = expert_map  # "task": expert k was fine-tuned on task k; else how expert_of was measured
+        self.renormalize = True  # token top-k: weights renormalised over the chosen experts
         layers = family.layer_list(backbone)
         self.moe_layers = list(range(len(layers))) if moe_layers is None else list(moe_layers)
         if not self.moe_layers or min(self.moe_layers) < 0 or max(self.moe_layers) >= len(layers):
@@ -86,7 +90,8 @@ class PoolMoE(nn.Module):
             raise ValueError(f"budget: {self.budget} exceeds the number of experts {self.num_experts}")
         self.mlps = []
         for m, l in enumerate(self.moe_layers):
-            mlp = ExpertMLP(family.get_mlp(layers[l]), m, self)
+            shared = family.shared_of(layers[l]) if family.shared_of else None
+            mlp = ExpertMLP(family.get_mlp(layers[l]), m, self, shared)
             family.set_mlp(layers[l], mlp)
             self.mlps.append(mlp)
         template = self.mlps[0].template
@@ -205,7 +210,9 @@ class PoolMoE(nn.Module):
         hf = h.reshape(-1, shape[-1])
         p = torch.softmax(self.router_logits(m, hf).float(), dim=-1)
         topv, topi = p.topk(k, dim=-1)
-        topv = (topv / topv.sum(-1, keepdim=True)).to(h.dtype)
+        if self.renormalize:  # Mixtral renormalises the chosen experts' weights; Qwen2-MoE by config
+            topv = topv / topv.sum(-1, keepdim=True)
+        topv = topv.to(h.dtype)
         out = torch.zeros_like(hf)
         experts = self.expert_tensors()
         for e in range(self.num_experts):

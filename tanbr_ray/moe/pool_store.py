@@ -80,7 +80,8 @@ def save_pool(moe: PoolMoE, cfg: PoolConfig, ident: dict, directory: Path, build
             "head_configs": {t: c.to_dict() for t, c in configs.items()},
             "pooling": moe.pooling, "adapt_names": moe.adapt_names(),
             "experts": {"num_experts": moe.num_experts, "expert_of": moe.expert_of, "expert_map": moe.expert_map,
-                        "native_top_k": getattr(moe, "native_top_k", None)},
+                        "native_top_k": getattr(moe, "native_top_k", None), "renormalize": moe.renormalize},
+            "moe_layers": list(moe.moe_layers),
             "mean_mlp_heads": {t: int(moe.heads[t.replace("-", "_")]["mean_mlp"].fc.out_features)
                                for t in moe.tasks if "mean_mlp" in moe.heads[t.replace("-", "_")]},
             "files": {n: {"sha256": sha256_file(d / n), "bytes": (d / n).stat().st_size} for n in files},
@@ -121,8 +122,9 @@ def load_pool(directory: str | os.PathLike, device="cpu") -> tuple[PoolMoE, dict
              family.head_modules(AutoModelForSequenceClassification.from_config(config(c)))
              for t, c in meta["head_configs"].items()}
     ex = meta["experts"]
-    moe = PoolMoE(family, backbone, cfg.tasks, heads, cfg.moe_layers, cfg.budget, meta.get("pooling"),
-                  meta.get("adapt_names", []), ex["num_experts"], ex["expert_of"], ex["expert_map"])
+    moe = PoolMoE(family, backbone, cfg.tasks, heads, meta.get("moe_layers", cfg.moe_layers), cfg.budget,
+                  meta.get("pooling"), meta.get("adapt_names", []), ex["num_experts"], ex["expert_of"], ex["expert_map"])
+    moe.renormalize = bool(ex.get("renormalize", True))
     if ex.get("native_top_k"):
         moe.native_top_k = int(ex["native_top_k"])
     try:

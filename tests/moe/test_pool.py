@@ -206,14 +206,16 @@ def test_pool_yaml_paths_and_kinds(tmp_path):
         load_pool_config(tmp_path / "q.yaml")
 
 
-def test_native_moe_serves_its_own_routing_and_measures_its_expert_map(tmp_path, data_dir):
-    """A tiny Mixtral: top-2 through the model's own router is the checkpoint's forward; merged is one
-    dense MLP per layer from x over its experts; tasks map to experts by measured router usage."""
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_native_moe_serves_its_own_routing_and_measures_its_expert_map(tmp_path, data_dir, family):
+    """A tiny native MoE: top-2 through the model's own router (Qwen2-MoE's shared expert kept, its dense
+    layer left dense) is the checkpoint's forward; merged is one dense MLP per layer from x over its
+    experts; tasks map to experts by measured router usage."""
     from transformers import AutoModelForSequenceClassification
 
     from tests.moe.tiny_pools import make_native
 
-    built = load_or_build_pool(make_native(tmp_path), tmp_path / "models", progress=False)
+    built = load_or_build_pool(make_native(tmp_path, family=family), tmp_path / "models", progress=False)
     moe = built.moe
     assert moe.num_experts == 4 and moe.expert_map == "router usage"
     shares = built.build_info["expert_map"]["shares"]
@@ -240,6 +242,7 @@ def test_native_moe_serves_its_own_routing_and_measures_its_expert_map(tmp_path,
         assert torch.allclose(v, lin[k], atol=1e-6)
     again = load_or_build_pool(tmp_path / "native.yaml", tmp_path / "models", progress=False)
     assert again.moe.expert_of == moe.expert_of and again.moe.num_experts == 4
+    assert again.moe.moe_layers == moe.moe_layers == ([1, 2] if family == "qwen2_moe" else [0, 1])
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "native"])

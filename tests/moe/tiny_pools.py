@@ -75,26 +75,35 @@ def make_pool(root: Path, family: str, tasks=("SST-2", "RTE"), steps: int = 4, s
     return path
 
 
-def make_native(root: Path, tasks=("SST-2", "RTE"), steps: int = 4, seed: int = 0, experts: int = 4, **extra) -> Path:
-    """A tiny Mixtral-style MoE with random weights and, per task, a classifier checkpoint of it whose
-    head (only) was trained a few steps; returns the native YAML's path."""
+def make_native(root: Path, tasks=("SST-2", "RTE"), steps: int = 4, seed: int = 0, experts: int = 4,
+                family: str = "mixtral", **extra) -> Path:
+    """A tiny native MoE (Mixtral, or Qwen2-MoE with a shared expert and a dense layer, or Qwen3-MoE)
+    with random weights and, per task, a classifier checkpoint of it whose head (only) was trained a
+    few steps; returns the native YAML's path."""
     import transformers as tf
 
-    from transformers import AutoTokenizer
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     def config(num_labels=2):
-        return tf.MixtralConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                                num_key_value_heads=2, num_local_experts=experts, num_experts_per_tok=2,
-                                max_position_embeddings=160, vocab_size=VOCAB, num_labels=num_labels, pad_token_id=0)
+        common = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                      num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=160, vocab_size=VOCAB,
+                      num_labels=num_labels, pad_token_id=0)
+        if family == "qwen2_moe":
+            return tf.Qwen2MoeConfig(num_experts=experts, moe_intermediate_size=48, shared_expert_intermediate_size=40,
+                                     mlp_only_layers=[0], num_hidden_layers=3, **{k: v for k, v in common.items()
+                                                                                   if k != "num_hidden_layers"})
+        if family == "qwen3_moe":
+            return tf.Qwen3MoeConfig(num_experts=experts, moe_intermediate_size=48, head_dim=16, **common)
+        return tf.MixtralConfig(num_local_experts=experts, **common)
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(minilm_path())
-    base = tf.MixtralModel(config())
+    base = AutoModel.from_config(config())
     base.save_pretrained(root / "moe")
     entries = []
     for i, t in enumerate(tasks):
         torch.manual_seed(seed + 1 + i)
-        clf = tf.MixtralForSequenceClassification(config(NUM_LABELS[t]))
+        clf = AutoModelForSequenceClassification.from_config(config(NUM_LABELS[t]))
         clf.model.load_state_dict(base.state_dict())
         opt = torch.optim.AdamW(clf.score.parameters(), lr=1e-2)
         for b in bucket_batches(tok, load_task(t, "train").head(16 * steps, seed), 32, 16)[:steps]:
@@ -104,7 +113,7 @@ def make_native(root: Path, tasks=("SST-2", "RTE"), steps: int = 4, seed: int = 
             opt.step()
         clf.eval().save_pretrained(root / t)
         entries.append({"task": t, "checkpoint": t})
-    spec = {"kind": "native", "name": "tiny-mixtral", "base": "moe", "tokenizer": minilm_path(), "tasks": entries,
+    spec = {"kind": "native", "name": f"tiny-{family.replace('_', '-')}", "base": "moe", "tokenizer": minilm_path(), "tasks": entries,
             "max_len_single": 32, "max_len_pair": 48,
             "build": {"router_examples": 16, "fisher_examples": 8, "regmean_examples": 16, "batch_size": 8,
                       "adapt_steps": 4}}
