@@ -18,6 +18,7 @@ from tanbr_ray.fileio import atomic_write
 from tanbr_ray.moe.data import NUM_LABELS
 from tanbr_ray.moe.merge import ExpertStats
 from tanbr_ray.moe.model import Head
+from tanbr_ray.moe.pool_model import _safe
 
 FORMAT = "tanbr-pool-parts/1"
 HEAD_PREFIX = "tanbr_head."  # a checkpoint's mean-pooled MLP head, beside its standard classifier
@@ -94,3 +95,35 @@ def mean_mlp_head(checkpoint: str, config, hidden: int) -> nn.ModuleDict | None:
 
 def empty_mean_mlp_head(hidden: int, inner: int, task: str) -> nn.ModuleDict:
     return nn.ModuleDict({"mean_mlp": Head(hidden, inner, NUM_LABELS[task], 0.0).eval()})
+
+
+@torch.no_grad()
+def apply_parts(moe, parts: PoolParts, where: str) -> None:
+    """Load the given parts into the pool, each checked against the shape it replaces."""
+    def put(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ValueError(f"parts {where}: {name} shaped {tuple(src.shape)}, the pool's {tuple(dst.shape)}")
+        dst.copy_(src)
+
+    if parts.router_w is not None:
+        put(moe.router_w, parts.router_w, "router_w")
+        put(moe.router_b, parts.router_b, "router_b")
+    for heads, given, what in ((moe.dense_heads, parts.dense_heads, "dense_head"),
+                               (moe.merge_heads, parts.merge_heads, "merge_head")):
+        for t, state in given.items():
+            if t not in moe.tasks:
+                raise ValueError(f"parts {where}: {what} for task {t!r}, which the pool does not have ({moe.tasks})")
+            try:
+                heads[t.replace("-", "_")].load_state_dict(state)
+            except RuntimeError as e:
+                raise ValueError(f"parts {where}: {what} of {t} does not fit the pool's head ({e})") from e
+    for n, v in parts.adapt.items():
+        put(moe.adapt[_safe(n)], v, f"adapt/{n}")
+    if parts.adapt or parts.merge_heads:
+        moe.adapted.fill_(1)
+    stats = parts.expert_stats(moe.keys, moe.family.grams, f"parts {where}")
+    if stats is not None:
+        try:
+            moe.set_stats(stats.to(moe.device))
+        except ValueError as e:
+            raise ValueError(f"parts {where}: {e}") from e

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import save_file
 
 from tanbr_ray.fileio import atomic_write, sha256_file
