@@ -41,7 +41,10 @@ COMMANDS = {
     "regret_drifting.json": "tanbr bench regret --env drifting --json benchmarks/regret_drifting.json",
     "fidelity.json": "tanbr bench fidelity --json benchmarks/fidelity.json --plot benchmarks/fidelity.png",
     "tune_rho.json": "tanbr tune tune_configs/rho.yaml (its sweep.json)",
-    "pool_roundtrip.json": "tanbr bench pool --model default --out /tmp/dexp --rows 64 --json benchmarks/pool_roundtrip.json",
+    "pool_roundtrip.json": "tanbr bench pool --model default --out /tmp/dexp2 --rows 64 --json benchmarks/pool_roundtrip.json",
+    "roundtrip_simulate_builtin.json": "tanbr simulate slots=8 bf16=false wandb=disabled --out /tmp/sim-builtin",
+    "roundtrip_simulate_pool.json": "tanbr simulate model=/tmp/dexp/pool.yaml slots=8 bf16=false wandb=disabled "
+                                    "--out /tmp/sim-pool (the default MoE exported by `tanbr bench pool --out /tmp/dexp`)",
 }
 
 

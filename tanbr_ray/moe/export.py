@@ -110,7 +110,9 @@ def export_pool(moe: TaskMoE, tokenizer, out: str | Path, name: str, max_len: tu
                 progress: bool = True) -> Path:
     """Write the pool into `out` (which must not exist, or be empty); returns its pool.yaml."""
     from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar over the checkpoints, not one per file written
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"export-pool: {out} exists and is not empty")

@@ -234,3 +234,24 @@ def test_interrupted_sweep_rows_for_trials_never_started():
     rows, curves = _collect([never], spec)
     assert rows[0]["tanbr.tree.rho"] is None and rows[0]["slots_run"] == 0 and not rows[0]["completed"]
     assert curves == {} and _best(rows, spec) is None
+
+
+def test_sweep_over_a_pool_of_fine_tunes(sweep_dir, ray_local, tmp_path_factory):
+    """A base scenario naming a pool YAML: the driver builds it once, every trial reads it from the cache."""
+    from tests.moe.tiny_pools import make_pool
+
+    root = tmp_path_factory.mktemp("pool-sweep")
+    pool = make_pool(root, "gpt2", tasks=("SST-2", "MNLI"))
+    (root / "sim.yaml").write_text(yaml.safe_dump(dict(
+        name="tiny-pool", model=str(pool), slots=2, slot_seconds=4, pool_per_task=8, fixed_candidates=1, seed=0,
+        models_dir=str(root / "models"), data_dir=str(Path(os.environ["TANBR_DATA_DIR"]).resolve()),
+        fleet=str(sweep_dir / "fleet.yaml"), bf16=False, calibration="measure")))
+    (root / "sweep.yaml").write_text(yaml.safe_dump(dict(
+        name="pool-sweep", base="sim.yaml", search_space={"tanbr.tree.rho": {"grid": [0.3, 0.7]}},
+        metric="running_score", mode="max", scheduler="fifo", resources={"cpu": 1})))
+    out = root / "results"
+    res = CliRunner().invoke(app, ["tune", str(root / "sweep.yaml"), "--out", str(out), "--wandb", "disabled"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert len(sweep["trials"]) == 2
+    assert json.dumps(sweep).count("pool-tiny-gpt2") >= 1
