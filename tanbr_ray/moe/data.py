@@ -58,9 +58,64 @@ class TaskSplit:
         return self.subset(sorted(rng.sample(range(len(self)), n)))
 
 
+@dataclass(frozen=True)
+class TaskSource:
+    """A classification task beyond GLUE, named by a pool YAML: where its rows come from (local
+    JSON/JSONL/CSV files, or a `datasets` hub id) and which fields hold the text(s) and the class index."""
+
+    name: str
+    num_labels: int
+    metric: str  # accuracy | f1 (binary) | matthews (binary)
+    train: str  # a file path, or a split name of `hub`
+    dev: str
+    text: str
+    label: str
+    text_b: str | None = None
+    hub: str | None = None  # a datasets hub id: train / dev then name its splits
+    hub_config: str | None = None
+
+    def load(self, split: str) -> "TaskSplit":
+        import datasets
+
+        where = self.train if split == "train" else self.dev
+        try:
+            if self.hub is not None:
+                ds = datasets.load_dataset(self.hub, self.hub_config, split=where)
+            else:
+                fmt = "csv" if where.endswith(".csv") else "json"
+                ds = datasets.load_dataset(fmt, data_files={"rows": where}, split="rows")
+        except Exception as e:  # missing file, malformed rows, hub offline ...
+            raise ValueError(f"task {self.name}: cannot read its {split} data {where!r} ({type(e).__name__}: {e})") from e
+        missing = [f for f in (self.text, self.text_b, self.label) if f is not None and f not in ds.column_names]
+        if missing:
+            raise ValueError(f"task {self.name}: {split} data {where!r} has no field(s) {missing} (fields: {ds.column_names})")
+        y = np.asarray(ds[self.label])
+        if y.dtype.kind not in "iu" or (len(y) and (y.min() < 0 or y.max() >= self.num_labels)):
+            raise ValueError(f"task {self.name}: field {self.label!r} must hold class indices 0..{self.num_labels - 1}")
+        b = [str(t) for t in ds[self.text_b]] if self.text_b else None
+        return TaskSplit(self.name, [str(t) for t in ds[self.text]], b, y.astype(np.int64))
+
+
+CUSTOM: dict[str, TaskSource] = {}  # tasks beyond GLUE registered by the pool that names them
+
+
+def register_task(src: TaskSource) -> None:
+    """Make a task beyond GLUE known in this process (label count, pair or single, metric, rows)."""
+    if src.name in GLUE_TASKS:
+        raise ValueError(f"task {src.name}: a GLUE task name; its data is GLUE's (name your own task otherwise)")
+    if src.num_labels < 2 or src.metric not in ("accuracy", "f1", "matthews"):
+        raise ValueError(f"task {src.name}: a classification task (num_labels ≥ 2) with metric accuracy, f1 or matthews")
+    if src.metric != "accuracy" and src.num_labels != 2:
+        raise ValueError(f"task {src.name}: metric {src.metric} is binary; it has {src.num_labels} classes")
+    CUSTOM[src.name] = src
+    NUM_LABELS[src.name] = src.num_labels
+    PAIR[src.name] = src.text_b is not None
+
+
 def check_task(task: str) -> str:
-    if task not in GLUE_TASKS:
-        raise ValueError(f"unknown task {task!r}; known GLUE tasks: {GLUE_TASKS}")
+    if task not in GLUE_TASKS and task not in CUSTOM:
+        raise ValueError(f"unknown task {task!r}; known GLUE tasks: {GLUE_TASKS}"
+                         + (f"; registered: {sorted(CUSTOM)}" if CUSTOM else ""))
     return task
 
 
@@ -104,6 +159,8 @@ def load_task(task: str, split: str, data_dir: str | os.PathLike | None = None) 
     check_task(task)
     if split not in ("train", "dev"):
         raise ValueError(f"split must be 'train' or 'dev', got {split!r}")
+    if task in CUSTOM:
+        return CUSTOM[task].load(split)
     root = resolve_data_dir(data_dir)
     if root is not None:
         if not root.is_dir():

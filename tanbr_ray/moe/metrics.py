@@ -51,13 +51,18 @@ def pearson_spearman(pred, y) -> float:
 
 def glue_score(task: str, pred, labels) -> float:
     """The task's GLUE metric (MRPC/QQP: mean of F1 and accuracy; STS-B: mean of Pearson and Spearman)."""
-    m = METRIC[check_task(task)]
+    from tanbr_ray.moe.data import CUSTOM
+
+    check_task(task)
+    m = METRIC.get(task) or {"accuracy": "accuracy", "f1": "f1", "matthews": "matthews_corrcoef"}[CUSTOM[task].metric]
     if len(np.asarray(pred)) != len(np.asarray(labels)):
         raise ValueError(f"{task}: {len(pred)} predictions for {len(labels)} labels")
     if m == "accuracy":
         return accuracy(pred, labels)
     if m == "matthews_corrcoef":
         return matthews(pred, labels)
+    if m == "f1":
+        return f1_binary(pred, labels)
     if m == "f1_accuracy_mean":
         return (f1_binary(pred, labels) + accuracy(pred, labels)) / 2
     return pearson_spearman(pred, labels)

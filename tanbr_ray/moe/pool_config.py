@@ -14,21 +14,39 @@ from tanbr_ray.fileio import read_yaml_mapping
 from tanbr_ray.moe.config import GLUE_TASKS
 
 
+class TaskData(BaseModel):
+    """A task's own rows (a task beyond GLUE): local JSON/JSONL/CSV files, or a `datasets` hub id whose
+    splits `train` and `dev` name; `text` (and `text_b` for pairs) and `label` (class indices) name fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train: str = Field(min_length=1)
+    dev: str = Field(min_length=1)
+    text: str = Field(min_length=1)
+    text_b: str | None = None
+    label: str = "label"
+    hub: str | None = None
+    hub_config: str | None = None
+
+
 class PoolExpert(BaseModel):
     """One fine-tune: the task it was tuned on and its checkpoint (a local folder or a hub id). For a
     native MoE, the task's `*ForSequenceClassification` checkpoint of the MoE (its head is the task's)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str
+    task: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     checkpoint: str = Field(min_length=1)
+    data: TaskData | None = Field(None, description="a task beyond GLUE: its rows (GLUE tasks read the GLUE copy)")
+    metric: Literal["accuracy", "f1", "matthews"] = Field("accuracy", description="a task beyond GLUE: its score")
 
-    @field_validator("task")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in GLUE_TASKS:
-            raise ValueError(f"unknown task {v!r}; known: {GLUE_TASKS}")
-        return v
+    @model_validator(mode="after")
+    def _known(self) -> "PoolExpert":
+        if self.task in GLUE_TASKS and self.data is not None:
+            raise ValueError(f"task {self.task}: a GLUE task reads the GLUE copy; give your own data another name")
+        if self.task not in GLUE_TASKS and self.data is None:
+            raise ValueError(f"task {self.task!r}: not a GLUE task ({GLUE_TASKS}), so it needs `data:` (its rows)")
+        return self
 
 
 def _native_bf16() -> bool:
@@ -127,4 +145,23 @@ def load_pool_config(path: str | os.PathLike) -> PoolConfig:
         "base": _resolve(cfg.base, root),
         "tokenizer": None if cfg.tokenizer is None else _resolve(cfg.tokenizer, root),
         "parts": None if cfg.parts is None else str((root / cfg.parts).resolve()),
-        "experts": [e.model_copy(update={"checkpoint": _resolve(e.checkpoint, root)}) for e in cfg.experts]})
+        "experts": [e.model_copy(update={"checkpoint": _resolve(e.checkpoint, root), "data": _data_paths(e.data, root)})
+                    for e in cfg.experts]})
+
+
+def _data_paths(data: TaskData | None, root: Path) -> TaskData | None:
+    if data is None or data.hub is not None:
+        return data
+    return data.model_copy(update={k: str((root / Path(getattr(data, k)).expanduser()).resolve())
+                                   for k in ("train", "dev")})
+
+
+def register_tasks(cfg: PoolConfig, num_labels: dict[str, int]) -> None:
+    """Make the pool's tasks beyond GLUE known in this process (their label counts: the checkpoints')."""
+    from tanbr_ray.moe.data import TaskSource, register_task
+
+    for e in cfg.experts:
+        if e.data is not None:
+            d = e.data
+            register_task(TaskSource(e.task, int(num_labels[e.task]), e.metric, d.train, d.dev, d.text, d.label,
+                                     d.text_b, d.hub, d.hub_config))

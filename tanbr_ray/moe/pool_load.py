@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from tanbr_ray.moe.data import NUM_LABELS, PAIR, TaskSplit, bucket_batches, load_task
 from tanbr_ray.moe.families import Family, family_of
-from tanbr_ray.moe.pool_config import PoolConfig
+from tanbr_ray.moe.pool_config import PoolConfig, register_tasks
 
 
 def _hub_error(ref: str, what: str, exc: Exception) -> ValueError:
@@ -53,6 +53,8 @@ def load_configs(cfg: PoolConfig) -> tuple[Family, object, dict[str, object]]:
         for k in shape_keys:
             if getattr(c, k, None) != getattr(base, k, None):
                 raise ValueError(f"{where}: {k} = {getattr(c, k, None)} differs from the base's {getattr(base, k, None)}")
+        if e.data is not None:  # a task beyond GLUE: its label count is the checkpoint's
+            register_tasks(cfg.model_copy(update={"experts": [e]}), {e.task: c.num_labels})
         if c.num_labels != NUM_LABELS[e.task]:
             raise ValueError(f"{where}: num_labels = {c.num_labels}, but {e.task} has {NUM_LABELS[e.task]} labels")
         configs[e.task] = c

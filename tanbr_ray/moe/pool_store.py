@@ -18,7 +18,7 @@ from tanbr_ray.moe.build import BuiltMoE
 from tanbr_ray.moe.config import default_models_dir, resolve_device
 from tanbr_ray.moe.families import family_of
 from tanbr_ray.moe.merge import ExpertStats
-from tanbr_ray.moe.pool_config import PoolConfig, load_pool_config
+from tanbr_ray.moe.pool_config import PoolConfig, load_pool_config, register_tasks
 from tanbr_ray.moe.pool_model import PoolMoE
 from tanbr_ray.moe.pool_parts import empty_mean_mlp_head
 from tanbr_ray.moe.store import CONFIG, STATS, WEIGHTS, _read_verified
@@ -103,6 +103,7 @@ def load_pool(directory: str | os.PathLike, device="cpu") -> tuple[PoolMoE, dict
         if meta.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} config")
         cfg = PoolConfig(**meta["pool_config"])
+        register_tasks(cfg, {t: c.get("num_labels") or len(c["id2label"]) for t, c in meta["head_configs"].items()})
         family = family_of(meta["backbone_config"]["model_type"], str(d))
         files = {n: (int(v["bytes"]), str(v["sha256"])) for n, v in meta["files"].items()}
     except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as e:

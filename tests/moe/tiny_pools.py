@@ -33,9 +33,16 @@ def tiny_config(family: str, num_labels: int = 2):
 
 
 def make_pool(root: Path, family: str, tasks=("SST-2", "RTE"), steps: int = 4, seed: int = 0, tune: str = "all",
-              **extra) -> Path:
+              own: dict | None = None, **extra) -> Path:
     """Write base + one fine-tune per task under root; returns the pool YAML's path. `tune`: all
-    parameters, or "mlp_head" (the MLP blocks and the head only: the shared parts stay the base's)."""
+    parameters, or "mlp_head" (the MLP blocks and the head only: the shared parts stay the base's).
+    `own`: tasks beyond GLUE, {task: {"data": {...}, "metric": ...}} (binary classification)."""
+    from tanbr_ray.moe.data import TaskSource, register_task
+
+    for t, spec in (own or {}).items():  # fine-tuning below reads their rows through load_task
+        d = spec["data"]
+        register_task(TaskSource(t, 2, spec.get("metric", "accuracy"), d["train"], d["dev"], d["text"],
+                                 d.get("label", "label"), d.get("text_b")))
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(seed)
@@ -64,7 +71,7 @@ def make_pool(root: Path, family: str, tasks=("SST-2", "RTE"), steps: int = 4, s
             loss.backward()
             opt.step()
         clf.eval().save_pretrained(root / t)
-        experts.append({"task": t, "checkpoint": t})
+        experts.append({"task": t, "checkpoint": t, **(own or {}).get(t, {})})
     spec = {"name": f"tiny-{family}", "base": "base", "tokenizer": minilm_path(), "experts": experts,
             "max_len_single": 32, "max_len_pair": 48,
             "build": {"router_examples": 16, "router_steps": 20, "fisher_examples": 8, "regmean_examples": 16,
