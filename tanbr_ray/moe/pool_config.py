@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tanbr_ray.fileio import read_yaml_mapping
 from tanbr_ray.moe.config import GLUE_TASKS
