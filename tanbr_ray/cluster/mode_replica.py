@@ -23,7 +23,7 @@ from tanbr_ray.sim.queueing import QueueConfig
 @serve.deployment(max_ongoing_requests=1024)
 class ModeReplica:
     def __init__(self, model_ref: list, mode: str, queue: dict, threads: int = 1, bf16: bool = False):
-        """`model_ref`: [object ref] of (EdgePackage, merged FFN state) for mode merged, else of the TaskMoE."""
+        """`model_ref`: [object ref] of (EdgePackage, merged FFN state) for mode merged, else of the built-in MoE."""
         import ray
 
         torch.set_num_threads(threads)

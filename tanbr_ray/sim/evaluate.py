@@ -1,6 +1,6 @@
 """Exact scoring of served requests: every prediction comes from running the MoE.
 
-What does not change between slots is computed once: `TaskMoE.prepare` caches each pool example's
+What does not change between slots is computed once: the model's `prepare` caches each pool example's
 hidden states up to the first MoE layer's FFN (tokenisation, embeddings, the layers below and that
 layer's attention; in memory, for this run only), and predictions are memoised per (model spec,
 example), so a merge that is played again (Tanbr's leaves, static merges, the full MoE) never
