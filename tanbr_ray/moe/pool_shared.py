@@ -50,7 +50,9 @@ def _shared_grams(clf, family: Family, split: TaskSplit, tok, cfg: PoolConfig, n
         sp = split.head(cfg.build.regmean_examples, cfg.build.seed)
         for b in bucket_batches(tok, sp, max_len(cfg, sp.task), cfg.build.batch_size):
             keep["mask"] = b.attention_mask.bool()
-            clf(input_ids=b.input_ids, attention_mask=b.attention_mask)
+            types = family.token_types and getattr(clf.config, "type_vocab_size", 1) > 1
+            clf(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                **({"token_type_ids": b.token_type_ids} if types else {}))  # a pair's segments, as it was tuned
     finally:
         for h in handles:
             h.remove()
