@@ -163,7 +163,9 @@ def mode_forward(moe, mode: str, batch_size: int, seq_len: int = 64, task: str |
 
 def _mode_forward(moe, mode: str, batch_size: int, seq_len: int, task: str | None, x):
     task = task or moe.tasks[0]
-    ids, am, tt = synthetic_batch(batch_size, seq_len, moe.tokenizer.vocab_size, moe.device)
+    tok = getattr(moe, "tokenizer", None)
+    vocab = tok.vocab_size if tok is not None else moe.bert_config.vocab_size
+    ids, am, tt = synthetic_batch(batch_size, seq_len, vocab, moe.device)
     moe.eval()
     if mode == "dense":
         dm = moe.dense_model()

@@ -107,6 +107,9 @@ def write_merged(moe, x, operator: str | None, out: str | Path) -> list[Path]:
         if moe.family.native and kind != "mixtral":
             raise ValueError(f"merge: a merged {kind} has no standard dense architecture to write (its shared "
                              "expert or attention norms); merged checkpoints of native MoEs: mixtral (as mistral)")
+        if moe.family.native and moe.moe_layers != list(range(len(moe.family.layer_list(moe.backbone)))):
+            raise ValueError("merge: a native MoE merged as a Mistral needs every layer to be a MoE layer "
+                             f"(this one: {moe.moe_layers})")
         paths = _pool_checkpoints(moe, state, out)
     else:
         from tanbr_ray.moe.export import write_builtin_merged

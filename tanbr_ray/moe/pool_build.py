@@ -32,6 +32,18 @@ from tanbr_ray.moe.precision import bf16, fp32
 log = logging.getLogger(__name__)
 
 
+def check_moe_layers(cfg: PoolConfig, family: Family, base: nn.Module) -> None:
+    """`moe_layers`, when given, must name distinct layers the model has (a native MoE's sparse ones)."""
+    if cfg.moe_layers is None:
+        return
+    L = len(family.layer_list(base))
+    ok = set(family.sparse_layers(base)) if family.native else set(range(L))
+    bad = sorted(set(cfg.moe_layers) - ok)
+    if bad or len(set(cfg.moe_layers)) != len(cfg.moe_layers) or not cfg.moe_layers:
+        raise ValueError(f"moe_layers: {cfg.moe_layers} must be distinct layers among {sorted(ok)}"
+                         + (" (the model's sparse layers)" if family.native else ""))
+
+
 def default_adapt_names(family: Family, backbone: nn.Module, moe_layers: list[int]) -> list[str]:
     """What merge-aware adaptation trains besides the merged-mode heads: the norms outside the MLP
     blocks of the layers above the first MoE layer (they see the merged MLPs' outputs)."""
@@ -112,10 +124,6 @@ def expert_stats(moe: PoolMoE, cfg: PoolConfig, data: dict, progress: bool) -> E
     fisher = {k: torch.zeros_like(v) for k, v in experts.items()}
     grams: dict[str, torch.Tensor] = {}
     tokens = torch.zeros(moe.num_experts)
-    tmpl = moe.mlps[0].template
-    gram_mods = {}
-    for wk, g in moe.family.grams.items():
-        gram_mods.setdefault(g, tmpl.get_submodule(wk.rsplit(".", 1)[0]))
     for t in tqdm(moe.tasks, desc="fisher + regmean statistics", disable=not progress, leave=False):
         e = moe.task_index(t)
         P = {k: v[:, e].detach().clone().requires_grad_(True) for k, v in experts.items()}
@@ -128,32 +136,22 @@ def expert_stats(moe: PoolMoE, cfg: PoolConfig, data: dict, progress: bool) -> E
             n += len(b.index)
         for k in fisher:
             fisher[k][:, e] /= max(n, 1)
-        _expert_grams(moe, cfg, data[t], e, gram_mods, grams, tokens)
+        _expert_grams(moe, cfg, data[t], e, grams, tokens)
     return ExpertStats.from_raw(fisher, grams, tokens)
 
 
 @torch.no_grad()
-def _expert_grams(moe: PoolMoE, cfg: PoolConfig, split: TaskSplit, e: int, gram_mods: dict, grams: dict,
-                  tokens: torch.Tensor) -> None:
-    """Grams of expert e's MLP linears' inputs on its task's tokens (the template run with its weights)."""
+def _expert_grams(moe: PoolMoE, cfg: PoolConfig, split: TaskSplit, e: int, grams: dict, tokens: torch.Tensor) -> None:
+    """Grams of expert e's MLP linears' inputs on its task's tokens (each layer's template run with its weights)."""
     M, K = len(moe.moe_layers), moe.num_experts
-    seen: dict[str, torch.Tensor] = {}
-    handles = [mod.register_forward_hook(lambda _m, inp, _o, g=g: seen.__setitem__(g, inp[0].float()))
-               for g, mod in gram_mods.items()]
-    try:
-        with fp32(moe.device):
-            for m, x in record_inputs(moe, cfg, split.head(cfg.build.regmean_examples, cfg.build.seed)):
-                tmpl = moe.mlps[m].template
-                torch.func.functional_call(tmpl, {k: v[m, e] for k, v in moe.expert_tensors().items()}, (x,))
-                for g, a in seen.items():
-                    if g not in grams:
-                        grams[g] = torch.zeros(M, K, a.shape[-1], a.shape[-1], device=a.device)
-                    grams[g][m, e] += a.T @ a
-                if m == 0:
-                    tokens[e] += len(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with fp32(moe.device):
+        for m, x in record_inputs(moe, cfg, split.head(cfg.build.regmean_examples, cfg.build.seed)):
+            for g, a in moe.gram_inputs(m, {k: v[m, e] for k, v in moe.expert_tensors().items()}, x).items():
+                if g not in grams:
+                    grams[g] = torch.zeros(M, K, a.shape[-1], a.shape[-1], device=a.device)
+                grams[g][m, e] += a.T @ a
+            if m == 0:
+                tokens[e] += len(x)
 
 
 def adapt_merged(moe: PoolMoE, cfg: PoolConfig, data: dict, progress: bool) -> float:
@@ -210,6 +208,7 @@ def build_pool(cfg: PoolConfig, data_dir=None, progress: bool = True, data: dict
 
     parts = PoolParts.load(cfg.parts) if cfg.parts else None
     base, clfs = stage("load", lambda: load_checkpoints(cfg, family, progress))
+    check_moe_layers(cfg, family, base)
     if cfg.moe_layers is not None:
         moe_layers = cfg.moe_layers
     else:
@@ -220,6 +219,8 @@ def build_pool(cfg: PoolConfig, data_dir=None, progress: bool = True, data: dict
     moe.tokenizer, moe.max_len_single, moe.max_len_pair = tok, cfg.max_len_single, cfg.max_len_pair
     moe.merge_operator, moe.regmean_alpha = cfg.merge_operator, cfg.regmean_alpha
     moe.to(resolve_device(cfg.device)).eval()
+    if moe.stats is not None:  # from the parts file, read on the host
+        moe.set_stats(moe.stats.to(moe.device))
     given = parts or PoolParts()
     stats["from_parts"] = sorted(k for k, v in {"router": given.router_w is not None, "statistics": bool(given.stats),
                                                 "adaptation": bool(given.adapt or given.merge_heads),

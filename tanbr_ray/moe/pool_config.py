@@ -35,7 +35,7 @@ class PoolExpert(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    task: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$")
     checkpoint: str = Field(min_length=1)
     data: TaskData | None = Field(None, description="a task beyond GLUE: its rows (GLUE tasks read the GLUE copy)")
     metric: Literal["accuracy", "f1", "matthews"] = Field("accuracy", description="a task beyond GLUE: its score")
@@ -107,9 +107,10 @@ class PoolConfig(BaseModel):
         tasks = [e.task for e in self.experts]
         if self.kind == "pool" and len(tasks) < 2:
             raise ValueError("experts: a pool needs at least 2 fine-tunes")
-        dup = sorted({t for t in tasks if tasks.count(t) > 1})
+        heads = [t.replace("-", "_") for t in tasks]
+        dup = sorted({t for t, h in zip(tasks, heads) if heads.count(h) > 1})
         if dup:
-            raise ValueError(f"experts: task(s) {dup} listed twice; one fine-tune per task")
+            raise ValueError(f"experts: task(s) {dup} listed twice (or equal up to - and _); one fine-tune per task")
         if self.kind == "pool" and self.budget is not None and self.budget > len(tasks):
             raise ValueError(f"budget: {self.budget} exceeds the number of experts {len(tasks)}")
         return self

@@ -94,11 +94,11 @@ def load_checkpoints(cfg: PoolConfig, family: Family, progress: bool):
 
     hf_logging.disable_progress_bar()  # one bar over the checkpoints instead of one per file
     hf_logging.set_verbosity_error()  # a pooler the base lacks, a tanbr_head beside the classifier: expected
-    base = AutoModel.from_pretrained(cfg.base)
+    base = AutoModel.from_pretrained(cfg.base, dtype=torch.float32)  # fp32 whatever the stored dtype
     want = {k: tuple(v.shape) for k, v in base.state_dict().items()}
     clfs = {}
     for e in tqdm(cfg.experts, desc="load fine-tunes", disable=not progress, leave=False):
-        clf = AutoModelForSequenceClassification.from_pretrained(e.checkpoint).eval()
+        clf = AutoModelForSequenceClassification.from_pretrained(e.checkpoint, dtype=torch.float32).eval()
         got = {k: tuple(v.shape) for k, v in getattr(clf, family.backbone).state_dict().items()}
         diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k) and "pooler" not in k)
         if diff:

@@ -106,6 +106,9 @@ class PoolMoE(nn.Module):
         self.dense_heads = copy.deepcopy(self.heads)  # dense mode (default: the experts' heads)
         self.merge_heads = copy.deepcopy(self.heads)  # merged mode once adapted
         named = dict(backbone.named_parameters())
+        unknown = sorted(set(adapt_names or []) - set(named))
+        if unknown:
+            raise ValueError(f"adapted parameters {unknown[:3]} are not parameters of this {family.name} model")
         self.adapt = nn.ParameterDict({_safe(n): nn.Parameter(named[n].detach().clone()) for n in adapt_names or []})
         self.register_buffer("adapted", torch.zeros((), dtype=torch.uint8))
         self.stats: ExpertStats | None = None
@@ -200,6 +203,22 @@ class PoolMoE(nn.Module):
         if plan.kind == "routed":
             return self._routed(m, template, h, plan.k)
         return self._soft(m, template, h, plan.mask)
+
+    def gram_inputs(self, m: int, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The input of each linear RegMean solves (by Gram name) when layer m's MLP runs with `params` on
+        tokens x: hooks on that layer's own template, removed before returning."""
+        tmpl, seen, handles = self.mlps[m].template, {}, []
+        for wk, g in self.family.grams.items():
+            if g not in {h[0] for h in handles}:
+                mod = tmpl.get_submodule(wk.rsplit(".", 1)[0])
+                handles.append((g, mod.register_forward_hook(
+                    lambda _m, inp, _o, g=g: seen.__setitem__(g, inp[0].float()))))
+        try:
+            functional_call(tmpl, dict(params), (x,))
+        finally:
+            for _, h in handles:
+                h.remove()
+        return seen
 
     def router_logits(self, m: int, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.router_w[m], self.router_b[m])

@@ -65,9 +65,6 @@ def native_stats(moe: PoolMoE, cfg: PoolConfig, data: dict, progress: bool) -> E
     fisher = {k: torch.zeros_like(v) for k, v in experts.items()}
     grams: dict[str, torch.Tensor] = {}
     tokens = torch.zeros(moe.num_experts)
-    gram_mods = {}
-    for wk, g in moe.family.grams.items():
-        gram_mods.setdefault(g, moe.mlps[0].template.get_submodule(wk.rsplit(".", 1)[0]))
     n = 0
     for t in tqdm(moe.tasks, desc="fisher + regmean statistics", disable=not progress, leave=False):
         for p in experts.values():
@@ -82,36 +79,26 @@ def native_stats(moe: PoolMoE, cfg: PoolConfig, data: dict, progress: bool) -> E
         finally:
             for p in experts.values():
                 p.requires_grad_(False)
-        _routed_grams(moe, cfg, data[t], int(k_mode[-1]), gram_mods, grams, tokens)
+        _routed_grams(moe, cfg, data[t], int(k_mode[-1]), grams, tokens)
     for k in fisher:
         fisher[k] /= max(n, 1)
     return ExpertStats.from_raw(fisher, grams, (tokens / len(moe.moe_layers)).clamp(min=1.0))
 
 
 @torch.no_grad()
-def _routed_grams(moe: PoolMoE, cfg: PoolConfig, split: TaskSplit, k: int, gram_mods: dict, grams: dict,
-                  tokens: torch.Tensor) -> None:
+def _routed_grams(moe: PoolMoE, cfg: PoolConfig, split: TaskSplit, k: int, grams: dict, tokens: torch.Tensor) -> None:
     """Grams of each expert's MLP linears' inputs on the tokens the router sends it (top-k)."""
     M, K = len(moe.moe_layers), moe.num_experts
-    seen: dict[str, torch.Tensor] = {}
-    handles = [mod.register_forward_hook(lambda _m, inp, _o, g=g: seen.__setitem__(g, inp[0].float()))
-               for g, mod in gram_mods.items()]
-    try:
-        with fp32(moe.device):
-            for m, x in record_inputs(moe, cfg, split.head(cfg.build.regmean_examples, cfg.build.seed), f"top{k}"):
-                top = moe.router_logits(m, x).topk(k, dim=-1).indices
-                for e in range(K):
-                    rows = (top == e).any(-1)
-                    if not rows.any():
-                        continue
-                    torch.func.functional_call(moe.mlps[m].template,
-                                               {kk: v[m, e] for kk, v in moe.expert_tensors().items()}, (x[rows],))
-                    for g, a in seen.items():
-                        if g not in grams:
-                            grams[g] = torch.zeros(M, K, a.shape[-1], a.shape[-1], device=a.device)
-                        grams[g][m, e] += a.T @ a
-                    tokens[e] += int(rows.sum())
-    finally:
-        for h in handles:
-            h.remove()
-
+    with fp32(moe.device):
+        for m, x in record_inputs(moe, cfg, split.head(cfg.build.regmean_examples, cfg.build.seed), f"top{k}"):
+            top = moe.router_logits(m, x).topk(k, dim=-1).indices
+            for e in range(K):
+                rows = (top == e).any(-1)
+                if not rows.any():
+                    continue
+                params = {kk: v[m, e] for kk, v in moe.expert_tensors().items()}
+                for g, a in moe.gram_inputs(m, params, x[rows]).items():
+                    if g not in grams:
+                        grams[g] = torch.zeros(M, K, a.shape[-1], a.shape[-1], device=a.device)
+                    grams[g][m, e] += a.T @ a
+                tokens[e] += int(rows.sum())

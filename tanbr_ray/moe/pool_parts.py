@@ -105,6 +105,11 @@ def apply_parts(moe, parts: PoolParts, where: str) -> None:
             raise ValueError(f"parts {where}: {name} shaped {tuple(src.shape)}, the pool's {tuple(dst.shape)}")
         dst.copy_(src)
 
+    if (parts.router_w is None) != (parts.router_b is None):
+        raise ValueError(f"parts {where}: router_w and router_b come together")
+    unknown = sorted(set(parts.adapt) - set(moe.adapt_names()))
+    if unknown:
+        raise ValueError(f"parts {where}: adapted parameters {unknown[:3]} are not the pool's ({moe.adapt_names()[:3]}…)")
     if parts.router_w is not None:
         put(moe.router_w, parts.router_w, "router_w")
         put(moe.router_b, parts.router_b, "router_b")

@@ -25,16 +25,15 @@ from tanbr_ray.moe.store import CONFIG, STATS, WEIGHTS, _read_verified
 
 FORMAT = "tanbr-pool-moe/1"
 TOKENIZER = "tokenizer"  # the pool's tokenizer, saved as JSON beside the weights
-_WEIGHT_FILES = (".safetensors", ".bin", ".json")
 
 
 def checkpoint_sha256(ref: str) -> str:
-    """Content hash of a local checkpoint folder (its weight and config files); a hub id as written."""
+    """Content hash of a local checkpoint folder (every file in it); a hub id as written."""
     p = Path(ref)
     if not p.is_dir():
         return "hub:" + ref
     h = hashlib.sha256()
-    for f in sorted(q for q in p.iterdir() if q.is_file() and q.name.endswith(_WEIGHT_FILES)):
+    for f in sorted(q for q in p.iterdir() if q.is_file()):  # weights, configs, tokenizer files alike
         h.update(f.name.encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
@@ -162,6 +161,7 @@ def load_or_build_pool(path: str | os.PathLike, models_dir=None, progress: bool 
     d = Path(models_dir or default_models_dir()) / f"pool-{cfg.name}-{ident['key']}"
     if (d / CONFIG).exists() and not rebuild:
         moe, meta = load_pool(d, resolve_device(cfg.device))
+        moe.merge_operator, moe.regmean_alpha = cfg.merge_operator, cfg.regmean_alpha  # not in the key: the YAML's
         return BuiltMoE(moe, d, meta.get("build", {}))
     moe, stats = build_pool(cfg, data_dir, progress, data)
     save_pool(moe, cfg, ident, d, stats, configs)

@@ -354,3 +354,21 @@ def test_a_task_beyond_glue_reads_its_own_files(tmp_path, data_dir):
     with pytest.raises(ValueError, match="entail.*needs `data:`"):
         load_or_build_pool(tmp_path / "bad.yaml", tmp_path / "models2", progress=False)
     assert not (tmp_path / "models2").exists()
+
+
+def test_each_layers_grams_come_from_that_layers_inputs(gpt2_pool):
+    """RegMean's statistics: expert e's Gram of layer m is the Gram of layer m's own MLP inputs."""
+    from tanbr_ray.moe.pool_config import load_pool_config
+    from tanbr_ray.moe.pool_load import record_inputs
+
+    moe = gpt2_pool.moe
+    cfg = load_pool_config(next(gpt2_pool.cache_dir.parent.parent.glob("pool.yaml")))
+    for e, task in enumerate(moe.tasks):
+        sp = load_task(task, "train").head(cfg.build.regmean_examples, cfg.build.seed)
+        want = {m: 0 for m in range(len(moe.moe_layers))}
+        for m, x in record_inputs(moe, cfg, sp):
+            want[m] = want[m] + x.float().T @ x.float()
+        for m in want:
+            got = moe.stats.grams["in"][m, e].float() * moe.stats.tokens[e]
+            assert torch.allclose(got, want[m], rtol=1e-2, atol=1e-2), (task, m)
+    assert not torch.equal(moe.stats.grams["in"][0], moe.stats.grams["in"][1])
