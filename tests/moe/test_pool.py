@@ -372,3 +372,34 @@ def test_each_layers_grams_come_from_that_layers_inputs(gpt2_pool):
             got = moe.stats.grams["in"][m, e].float() * moe.stats.tokens[e]
             assert torch.allclose(got, want[m], rtol=1e-2, atol=1e-2), (task, m)
     assert not torch.equal(moe.stats.grams["in"][0], moe.stats.grams["in"][1])
+
+
+def test_model_commands_take_a_pool(tmp_path, data_dir):
+    """build-moe, bench model, bench merge and merge through the real CLI on a tiny Llama pool."""
+    from typer.testing import CliRunner
+
+    import tanbr_ray.cli  # noqa: F401
+    from tanbr_ray.cli.app import app
+
+    path = make_pool(tmp_path, "llama")
+    models = str(tmp_path / "models")
+    run = CliRunner().invoke
+    r = run(app, ["build-moe", "--model", str(path), "--models-dir", models, "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "pool-tiny-llama-" in r.output and "2 experts in layers [0, 1]" in r.output
+    r = run(app, ["bench", "model", "--model", str(path), "--models-dir", models, "--json", str(tmp_path / "b.json"),
+                  "--eval-examples", "6", "--mixes", "2", "--random-candidates", "2", "--landscape-examples", "8",
+                  "--screen-examples", "2", "--finalists", "1", "--budget", "2", "--runs", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert set(res["modes"]) == {"dense", "merged", "top1", "top2", "soft", "oracle"}
+    assert set(res["landscape_by_operator"]) == {"linear", "fisher", "regmean"}
+    r = run(app, ["bench", "merge", "--model", str(path), "--models-dir", models, "--runs", "2"])
+    assert r.exit_code == 0 and "regmean" in r.output, r.output
+    r = run(app, ["merge", str(tmp_path / "m"), "--model", str(path), "--x", "0.5,0.5", "--models-dir", models,
+                  "--no-progress"])
+    assert r.exit_code == 0 and (tmp_path / "m" / "RTE" / "config.json").exists(), r.output
+    r = run(app, ["merge", str(tmp_path / "m2"), "--model", str(path), "--x", "0.5,0.6", "--models-dir", models])
+    assert r.exit_code != 0 and "x" in r.output
+    r = run(app, ["build-moe", "--model", str(path), "--quick"])
+    assert r.exit_code != 0 and "drop --quick" in r.output
