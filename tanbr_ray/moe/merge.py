@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tanbr_ray.moe.data import check_task
 from tanbr_ray.moe.precision import fp32
 from tanbr_ray.simplex import check_x
 
@@ -223,6 +224,63 @@ class Merger:
         """A linear's stacked weights as [M, K, out, in]."""
         W = self.experts[key]
         return W.transpose(-1, -2) if key in self.transposed else W
+
+
+# static merges: each operator at uniform x over all K experts
+STATIC_MERGES = {"uniform": "linear", "fisher": "fisher", "regmean": "regmean"}
+
+
+class ExpertMerging:
+    """What every model does with its experts, one mechanism for all: tasks to expert indices, the
+    feasibility of x, the statistics, one `Merger` over the stacked experts (`expert_tensors`, laid out
+    as `merge_layout` says), merges by x and the static merges (computed once, then kept). A model sets
+    tasks, expert_of, num_experts, budget, stats, merge_operator, regmean_alpha, _merger, static_merges."""
+
+    def expert_tensors(self) -> dict[str, torch.Tensor]:
+        """The experts of every MoE layer, {parameter: [layers, K, ...]}."""
+        raise NotImplementedError
+
+    def merge_layout(self) -> tuple[Mapping[str, str], frozenset]:
+        """(each linear weight's Gram name, the weights stored [in, out])."""
+        return GRAM_OF, frozenset()
+
+    def task_index(self, task: str) -> int:
+        check_task(task)
+        if task not in self.expert_of:
+            raise ValueError(f"unknown task {task!r} for this MoE; its tasks are {self.tasks}")
+        return self.expert_of[task]
+
+    def validate_x(self, x) -> np.ndarray:
+        return validate_x(x, self.num_experts, self.budget)
+
+    def set_stats(self, stats: ExpertStats | None) -> None:
+        """Attach the experts' statistics (Fishers, Grams) that the fisher/regmean operators need."""
+        if stats is not None:
+            grams, transposed = self.merge_layout()
+            stats.check(self.expert_tensors(), grams=grams, transposed=transposed)
+        self.stats, self._merger, self.static_merges = stats, None, {}
+
+    @property
+    def merger(self) -> Merger:
+        if self._merger is None:
+            self._merger = Merger(self.expert_tensors(), self.stats, self.regmean_alpha, *self.merge_layout())
+        return self._merger
+
+    @torch.no_grad()
+    def merged_state(self, x, op: str | None = None) -> dict[str, torch.Tensor]:
+        """Merged FFN weights of every MoE layer for weight vector x (validated) under a merge
+        operator (default: the model's `merge_operator`)."""
+        return self.merger(self.validate_x(x), check_operator(op or self.merge_operator))
+
+    def static_state(self, name: str) -> dict[str, torch.Tensor]:
+        """A static merge: 'uniform' (linear average), 'fisher' or 'regmean' — each operator at uniform
+        x over all K experts (computed once, then kept)."""
+        if name not in STATIC_MERGES:
+            raise ValueError(f"no static merge {name!r}; available: {list(STATIC_MERGES)}")
+        if name not in self.static_merges:
+            uniform = np.full(self.num_experts, 1.0 / self.num_experts)
+            self.static_merges[name] = self.merger(uniform, STATIC_MERGES[name])
+        return self.static_merges[name]
 
 
 def merge_experts(experts: Mapping[str, torch.Tensor], x: Sequence[float]) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertAttention, BertEmbeddings
 
 from tanbr_ray.moe.data import NUM_LABELS, check_task
-from tanbr_ray.moe.merge import FFN_KEYS, ExpertStats, Merger, check_operator, validate_x
+from tanbr_ray.moe.merge import FFN_KEYS, ExpertMerging, ExpertStats, Merger
 
 
 
@@ -45,8 +45,6 @@ MODE_SPECS = {
     "merged": ModeSpec("merged", "experts"),
 }
 MODES = tuple(MODE_SPECS)
-# static merges: each operator at uniform x over all K experts
-STATIC_MERGES = {"uniform": "linear", "fisher": "fisher", "regmean": "regmean"}
 
 
 def mode_spec(mode: str) -> ModeSpec:
@@ -132,7 +130,7 @@ class CastOnce:
         return entry[1]
 
 
-class TaskMoE(nn.Module):
+class TaskMoE(ExpertMerging, nn.Module):
     """A BERT whose FFN blocks in `moe_layers` are K task experts; see the module docstring."""
 
     def __init__(
@@ -235,12 +233,6 @@ class TaskMoE(nn.Module):
     def device(self) -> torch.device:
         return self.router_w.device
 
-    def task_index(self, task: str) -> int:
-        check_task(task)
-        if task not in self.expert_of:
-            raise ValueError(f"unknown task {task!r} for this MoE; its tasks are {self.tasks}")
-        return self.expert_of[task]
-
     @property
     def expert_labels(self) -> list[str]:
         return [f"expert:{t}" for t in self.tasks]  # expert k was trained on task k
@@ -264,39 +256,10 @@ class TaskMoE(nn.Module):
     def base_state(self) -> dict[str, torch.Tensor]:
         return {k: self.base[k][self.moe_layers] for k in FFN_KEYS}
 
-    # ----------------------------------------------------------------------------- merging
-    def validate_x(self, x) -> np.ndarray:
-        return validate_x(x, self.num_experts, self.budget)
+    # ----------------------------------------------------------------------------- merging (ExpertMerging)
+    def expert_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: self.experts[k] for k in FFN_KEYS}
 
-    def set_stats(self, stats: ExpertStats | None) -> None:
-        """Attach the experts' statistics (Fishers, Grams) that the fisher/regmean operators need."""
-        if stats is not None:
-            stats.check({k: self.experts[k] for k in FFN_KEYS})
-        self.stats = stats
-        self._merger = None
-        self.static_merges = {}
-
-    @property
-    def merger(self) -> Merger:
-        if self._merger is None:
-            self._merger = Merger({k: self.experts[k] for k in FFN_KEYS}, self.stats, self.regmean_alpha)
-        return self._merger
-
-    @torch.no_grad()
-    def merged_state(self, x, op: str | None = None) -> dict[str, torch.Tensor]:
-        """Merged FFN weights of every MoE layer for weight vector x (validated) under a merge
-        operator (default: the model's `merge_operator`)."""
-        return self.merger(self.validate_x(x), check_operator(op or self.merge_operator))
-
-    def static_state(self, name: str) -> dict[str, torch.Tensor]:
-        """A static merge: 'uniform' (linear average), 'fisher' or 'regmean' — each operator at uniform
-        x over all K experts (computed once, then kept)."""
-        if name not in STATIC_MERGES:
-            raise ValueError(f"no static merge {name!r}; available: {list(STATIC_MERGES)}")
-        if name not in self.static_merges:
-            uniform = np.full(self.num_experts, 1.0 / self.num_experts)
-            self.static_merges[name] = self.merger(uniform, STATIC_MERGES[name])
-        return self.static_merges[name]
 
     def check_state(self, state: Mapping[str, torch.Tensor]) -> None:
         for k in FFN_KEYS:

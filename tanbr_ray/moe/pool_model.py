@@ -24,8 +24,8 @@ from torch.func import functional_call, vmap
 
 from tanbr_ray.moe.data import check_task
 from tanbr_ray.moe.families import Family
-from tanbr_ray.moe.merge import ExpertStats, Merger, check_operator, validate_x
-from tanbr_ray.moe.model import STATIC_MERGES, mean_pool, mode_spec
+from tanbr_ray.moe.merge import ExpertMerging, ExpertStats, Merger
+from tanbr_ray.moe.model import mean_pool, mode_spec
 
 
 @dataclass
@@ -61,7 +61,7 @@ class ExpertMLP(nn.Module):
         return out
 
 
-class PoolMoE(nn.Module):
+class PoolMoE(ExpertMerging, nn.Module):
     """A pool of fine-tunes merged into one MoE; the interface of `tanbr_ray.moe.interface`."""
 
     def __init__(self, family: Family, backbone: nn.Module, tasks: list[str], heads: Mapping[str, nn.ModuleDict],
@@ -125,12 +125,6 @@ class PoolMoE(nn.Module):
     def device(self) -> torch.device:
         return self.router_w.device
 
-    def task_index(self, task: str) -> int:
-        check_task(task)
-        if task not in self.expert_of:
-            raise ValueError(f"unknown task {task!r} for this pool; its tasks are {self.tasks}")
-        return self.expert_of[task]
-
     @property
     def expert_labels(self) -> list[str]:
         if self.expert_map == "task":
@@ -144,35 +138,11 @@ class PoolMoE(nn.Module):
     def expert_state(self, e: int) -> dict[str, torch.Tensor]:
         return {k: v[:, e] for k, v in self.expert_tensors().items()}
 
+    def merge_layout(self) -> tuple[Mapping[str, str], frozenset]:
+        return self.family.grams, self.family.transposed
+
     def base_state(self) -> dict[str, torch.Tensor]:
         return {k: torch.stack([dict(mlp.template.named_parameters())[k] for mlp in self.mlps]) for k in self.keys}
-
-    def validate_x(self, x) -> np.ndarray:
-        return validate_x(x, self.num_experts, self.budget)
-
-    def set_stats(self, stats: ExpertStats | None) -> None:
-        if stats is not None:
-            stats.check(self.expert_tensors(), grams=self.family.grams, transposed=self.family.transposed)
-        self.stats, self._merger, self.static_merges = stats, None, {}
-
-    @property
-    def merger(self) -> Merger:
-        if self._merger is None:
-            self._merger = Merger(self.expert_tensors(), self.stats, self.regmean_alpha, self.family.grams,
-                                  self.family.transposed)
-        return self._merger
-
-    @torch.no_grad()
-    def merged_state(self, x, op: str | None = None) -> dict[str, torch.Tensor]:
-        return self.merger(self.validate_x(x), check_operator(op or self.merge_operator))
-
-    def static_state(self, name: str) -> dict[str, torch.Tensor]:
-        if name not in STATIC_MERGES:
-            raise ValueError(f"no static merge {name!r}; available: {list(STATIC_MERGES)}")
-        if name not in self.static_merges:
-            uniform = np.full(self.num_experts, 1.0 / self.num_experts)
-            self.static_merges[name] = self.merger(uniform, STATIC_MERGES[name])
-        return self.static_merges[name]
 
     # ----------------------------------------------------------------------------- the MLPs per mode
     def adapt_names(self) -> list[str]:

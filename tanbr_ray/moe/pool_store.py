@@ -11,9 +11,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import save_file
 
-from tanbr_ray.fileio import atomic_write, sha256_file
+from tanbr_ray.fileio import sha256_file
 from tanbr_ray.moe.build import BuiltMoE
 from tanbr_ray.moe.config import default_models_dir, resolve_device
 from tanbr_ray.moe.families import family_of
@@ -21,7 +20,7 @@ from tanbr_ray.moe.merge import ExpertStats
 from tanbr_ray.moe.pool_config import PoolConfig, load_pool_config, register_tasks
 from tanbr_ray.moe.pool_model import PoolMoE
 from tanbr_ray.moe.pool_parts import empty_mean_mlp_head
-from tanbr_ray.moe.store import CONFIG, STATS, WEIGHTS, _read_verified
+from tanbr_ray.moe.store import CONFIG, STATS, WEIGHTS, _read_verified, write_model
 
 FORMAT = "tanbr-pool-moe/1"
 TOKENIZER = "tokenizer"  # the pool's tokenizer, saved as JSON beside the weights
@@ -65,29 +64,22 @@ def pool_key(cfg: PoolConfig, data: dict) -> dict:
 
 
 def save_pool(moe: PoolMoE, cfg: PoolConfig, ident: dict, directory: Path, build: dict, configs: dict) -> Path:
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    files = {WEIGHTS: {k: v.detach().cpu().contiguous().clone() for k, v in moe.state_dict().items()}}
-    if moe.stats is not None:
-        files[STATS] = moe.stats.tensors()
-    for name, tensors in files.items():
-        atomic_write(d / name, lambda p, t=tensors: save_file(t, p, metadata={"format": FORMAT}))
-    moe.tokenizer.save_pretrained(d / TOKENIZER, legacy_format=False)  # JSON only: the cache is self-contained
-    meta = {"format": FORMAT, "pool_config": cfg.model_dump(), "identity": ident, "family": moe.family.name,
+    """The pool's cache folder (`store.write_model`), its tokenizer saved as JSON beside the weights."""
+    def tokenizer(d: Path) -> dict:
+        moe.tokenizer.save_pretrained(d / TOKENIZER, legacy_format=False)  # JSON only: the cache is self-contained
+        return {"tokenizer_sha256": {f.name: sha256_file(f) for f in sorted((d / TOKENIZER).iterdir())}}
+
+    heads = {t: moe.heads[t.replace("-", "_")] for t in moe.tasks}
+    meta = {"pool_config": cfg.model_dump(), "identity": ident, "family": moe.family.name,
             "backbone_config": moe.backbone.config.to_dict(),
             "head_configs": {t: c.to_dict() for t, c in configs.items()},
             "pooling": moe.pooling, "adapt_names": moe.adapt_names(),
             "experts": {"num_experts": moe.num_experts, "expert_of": moe.expert_of, "expert_map": moe.expert_map,
                         "native_top_k": getattr(moe, "native_top_k", None), "renormalize": moe.renormalize},
             "moe_layers": list(moe.moe_layers),
-            "mean_mlp_heads": {t: int(moe.heads[t.replace("-", "_")]["mean_mlp"].fc.out_features)
-                               for t in moe.tasks if "mean_mlp" in moe.heads[t.replace("-", "_")]},
-            "files": {n: {"sha256": sha256_file(d / n), "bytes": (d / n).stat().st_size} for n in files},
-            "tokenizer_sha256": {f.name: sha256_file(f) for f in sorted((d / TOKENIZER).iterdir())},
-            "build": build}
-    atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=float)))
-    moe.identity = {"key": d.name, "weights_sha256": meta["files"][WEIGHTS]["sha256"]}
-    moe.cache_dir = d
+            "mean_mlp_heads": {t: int(h["mean_mlp"].fc.out_features) for t, h in heads.items() if "mean_mlp" in h}}
+    d = Path(directory)
+    write_model(moe, d, FORMAT, meta, build, tokenizer)
     moe.head_configs = meta["head_configs"]  # each task's classifier config (for merged checkpoints)
     return d
 

@@ -31,23 +31,27 @@ CONFIG = "config.json"
 def save_moe(moe: TaskMoE, cfg: MoEConfig, directory: str | os.PathLike, build: dict | None = None) -> Path:
     """Write weights and statistics, then the config (with their sha256s) atomically into `directory`."""
     d = Path(directory)
+    write_model(moe, d, FORMAT, {"moe_config": cfg.model_dump(), "bert_config": moe.bert_config.to_dict()}, build)
+    return d
+
+
+def write_model(moe, d: Path, fmt: str, meta: dict, build: dict | None = None, extra=None) -> dict:
+    """A model's cache folder, for every kind of model: its state dict and its statistics as safetensors,
+    `extra(d)` (more files; returns more config keys), then the config with the files' sha256s, written
+    last (the commit point). Sets the model's identity and home; returns the config."""
     d.mkdir(parents=True, exist_ok=True)
     files = {WEIGHTS: {k: v.detach().cpu().contiguous().clone() for k, v in moe.state_dict().items()}}
     if moe.stats is not None:
         files[STATS] = moe.stats.tensors()
     for name, tensors in files.items():
-        atomic_write(d / name, lambda p, t=tensors: save_file(t, p, metadata={"format": FORMAT}))
-    meta = {
-        "format": FORMAT,
-        "moe_config": cfg.model_dump(),
-        "bert_config": moe.bert_config.to_dict(),
-        "files": {n: {"sha256": sha256_file(d / n), "bytes": (d / n).stat().st_size} for n in files},
-        "build": build or {},
-    }
+        atomic_write(d / name, lambda p, t=tensors: save_file(t, p, metadata={"format": fmt}))
+    meta = {"format": fmt, **meta, **(extra(d) if extra else {}),
+            "files": {n: {"sha256": sha256_file(d / n), "bytes": (d / n).stat().st_size} for n in files},
+            "build": build or {}}
     atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2, default=float)))
     moe.identity = {"key": d.name, "weights_sha256": meta["files"][WEIGHTS]["sha256"]}
     moe.cache_dir = d  # where measurements of this model are kept beside it (its calibration)
-    return d
+    return meta
 
 
 def read_meta(directory: str | os.PathLike) -> dict:

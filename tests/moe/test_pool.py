@@ -11,7 +11,7 @@ import yaml
 
 from tanbr_ray.moe.data import PAIR, bucket_batches, load_task
 from tanbr_ray.moe.merge import Merger
-from tanbr_ray.moe.model import STATIC_MERGES
+from tanbr_ray.moe.merge import STATIC_MERGES
 from tanbr_ray.moe.pool_store import load_or_build_pool
 from tests.moe.tiny_pools import make_pool, tiny_config
 

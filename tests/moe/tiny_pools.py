@@ -32,6 +32,17 @@ def tiny_config(family: str, num_labels: int = 2):
                max_position_embeddings=160, **common)
 
 
+def _fine_tune(clf, params, tok, task: str, steps: int, seed: int, lr: float, token_types: bool = False) -> None:
+    """A few AdamW steps of `params` on the task's training rows (batches of 16, 32 tokens)."""
+    opt = torch.optim.AdamW(params, lr=lr)
+    for b in bucket_batches(tok, load_task(task, "train").head(16 * steps, seed), 32, 16)[:steps]:
+        kw = {"token_type_ids": b.token_type_ids} if token_types else {}
+        loss = clf(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels, **kw).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def make_pool(root: Path, family: str, tasks=("SST-2", "RTE"), steps: int = 4, seed: int = 0, tune: str = "all",
               own: dict | None = None, **extra) -> Path:
     """Write base + one fine-tune per task under root; returns the pool YAML's path. `tune`: all
@@ -61,15 +72,8 @@ def make_pool(root: Path, family: str, tasks=("SST-2", "RTE"), steps: int = 4, s
             layers = fam.layer_list(getattr(clf, fam.backbone))
             params = [p for layer in layers for p in fam.get_mlp(layer).parameters()]
             params += list(fam.head_modules(clf).parameters())
-        opt = torch.optim.AdamW(params, lr=3e-3)
-        split = load_task(t, "train").head(16 * steps, seed)
         clf.train()
-        for b in bucket_batches(tok, split, 32, 16)[:steps]:
-            kw = {"token_type_ids": b.token_type_ids} if family == "bert" else {}
-            loss = clf(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels, **kw).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _fine_tune(clf, params, tok, t, steps, seed, 3e-3, family == "bert")
         clf.eval().save_pretrained(root / t)
         experts.append({"task": t, "checkpoint": t, **(own or {}).get(t, {})})
     spec = {"name": f"tiny-{family}", "base": "base", "tokenizer": minilm_path(), "experts": experts,
@@ -112,12 +116,7 @@ def make_native(root: Path, tasks=("SST-2", "RTE"), steps: int = 4, seed: int = 
         torch.manual_seed(seed + 1 + i)
         clf = AutoModelForSequenceClassification.from_config(config(NUM_LABELS[t]))
         clf.model.load_state_dict(base.state_dict())
-        opt = torch.optim.AdamW(clf.score.parameters(), lr=1e-2)
-        for b in bucket_batches(tok, load_task(t, "train").head(16 * steps, seed), 32, 16)[:steps]:
-            loss = clf(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _fine_tune(clf, list(clf.score.parameters()), tok, t, steps, seed, 1e-2)
         clf.eval().save_pretrained(root / t)
         entries.append({"task": t, "checkpoint": t})
     spec = {"kind": "native", "name": f"tiny-{family.replace('_', '-')}", "base": "moe", "tokenizer": minilm_path(), "tasks": entries,
