@@ -17,7 +17,8 @@ from tanbr_ray.cli.output import print_table, write_json
 def serve_cmd(
     config: Optional[Path] = typer.Argument(None, help="A serve deploy file, e.g. deployments/tanbr_quick.yaml "
                                                        "(default: built-in args, model from --model)."),
-    model: Optional[str] = typer.Option(None, "--model", help="default | quick (overrides the file's)."),
+    model: Optional[str] = typer.Option(None, "--model", help="default | quick | path/to/pool.yaml | a published "
+                                        "model's cache name (overrides the file's)."),
     host: Optional[str] = typer.Option(None, "--host", help="Bind address (default 127.0.0.1: loopback only)."),
     port: Optional[int] = typer.Option(None, "--port", help="HTTP port (default 8000)."),
     slot_seconds: Optional[float] = typer.Option(None, "--slot-seconds", help="Live slot length."),
@@ -26,19 +27,18 @@ def serve_cmd(
     """Serve merged models over HTTP: POST /v1/infer, GET /healthz, GET /v1/state."""
     from tanbr_ray.cluster.app import AppArgs
     from tanbr_ray.cluster.service import args_from_deploy_file, local_service
-    from tanbr_ray.moe import load_or_build
 
     try:
         args, http = args_from_deploy_file(config) if config else (AppArgs(), {})
         update = {k: v for k, v in {"model": model, "slot_seconds": slot_seconds}.items() if v is not None}
         args = AppArgs(**{**args.model_dump(), **update})
+        if args.model_source is None:  # built here on first use; the nodes fetch it from the cluster storage
+            typer.echo(f"model: {args.model} (built on first use, then reused from the models cache)")
+            args.open_model(progress=True)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    moe_cfg = args.moe()
-    typer.echo(f"model: {moe_cfg.name} (built on first use, then reused from the models cache)")
-    load_or_build(moe_cfg, args.models_dir, progress=True)  # here: the nodes fetch it from the cluster storage
     host, port = host or http.get("host", "127.0.0.1"), port or http.get("port", 8000)
-    with local_service(args, host, port, moe_cfg=moe_cfg) as url:
+    with local_service(args, host, port) as url:
         typer.echo(f"serving on {url}: POST /v1/infer, GET /healthz, GET /v1/state (Ctrl-C stops)")
         try:
             t0 = time.monotonic()
@@ -64,11 +64,10 @@ def bench_serve(
     from tanbr_ray.bench import serve as bench
     from tanbr_ray.cluster.app import AppArgs
     from tanbr_ray.cluster.service import local_service
-    from tanbr_ray.moe import load_or_build
 
     # a slot never closes on its own during the bench: pushes are timed one by one, under no load
     args = AppArgs(scenario=model, model=model, slot_seconds=0, api={"rate_limit_per_s": 1e6, "rate_burst": 1_000_000})
-    moe = load_or_build(args.moe(), args.models_dir, progress=True)
+    moe = args.open_model(progress=True).moe
     bodies = bench.request_bodies(list(moe.tasks), requests, os.environ.get("TANBR_DATA_DIR"))
     del moe
     t0 = time.perf_counter()
@@ -115,14 +114,13 @@ def bench_reliability(
     from tanbr_ray.cluster.app import AppArgs
     from tanbr_ray.cluster.names import LOOPBACK
     from tanbr_ray.cluster.service import local_service
-    from tanbr_ray.moe import load_or_build
 
     tmp = Path(tempfile.mkdtemp(prefix="tanbr-reliability-"))
     args = AppArgs(scenario=model, model=model, slot_seconds=slot_seconds,
                    router={"policy": "Tanbr", "storage": str(tmp / "checkpoints"), "sample_per_slot": 8,
                            "standby": True, "mergers": 2},
                    api={"rate_limit_per_s": 1e6, "rate_burst": 1_000_000})
-    moe = load_or_build(args.moe(), args.models_dir, progress=True)
+    moe = args.open_model(progress=True).moe
     bodies = bench.request_bodies(list(moe.tasks), 400, os.environ.get("TANBR_DATA_DIR"))
     del moe
     t0 = time.perf_counter()

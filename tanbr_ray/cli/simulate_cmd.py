@@ -51,11 +51,8 @@ def simulate(
     cfg = _config(config, quick, [*(overrides or []), *([f"out={out}"] if out is not None else []),
                                   *([f"wandb={wandb}"] if wandb is not None else []),
                                   *([f"wandb_project={wandb_project}"] if wandb_project is not None else [])])
-    if backend == "ray" and cfg.model.endswith((".yaml", ".yml")):
-        raise typer.BadParameter("--backend ray: the cluster serves the built-in models (default, quick); "
-                                 "simulate a pool of fine-tunes with --backend local")
-    moe_cfg, built, memo_dir = _model(cfg, memo, progress)
-    run, trackers = _runner(cfg, moe_cfg, built.moe, memo_dir, backend, address, replicas, progress)
+    built, memo_dir = _model(cfg, memo, progress)
+    run, trackers = _runner(cfg, built.moe, memo_dir, backend, address, replicas, progress)
     outs = run_seeds(cfg, run)
     for sd, o in zip(cfg.seed_list(), outs):
         paths = write_results(o, seed_dir(cfg, sd))
@@ -79,7 +76,7 @@ def _config(config: Optional[Path], quick: bool, extra: list[str]):
 
 def _model(cfg, memo: bool, progress: bool):
     """The MoE (built on first use, said beforehand) and its prediction memo's folder."""
-    from tanbr_ray.moe.resolve import PRESETS, is_cached, open_model, preset_config
+    from tanbr_ray.moe.resolve import is_cached, open_model
     from tanbr_ray.sim.estimate import build_line
 
     typer.echo(build_line(cfg.model, is_cached(cfg.model, cfg.models_dir)))
@@ -87,12 +84,11 @@ def _model(cfg, memo: bool, progress: bool):
         built = open_model(cfg.model, cfg.models_dir, progress=progress, data_dir=cfg.data_dir, isolate=True)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    moe_cfg = preset_config(cfg.model) if cfg.model in PRESETS else None
     memo_dir = built.cache_dir / "predictions" / built.moe.identity["weights_sha256"][:16] if memo else None
-    return moe_cfg, built, memo_dir
+    return built, memo_dir
 
 
-def _runner(cfg, moe_cfg, moe, memo_dir, backend: str, address, replicas, progress: bool):
+def _runner(cfg, moe, memo_dir, backend: str, address, replicas, progress: bool):
     """One seed's run (local or on Ray), logged to W&B live, after saying what the whole job costs."""
     import torch
 
@@ -123,7 +119,7 @@ def _runner(cfg, moe_cfg, moe, memo_dir, backend: str, address, replicas, progre
         if backend == "ray":
             from tanbr_ray.cluster.driver import run_ray_simulation
 
-            out = run_ray_simulation(c, moe_cfg, moe, progress=progress, address=address, replicas=replicas,
+            out = run_ray_simulation(c, moe, progress=progress, address=address, replicas=replicas,
                                      on_slot=tracker.on_slot)
         else:
             out = run_simulation(c, moe, progress=progress, memo_dir=memo_dir, on_slot=tracker.on_slot)

@@ -9,6 +9,8 @@ declares it per node type; the local demo cluster sets it per node).
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,12 +19,16 @@ from tanbr_ray.cluster.api import ApiSettings
 from tanbr_ray.cluster.decision_service import RouterSpec
 from tanbr_ray.cluster.names import APP_NAME, HEAD_RESOURCE, ROUTER_NAME, edge_deployment, edge_resource
 from tanbr_ray.fileio import deep_merge
-from tanbr_ray.moe import MoEConfig, default_config, quick_config
+from tanbr_ray.moe.config import default_models_dir
 from tanbr_ray.moe.config import load_config as load_moe_config
+from tanbr_ray.moe.pool_config import is_pool_spec
+from tanbr_ray.moe.resolve import PRESETS, cache_names, check_spec, load_dir, open_model
 from tanbr_ray.sim.config import load_config as load_sim_config
 from tanbr_ray.sim.config import scenario_path
 from tanbr_ray.sim.fleet import Fleet, load_fleet
 from tanbr_ray.sim.queueing import QueueConfig
+
+CACHE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{12}")  # a built model's cache folder name
 
 
 class AppArgs(BaseModel):
@@ -33,8 +39,9 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     scenario: str = Field("default", description="default | quick | a simulation YAML: the router it measures")
-    model: str = Field("default", description="default | quick: the built-in MoE (a pool YAML is simulated "
-                       "locally, not yet served)")
+    model: str = Field("default", description="default | quick (the built-in MoE) | path/to/pool.yaml (a pool "
+                       "of fine-tunes or a native MoE; resolved where the app is built) | the cache name of a "
+                       "published model (what `tanbr build-moe --publish` prints)")
     merge_operator: Literal["linear", "fisher", "regmean"] | None = Field(
         None, description="how x merges the experts; None = the model's own (after the scenario's)")
     moe_config: str | None = Field(None, description="a MoE YAML instead of the named model")
@@ -60,11 +67,9 @@ class AppArgs(BaseModel):
     @field_validator("model")
     @classmethod
     def _served_model(cls, v: str) -> str:
-        if v not in ("default", "quick"):
-            raise ValueError(f"model: {v!r}: the cluster serves the built-in MoE (default, quick); a pool of "
-                             "fine-tunes or a native MoE runs in `tanbr simulate model=...` (local backend), not "
-                             "yet on Serve replicas")
-        return v
+        if CACHE_NAME.fullmatch(v) and not is_pool_spec(v):
+            return v
+        return check_spec(v)
 
     @model_validator(mode="before")
     @classmethod
@@ -89,13 +94,24 @@ class AppArgs(BaseModel):
         return {"model": sim.model, "merge_operator": sim.merge_operator, "bf16": sim.bf16,
                 **raw, "queue": queue, "router": deep_merge(base, router)}
 
-    def moe(self) -> MoEConfig:
-        """The model's config, merging with the app's operator (not part of the model's cache key)."""
+    def model_names(self) -> list[str]:
+        """The cache folders the mergers load the model from (their machine's cache, else `model_source`),
+        in order of preference. A pool YAML is hashed here (its checkpoints and data must be readable)."""
         if self.moe_config:
-            cfg = load_moe_config(self.moe_config)
-        else:
-            cfg = quick_config() if self.model == "quick" else default_config()
-        return cfg.model_copy(update={"merge_operator": self.merge_operator}) if self.merge_operator else cfg
+            return load_moe_config(self.moe_config).cache_names()
+        if CACHE_NAME.fullmatch(self.model) and not is_pool_spec(self.model):
+            return [self.model]
+        return cache_names(self.model)
+
+    def open_model(self, progress: bool = True):
+        """The model on this machine, built on first use (`BuiltMoE`): what a local cluster publishes."""
+        from tanbr_ray.moe.build import load_or_build_info
+
+        if self.moe_config:
+            return load_or_build_info(load_moe_config(self.moe_config), self.models_dir, progress=progress)
+        if self.model not in PRESETS and not is_pool_spec(self.model):
+            return load_dir(Path(self.models_dir or default_models_dir()) / self.model)
+        return open_model(self.model, self.models_dir, progress=progress)
 
     def load_fleet(self) -> Fleet:
         return load_fleet(self.fleet)
@@ -134,7 +150,7 @@ def build_app(args: dict):
     return make_app(args)
 
 
-def start_router(a: AppArgs, fleet: Fleet, moe_cfg: MoEConfig):
+def start_router(a: AppArgs, fleet: Fleet, model_names: list[str]):
     """The mergers (each loads the model), then the decision actors (model-free, given the model's
     meta), all named after `router_name`, detached; returns the model's meta once one leads."""
     from tanbr_ray.cluster.decision_actor import start_decision
@@ -144,7 +160,7 @@ def start_router(a: AppArgs, fleet: Fleet, moe_cfg: MoEConfig):
 
     r = a.router
     check_cluster(r.decision_actors(), [c.name for c in fleet.classes])
-    meta = start_mergers(a.router_name, r.mergers, moe_cfg.model_dump(mode="json"), a.model_source, r.threads,
+    meta = start_mergers(a.router_name, r.mergers, model_names, a.merge_operator, a.model_source, r.threads,
                          r.sample_per_slot, a.models_dir, a.merger_gpus)
     live = {"slot_seconds": a.slot_seconds, "app": APP_NAME, "edges": [edge_deployment(c.name) for c in fleet.classes]}
     start_decision(r.model_dump(mode="json"), meta.model_dump(), fleet.model_dump(mode="json"), a.router_name, live)
@@ -158,17 +174,16 @@ def stop_router(a: AppArgs) -> None:
     end_router(a.router_name, a.router.decision_actors(), a.router.mergers)
 
 
-def make_app(args: dict | AppArgs, fleet: Fleet | None = None, moe_cfg: MoEConfig | None = None):
+def make_app(args: dict | AppArgs, fleet: Fleet | None = None, model_names: list[str] | None = None):
     """Start (or reuse) the mergers and decision actors, then bind the edge deployments and the ingress.
-    `fleet` and `moe_cfg` override the args' files (the simulation passes the objects it already holds)."""
+    `fleet` and `model_names` override the args' (a driver passes the fleet and the model it holds)."""
     from tanbr_ray.cluster.edge import EdgeNode
     from tanbr_ray.cluster.ingress import Ingress
     from tanbr_ray.cluster.placement import SHARE
 
     a = parse_args(args)
     fleet = fleet or a.load_fleet()
-    moe_cfg = moe_cfg or a.moe()
-    meta = start_router(a, fleet, moe_cfg)
+    meta = start_router(a, fleet, model_names or a.model_names())
     n_dec, n_merge = a.router.decision_actors(), a.router.mergers
     edges = {}
     plan = replica_plan(fleet, a.replicas)
@@ -190,5 +205,5 @@ def make_app(args: dict | AppArgs, fleet: Fleet | None = None, moe_cfg: MoEConfi
             a.queue.model_dump())
     nodes = {node: cls.name for node, cls in fleet.nodes()}
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0, "resources": {HEAD_RESOURCE: SHARE}})
-    return ingress.bind(edges, nodes, meta.tasks, a.router_name, n_dec, a.api.model_dump())
+    return ingress.bind(edges, nodes, meta.tasks, meta.pair, a.router_name, n_dec, a.api.model_dump())
 

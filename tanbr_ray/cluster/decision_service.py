@@ -77,14 +77,17 @@ class ModelMeta(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: str  # the model's cache key
     tasks: list[str] = Field(min_length=1)
+    pair: list[bool]  # per task: whether its requests carry text_b (the ingress checks requests by it)
     num_experts: int = Field(ge=1)
     task_experts: list[int]
     merge_operator: str
 
     @model_validator(mode="after")
     def _one_expert_per_task(self) -> "ModelMeta":
+        if len(self.pair) != len(self.tasks):
+            raise ValueError(f"model meta: {len(self.pair)} pair flags for {len(self.tasks)} tasks")
         if len(self.task_experts) != len(self.tasks) or not all(0 <= e < self.num_experts for e in self.task_experts):
             raise ValueError(f"model meta: task_experts {self.task_experts} do not fit {len(self.tasks)} tasks and "
                              f"{self.num_experts} experts")

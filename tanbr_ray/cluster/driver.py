@@ -24,7 +24,6 @@ from tanbr_ray.cluster.edge import call_node
 from tanbr_ray.cluster.names import APP_NAME, LOOPBACK, NAMESPACE, edge_deployment
 from tanbr_ray.cluster.local import local_cluster, pin_loopback, publish_model
 from tanbr_ray.cluster.push import PushResult, push, summarize
-from tanbr_ray.moe import MoEConfig
 from tanbr_ray.sim.config import SimConfig
 from tanbr_ray.sim.fleet import Fleet, load_fleet
 from tanbr_ray.router import registry
@@ -120,7 +119,7 @@ def _app_args(cfg: SimConfig, router_policies: list[str], model_source, storage,
                    router_name=f"tanbr-router-sim-{cfg.seed}", replicas=replicas, bf16=cfg.bf16, queue=cfg.queue)
 
 
-def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | None = None,
+def run_ray_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None,
                        progress: bool = True, address: str | None = None, on_slot=None,
                        storage: str | None = None, faults: list | None = None,
                        replicas: int | None = None, model_source: str | None = None) -> SimOutput:
@@ -128,14 +127,12 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
     to), deploy the app, run the simulation on it. `faults` (faults.Fault) are injected on the way.
     With `storage` the decision leader has a standby. `replicas` caps the edge replica
     processes (nodes multiplexed onto them; `app.replica_plan`); None = one per node. The mergers
-    fetch the model from `model_source`; on a local cluster started here, None publishes this
-    process's cached model to the cluster's storage first."""
+    load `moe` by its cache key, fetched from `model_source`; on a local cluster started here, None
+    publishes this process's cached copy (`moe.cache_dir`) to the cluster's storage first."""
     from contextlib import nullcontext
 
     from ray import serve
 
-    if cfg.merge_operator is not None:  # the mergers merge with the simulation's operator, as the local backend does
-        moe_cfg = moe_cfg.model_copy(update={"merge_operator": cfg.merge_operator})
     fleet = fleet or load_fleet(cfg.fleet)
     faults = faults or []
     t0 = time.perf_counter()
@@ -146,11 +143,11 @@ def run_ray_simulation(cfg: SimConfig, moe_cfg: MoEConfig, moe, fleet: Fleet | N
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     with ctx as cluster:
         if model_source is None and cluster is not None:
-            model_source = publish_model(cluster, moe_cfg, cfg.models_dir)
+            model_source = publish_model(cluster, moe.cache_dir)
         serve.start(proxy_location="Disabled")
         router_policies = [p for p in cfg.policies if registry.POLICIES[p].picks_x]
         args = _app_args(cfg, router_policies, model_source, storage, replicas)
-        serve.run(make_app(args, fleet, moe_cfg), name=APP_NAME, route_prefix=None)
+        serve.run(make_app(args, fleet, [moe.identity["key"]]), name=APP_NAME, route_prefix=None)
         client = DecisionClient(args.router_name, args.router.decision_actors())
         edges = {c.name: serve.get_deployment_handle(edge_deployment(c.name), app_name=APP_NAME) for c in fleet.classes}
         setup_s = time.perf_counter() - t0

@@ -174,7 +174,7 @@ class EdgeNode:
         tensors = {id(p): p for p in self.edge.shell.parameters()}
         for nm in self.loaded.values():
             if nm.model is not None:
-                tensors.update((id(t), t) for layer in nm.model.ffn_layers for t in layer.values())
+                tensors.update((id(t), t) for t in nm.model.tensors())
         return int(sum(t.numel() * t.element_size() for t in tensors.values()))
 
     def status(self) -> dict:

@@ -12,7 +12,6 @@ from ray import serve
 from tanbr_ray.cluster.api import ApiSettings, make_api
 from tanbr_ray.cluster.decision_client import DecisionClient
 from tanbr_ray.cluster.edge import call_node
-from tanbr_ray.moe.data import PAIR
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +19,12 @@ log = logging.getLogger(__name__)
 @serve.deployment(num_replicas=1, max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Ingress:
-    def __init__(self, edges: dict, node_classes: dict[str, str], heads: list[str], router_name: str,
-                 decision_actors: int, api: dict):
+    def __init__(self, edges: dict, node_classes: dict[str, str], heads: list[str], pair: list[bool],
+                 router_name: str, decision_actors: int, api: dict):
         self.edges, self.node_classes = edges, node_classes
         self.decision = DecisionClient(router_name, decision_actors)
         self.heads = list(heads)
-        self.pair_heads = {h for h in self.heads if PAIR[h]}
+        self.pair_heads = {h for h, p in zip(self.heads, pair) if p}
         self.nodes = list(node_classes)
         self._next = itertools.cycle(self.nodes)
         self.settings = ApiSettings(**api)

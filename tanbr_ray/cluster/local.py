@@ -111,13 +111,12 @@ def local_cluster(fleet: Fleet, head_cpus: int = 2, object_store_mb: int = OBJEC
             shutil.rmtree(root, ignore_errors=True)
 
 
-def publish_model(cluster, moe_cfg, models_dir=None) -> str:
-    """Publish the model this process has cached into the local cluster's storage; returns the
-    model_source its machines fetch it from (they never read this process's cache)."""
-    from tanbr_ray.moe.config import default_models_dir
+def publish_model(cluster, cache_dir) -> str:
+    """Publish a model this process has cached (its cache folder) into the local cluster's storage;
+    returns the model_source its machines fetch it from (they never read this process's cache)."""
     from tanbr_ray.moe.publish import publish
 
-    publish(os.path.join(models_dir or default_models_dir(), moe_cfg.cache_dirname()), cluster.storage)
+    publish(cache_dir, cluster.storage)
     return cluster.storage
 
 

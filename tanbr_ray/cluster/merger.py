@@ -19,7 +19,6 @@ import torch
 from tanbr_ray.cluster.decision_service import ModelMeta, x_key
 from tanbr_ray.cluster.names import MERGER_RESOURCE, NAMESPACE, merger_name
 from tanbr_ray.cluster.placement import SHARE
-from tanbr_ray.moe import MoEConfig
 from tanbr_ray.moe.data import PAIR, TaskSplit
 from tanbr_ray.moe.edge import edge_package
 from tanbr_ray.moe.infer import _to_pred, make_batches
@@ -29,14 +28,17 @@ CACHE = 16  # merged x kept per merger (a slot's distinct x are few; a re-publis
 
 
 class Merger:
-    def __init__(self, moe_config: dict, model_source: str | None = None, threads: int | None = None,
-                 sample_per_slot: int = 32, models_dir: str | None = None):
+    def __init__(self, model_names: list[str], merge_operator: str | None = None, model_source: str | None = None,
+                 threads: int | None = None, sample_per_slot: int = 32, models_dir: str | None = None):
+        """`model_names`: the model's cache folder names, in order of preference (`AppArgs.model_names`);
+        `merge_operator`: the app's, else the model's own."""
         t0 = time.perf_counter()
         if threads:
             torch.set_num_threads(threads)
-        self.cfg = MoEConfig(**moe_config)
         # this machine's cache, else the published copy: a merger never builds the model
-        self.moe, self.model_from = load_model(self.cfg, models_dir, model_source)
+        self.moe, self.model_from = load_model(model_names, models_dir, model_source)
+        if merge_operator:
+            self.moe.merge_operator = merge_operator
         self.sample_per_slot = sample_per_slot
         self.pkg_ref: ray.ObjectRef | None = None
         self.cache: OrderedDict[bytes, dict[str, torch.Tensor]] = OrderedDict()
@@ -50,8 +52,8 @@ class Merger:
 
     def meta(self) -> dict:
         m = self.moe
-        return ModelMeta(name=self.cfg.name, tasks=list(m.tasks), num_experts=m.num_experts,
-                         task_experts=[m.expert_of[t] for t in m.tasks],
+        return ModelMeta(name=m.identity["key"], tasks=list(m.tasks), pair=[PAIR[t] for t in m.tasks],
+                         num_experts=m.num_experts, task_experts=[m.expert_of[t] for t in m.tasks],
                          merge_operator=m.merge_operator).model_dump()
 
     def package(self) -> list:
@@ -100,9 +102,9 @@ class Merger:
         return out
 
 
-def start_mergers(router_name: str, n: int, moe_config: dict, model_source: str | None, threads: int | None,
-                  sample_per_slot: int, models_dir: str | None = None, num_gpus: float = 0.0,
-                  detached: bool = True) -> ModelMeta:
+def start_mergers(router_name: str, n: int, model_names: list[str], merge_operator: str | None,
+                  model_source: str | None, threads: int | None, sample_per_slot: int, models_dir: str | None = None,
+                  num_gpus: float = 0.0, detached: bool = True) -> ModelMeta:
     """Create (or reuse) the n named mergers on `tanbr_merger` machines (each with `num_gpus` of a GPU,
     which it then merges and scores on), wait until each has loaded the model; the model's meta."""
     # merges never wait behind a slot's scoring (a few seconds of full-MoE forwards under load)
@@ -110,7 +112,8 @@ def start_mergers(router_name: str, n: int, moe_config: dict, model_source: str 
     actors = [cls.options(name=merger_name(router_name, i), namespace=NAMESPACE, get_if_exists=True,
                           lifetime="detached" if detached else None, num_cpus=0, max_restarts=-1,
                           resources={MERGER_RESOURCE: SHARE}, num_gpus=num_gpus,
-                          max_task_retries=0).remote(moe_config, model_source, threads, sample_per_slot, models_dir)
+                          max_task_retries=0).remote(model_names, merge_operator, model_source, threads,
+                                                            sample_per_slot, models_dir)
               for i in range(n)]
     ray.get([a.ready.remote() for a in actors])
     return ModelMeta(**ray.get(actors[0].meta.remote()))

@@ -9,7 +9,6 @@ from pathlib import Path
 from tanbr_ray.cluster.app import AppArgs, make_app, parse_args
 from tanbr_ray.cluster.local import local_cluster, publish_model
 from tanbr_ray.cluster.names import APP_NAME
-from tanbr_ray.moe import MoEConfig
 from tanbr_ray.sim.fleet import Fleet
 
 
@@ -31,21 +30,25 @@ def args_from_deploy_file(path: str | Path) -> tuple[AppArgs, dict]:
 
 @contextmanager
 def local_service(args: AppArgs | dict, host: str = "127.0.0.1", port: int = 8000, fleet: Fleet | None = None,
-                  moe_cfg: MoEConfig | None = None, ready_timeout_s: float = 300.0):
+                  ready_timeout_s: float = 300.0):
     """Cluster up, Serve's HTTP proxy on host:port, the app deployed and its first slot pushed;
     yields the base URL; everything is torn down on exit. Without `model_source`, the model this
-    process has cached is published to the cluster's storage and the nodes fetch it from there."""
+    process has cached (built here on first use) is published to the cluster's storage and the nodes
+    fetch it from there."""
     import httpx
     from ray import serve
 
     a = parse_args(args)
     fleet = fleet or a.load_fleet()
+    names = None
+    if a.model_source is None:  # the model this process holds, published where the nodes read
+        home = a.open_model().cache_dir
+        names = [home.name]
     with local_cluster(fleet) as cluster:
-        if a.model_source is None:  # the model this process built, published where the nodes read
-            a = a.model_copy(update={"model_source": publish_model(cluster, moe_cfg or a.moe(), a.models_dir),
-                                     "models_dir": None})
+        if names is not None:
+            a = a.model_copy(update={"model_source": publish_model(cluster, home), "models_dir": None})
         serve.start(http_options={"host": host, "port": port})
-        serve.run(make_app(a, fleet, moe_cfg), name=APP_NAME, route_prefix="/")
+        serve.run(make_app(a, fleet, names), name=APP_NAME, route_prefix="/")
         url = f"http://{host}:{port}"
         deadline = time.monotonic() + ready_timeout_s
         while True:  # ready = the first slot closed: every node has a merged model

@@ -182,6 +182,12 @@ class MoEConfig(BaseModel):
     def cache_dirname(self) -> str:
         return f"{self.name}-{self.key()}"
 
+    def cache_names(self) -> list[str]:
+        """The cached builds that serve this config: its own, then the same settings at the other
+        precision (build precision is the builder's hardware's choice; a process on another device
+        finds the model either way)."""
+        return [self.cache_dirname(), self.model_copy(update={"bf16": not self.bf16}).cache_dirname()]
+
 
 def default_config(**overrides) -> MoEConfig:
     """The paper's setting on MiniLM: the 8 GLUE tasks, one expert each, in all 6 layers (8 experts per

@@ -523,9 +523,13 @@ class MergedVersion:
     def __call__(self, input_ids, attention_mask, token_type_ids, task: str) -> torch.Tensor:
         return self.shell(input_ids, attention_mask, token_type_ids, task, ffn_layers=self._cast.get(self.ffn_layers))
 
+    def tensors(self) -> list[torch.Tensor]:
+        """What this version holds beyond its shell: the MoE layers' FFNs."""
+        return [t for l in self.shell.moe_layers for t in self.ffn_layers[l].values()]
+
     def resident_bytes(self) -> int:
         """The shell (everything but the MoE layers' FFNs) plus this version's FFNs."""
-        own = [t for l in self.shell.moe_layers for t in self.ffn_layers[l].values()]
+        own = self.tensors()
         replaced = {id(p) for l in self.shell.moe_layers for p in self.shell.ffn[l].values()}
         shell = sum(p.numel() * p.element_size() for p in self.shell.parameters() if id(p) not in replaced)
         return int(shell + sum(t.numel() * t.element_size() for t in own))

@@ -61,6 +61,38 @@ class ExpertMLP(nn.Module):
         return out
 
 
+def install_expert_mlps(family: Family, backbone: nn.Module, moe_layers: list[int], owner) -> list[ExpertMLP]:
+    """Put an ExpertMLP in place of each MoE layer's MLP block (its template: the block as it was)."""
+    layers, mlps = family.layer_list(backbone), []
+    for m, l in enumerate(moe_layers):
+        shared = family.shared_of(layers[l]) if family.shared_of else None
+        mlp = ExpertMLP(family.get_mlp(layers[l]), m, owner, shared)
+        family.set_mlp(layers[l], mlp)
+        mlps.append(mlp)
+    return mlps
+
+
+def trunk(family: Family, backbone: nn.Module, ids, attention_mask, types, params=None) -> torch.Tensor:
+    """The backbone's last hidden states; `params` (name -> tensor) stand in for some of its parameters."""
+    kwargs = {"input_ids": ids, "attention_mask": attention_mask}
+    if family.token_types and getattr(backbone.config, "type_vocab_size", 1) > 1:
+        kwargs["token_type_ids"] = types
+    if family.decoder:
+        kwargs["use_cache"] = False
+    if params:
+        return functional_call(backbone, params, (), kwargs, strict=False).last_hidden_state
+    return backbone(**kwargs).last_hidden_state
+
+
+def features(family: Family, pooling: str, hidden: torch.Tensor, attention_mask) -> torch.Tensor:
+    """What a head reads: the family's token (first, or last real one) or the mean of the real tokens."""
+    return mean_pool(hidden, attention_mask) if pooling == "mean" else family.pick(hidden, attention_mask)
+
+
+def read_head(family: Family, head: nn.ModuleDict, feats: torch.Tensor) -> torch.Tensor:
+    return head["mean_mlp"](feats) if "mean_mlp" in head else family.head(head, feats)
+
+
 class PoolMoE(ExpertMerging, nn.Module):
     """A pool of fine-tunes merged into one MoE; the interface of `tanbr_ray.moe.interface`."""
 
@@ -88,12 +120,7 @@ class PoolMoE(ExpertMerging, nn.Module):
         self.budget = budget or self.num_experts
         if self.budget > self.num_experts:
             raise ValueError(f"budget: {self.budget} exceeds the number of experts {self.num_experts}")
-        self.mlps = []
-        for m, l in enumerate(self.moe_layers):
-            shared = family.shared_of(layers[l]) if family.shared_of else None
-            mlp = ExpertMLP(family.get_mlp(layers[l]), m, self, shared)
-            family.set_mlp(layers[l], mlp)
-            self.mlps.append(mlp)
+        self.mlps = install_expert_mlps(family, backbone, self.moe_layers, self)
         template = self.mlps[0].template
         self.keys = [n for n, _ in template.named_parameters()]
         M, K, H = len(self.moe_layers), self.num_experts, backbone.config.hidden_size
@@ -229,16 +256,6 @@ class PoolMoE(ExpertMerging, nn.Module):
         the checkpoint's own modules, so its forward starts from the tokens."""
         return torch.stack([input_ids, token_type_ids], -1)
 
-    def _trunk(self, ids, attention_mask, types, use_adapt: bool) -> torch.Tensor:
-        kwargs = {"input_ids": ids, "attention_mask": attention_mask}
-        if self.family.token_types and getattr(self.backbone.config, "type_vocab_size", 1) > 1:
-            kwargs["token_type_ids"] = types
-        if self.family.decoder:
-            kwargs["use_cache"] = False
-        if use_adapt and len(self.adapt):
-            own = {k.replace("__", "."): v for k, v in self.adapt.items()}
-            return functional_call(self.backbone, own, (), kwargs, strict=False).last_hidden_state
-        return self.backbone(**kwargs).last_hidden_state
 
     def pooled_from_first_moe(self, h, attention_mask, task, mode="oracle", x=None, state=None, adapted=None,
                               record=None):
@@ -246,21 +263,17 @@ class PoolMoE(ExpertMerging, nn.Module):
         of the real tokens') for cached tokens; returns (features, whether merge-aware adaptation ran)."""
         self.task_index(task)
         use = mode_spec(mode).ffn == "merged" and (bool(self.adapted.item()) if adapted is None else bool(adapted))
+        own = {k.replace("__", "."): v for k, v in self.adapt.items()} if use and len(self.adapt) else None
         token = _PLAN.set(self._plan(mode, task, x, state, attention_mask, record))
         try:
-            hidden = self._trunk(h[..., 0], attention_mask, h[..., 1], use)
+            hidden = trunk(self.family, self.backbone, h[..., 0], attention_mask, h[..., 1], own)
         finally:
             _PLAN.reset(token)
-        if self.pooling == "mean":
-            return mean_pool(hidden, attention_mask), use
-        return self.family.pick(hidden, attention_mask), use
+        return features(self.family, self.pooling, hidden, attention_mask), use
 
     def head_for(self, mode: str, task: str, use_adapt: bool):
         heads = self.merge_heads if use_adapt else self.dense_heads if mode_spec(mode).heads == "dense" else self.heads
-        head = heads[task.replace("-", "_")]
-        if "mean_mlp" in head:
-            return head["mean_mlp"]
-        return lambda feats: self.family.head(head, feats)
+        return lambda feats: read_head(self.family, heads[task.replace("-", "_")], feats)
 
     def forward_from_first_moe(self, h, attention_mask, task, mode="oracle", x=None, state=None, adapted=None):
         pooled, use = self.pooled_from_first_moe(h, attention_mask, task, mode, x, state, adapted)

@@ -11,11 +11,12 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tanbr_ray.fileio import sha256_file
 from tanbr_ray.moe.build import BuiltMoE
 from tanbr_ray.moe.config import default_models_dir, resolve_device
-from tanbr_ray.moe.families import family_of
+from tanbr_ray.moe.families import Family, family_of
 from tanbr_ray.moe.merge import ExpertStats
 from tanbr_ray.moe.pool_config import PoolConfig, load_pool_config, register_tasks
 from tanbr_ray.moe.pool_model import PoolMoE
@@ -84,22 +85,17 @@ def save_pool(moe: PoolMoE, cfg: PoolConfig, ident: dict, directory: Path, build
     return d
 
 
-def load_pool(directory: str | os.PathLike, device="cpu") -> tuple[PoolMoE, dict]:
-    """Verify checksums, rebuild the modules from the stored configs, load; never unpickles."""
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+def pool_modules(meta: dict, where: str) -> tuple[PoolConfig, Family, torch.nn.Module, dict]:
+    """(settings, family, backbone, heads) rebuilt from a stored pool config, weights uninitialised;
+    the pool's tasks beyond GLUE registered in this process. ValueError naming `where` if malformed."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-    d = Path(directory)
     try:
-        meta = json.loads((d / CONFIG).read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} config")
         cfg = PoolConfig(**meta["pool_config"])
         register_tasks(cfg, {t: c.get("num_labels") or len(c["id2label"]) for t, c in meta["head_configs"].items()})
-        family = family_of(meta["backbone_config"]["model_type"], str(d))
-        files = {n: (int(v["bytes"]), str(v["sha256"])) for n, v in meta["files"].items()}
-    except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"{d / CONFIG}: invalid pool config ({e})") from e
-    loaded = {n: _read_verified(d / n, *files[n]) for n in files}
+        family = family_of(meta["backbone_config"]["model_type"], where)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: invalid pool config ({e})") from e
 
     def config(raw: dict):
         raw = dict(raw)
@@ -112,6 +108,23 @@ def load_pool(directory: str | os.PathLike, device="cpu") -> tuple[PoolMoE, dict
     heads = {t: empty_mean_mlp_head(hidden, inner[t], t) if t in inner else
              family.head_modules(AutoModelForSequenceClassification.from_config(config(c)))
              for t, c in meta["head_configs"].items()}
+    return cfg, family, backbone, heads
+
+
+def load_pool(directory: str | os.PathLike, device="cpu") -> tuple[PoolMoE, dict]:
+    """Verify checksums, rebuild the modules from the stored configs, load; never unpickles."""
+    from transformers import AutoTokenizer
+
+    d = Path(directory)
+    try:
+        meta = json.loads((d / CONFIG).read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} config")
+        files = {n: (int(v["bytes"]), str(v["sha256"])) for n, v in meta["files"].items()}
+    except (OSError, KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"{d / CONFIG}: invalid pool config ({e})") from e
+    cfg, family, backbone, heads = pool_modules(meta, str(d / CONFIG))
+    loaded = {n: _read_verified(d / n, *files[n]) for n in files}
     ex = meta["experts"]
     moe = PoolMoE(family, backbone, cfg.tasks, heads, meta.get("moe_layers", cfg.moe_layers), cfg.budget,
                   meta.get("pooling"), meta.get("adapt_names", []), ex["num_experts"], ex["expert_of"], ex["expert_map"])
@@ -141,6 +154,20 @@ def load_pool(directory: str | os.PathLike, device="cpu") -> tuple[PoolMoE, dict
     return moe, meta
 
 
+def pool_dirname(cfg: PoolConfig, ident: dict) -> str:
+    return f"pool-{cfg.name}-{ident['key']}"
+
+
+def pool_cache_name(path: str | os.PathLike, data_dir=None) -> str:
+    """The cache folder name of the pool a YAML names (its checkpoints and data hashed; nothing built):
+    what a process that only loads the pool (a merger, a trial) is told to find."""
+    from tanbr_ray.moe.pool_build import load_configs, load_data
+
+    cfg = load_pool_config(path)
+    load_configs(cfg)
+    return pool_dirname(cfg, pool_key(cfg, load_data(cfg, data_dir)))
+
+
 def load_or_build_pool(path: str | os.PathLike, models_dir=None, progress: bool = True, data_dir=None,
                        rebuild: bool = False) -> BuiltMoE:
     """The pool a YAML names: checked, then reused from the cache or built and cached."""
@@ -150,7 +177,7 @@ def load_or_build_pool(path: str | os.PathLike, models_dir=None, progress: bool 
     _, _, configs = load_configs(cfg)  # refuses a bad pool before any data or weights are read
     data = load_data(cfg, data_dir)
     ident = pool_key(cfg, data)
-    d = Path(models_dir or default_models_dir()) / f"pool-{cfg.name}-{ident['key']}"
+    d = Path(models_dir or default_models_dir()) / pool_dirname(cfg, ident)
     if (d / CONFIG).exists() and not rebuild:
         moe, meta = load_pool(d, resolve_device(cfg.device))
         moe.merge_operator, moe.regmean_alpha = cfg.merge_operator, cfg.regmean_alpha  # not in the key: the YAML's

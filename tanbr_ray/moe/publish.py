@@ -2,8 +2,9 @@
 
 `tanbr build-moe --publish URI` uploads a cached model (weights, merge statistics, and the config
 recording their sha256) to `<URI>/<cache dir name>/`, the config last: it is the commit point, as in
-the local cache. A process on another machine (a merger, a Tune trial) calls `load_model`: its own
-machine's cache, else the published copy, downloaded beside the cache, verified file by file (size
+the local cache. A process on another machine (a merger, a Tune trial) calls `load_model` with the model's
+cache folder name (content-keyed, so a name is one exact model): its own machine's cache, else the
+published copy, downloaded beside the cache, verified file by file (size
 and sha256 against the config) and only then renamed into place. It never builds: a model that is in
 neither place is an error that names both, since a silent build costs 20–35 minutes on a 2-core CPU.
 """
@@ -18,23 +19,42 @@ import tempfile
 from pathlib import Path
 
 from tanbr_ray.fileio import open_storage
-from tanbr_ray.moe.config import MoEConfig, default_models_dir
-from tanbr_ray.moe.store import CONFIG, FORMAT, load_moe, read_meta
+from tanbr_ray.moe.config import default_models_dir
+from tanbr_ray.moe.pool_store import FORMAT as POOL_FORMAT
+from tanbr_ray.moe.pool_store import TOKENIZER
+from tanbr_ray.moe.store import CONFIG, FORMAT, read_meta
+
+FORMATS = (FORMAT, POOL_FORMAT)  # the built-in MoE, a pool of fine-tunes or a native MoE
 
 
 def _join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
+def stored_files(meta: dict) -> dict[str, tuple[int | None, str]]:
+    """Every file a cached model's config vouches for (relative path -> (bytes if recorded, sha256)),
+    the config itself excluded: weights, statistics and, for a pool, its tokenizer files."""
+    try:
+        files = {n: (int(f["bytes"]), str(f["sha256"])) for n, f in meta["files"].items()}
+        files.update({f"{TOKENIZER}/{n}": (None, str(sha)) for n, sha in meta.get("tokenizer_sha256", {}).items()})
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"model config lists its files wrongly ({exc})") from exc
+    if any(".." in Path(n).parts or Path(n).is_absolute() for n in files):
+        raise ValueError(f"model config names a file outside its folder: {sorted(files)}")
+    return files
+
+
 def publish(cache_dir: str | os.PathLike, uri: str) -> str:
     """Upload a cached model to `<uri>/<its dir name>/` (config last); returns where it went."""
+    from tanbr_ray.moe.resolve import load_dir
+
     d = Path(cache_dir)
-    meta = read_meta(d)
-    load_moe(d)  # publish only what verifies here
+    meta = read_meta(d, FORMATS)
+    load_dir(d, "cpu")  # publish only what verifies here
     fs, base = open_storage(uri)
     dest = _join(base, d.name)
-    fs.create_dir(dest, recursive=True)
-    for name in [*meta["files"], CONFIG]:  # the config, which names the others' checksums, last
+    for name in [*stored_files(meta), CONFIG]:  # the config, which names the others' checksums, last
+        fs.create_dir(_join(dest, *Path(name).parts[:-1]), recursive=True)
         with fs.open_output_stream(_join(dest, name)) as out, open(d / name, "rb") as src:
             shutil.copyfileobj(src, out, 1 << 22)
     return _join(uri, d.name)
@@ -42,6 +62,7 @@ def publish(cache_dir: str | os.PathLike, uri: str) -> str:
 
 def _download(fs, remote: str, local: Path, size: int | None = None, sha256: str | None = None) -> None:
     h = hashlib.sha256()
+    local.parent.mkdir(parents=True, exist_ok=True)
     try:
         with fs.open_input_stream(remote) as src, open(local, "wb") as out:
             while chunk := src.read(1 << 22):
@@ -56,28 +77,32 @@ def _download(fs, remote: str, local: Path, size: int | None = None, sha256: str
         raise ValueError(f"published model file {remote}: sha256 mismatch (altered or corrupt)")
 
 
-def fetch(cfg: MoEConfig, uri: str, models_dir: str | os.PathLike | None = None) -> Path:
-    """Download and verify the published copy of `cfg`'s model into this machine's cache; ValueError
-    naming the remote file if anything is missing, truncated or altered (nothing cached is touched)."""
+def fetch(name: str, uri: str, models_dir: str | os.PathLike | None = None) -> Path:
+    """Download and verify the published model `name` (a cache folder's name) into this machine's
+    cache; ValueError naming the remote file if anything is missing, truncated or altered (nothing
+    cached is touched)."""
     fs, base = open_storage(uri)
-    src = _join(base, cfg.cache_dirname())
+    src = _join(base, name)
     cache = Path(models_dir or default_models_dir())
-    final = cache / cfg.cache_dirname()
+    final = cache / name
     if final.exists():
         raise ValueError(f"{final}: a cached copy exists but does not load; remove it to fetch {uri} again")
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".fetch-{cfg.cache_dirname()}-"))
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".fetch-{name}-"))
     try:
         _download(fs, _join(src, CONFIG), tmp / CONFIG)
         try:
             meta = json.loads((tmp / CONFIG).read_text())
-            files = {n: (int(f["bytes"]), str(f["sha256"])) for n, f in meta["files"].items()}
-        except (ValueError, KeyError, TypeError) as exc:
+        except ValueError as exc:
             raise ValueError(f"published model file {_join(src, CONFIG)}: corrupt config ({exc})") from exc
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"published model file {_join(src, CONFIG)}: not a {FORMAT} model")
-        for name, (size, sha) in files.items():
-            _download(fs, _join(src, name), tmp / name, size, sha)
+        if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
+            raise ValueError(f"published model file {_join(src, CONFIG)}: not a model ({' or '.join(FORMATS)})")
+        try:
+            files = stored_files(meta)
+        except ValueError as exc:
+            raise ValueError(f"published model file {_join(src, CONFIG)}: {exc}") from exc
+        for rel, (size, sha) in files.items():
+            _download(fs, _join(src, rel), tmp / rel, size, sha)
         try:
             os.rename(tmp, final)  # whole, verified, or not at all
         except OSError:
@@ -90,36 +115,32 @@ def fetch(cfg: MoEConfig, uri: str, models_dir: str | os.PathLike | None = None)
     return final
 
 
-def load_model(cfg: MoEConfig, models_dir: str | os.PathLike | None = None, source: str | None = None):
-    """The model for a process that must not build it: this machine's cache, else the copy published
-    at `source`, fetched and verified. Returns (model, where it came from: "cache" or "fetched").
-
-    Build precision is the builder's choice (the presets build in bf16 where the hardware has bf16
-    units), and it is part of the cache key; so that a process finds the model whatever device it
-    sees, the same settings built at the other precision are accepted when the asked one is absent."""
-    from tanbr_ray.moe.build import load_cached
+def load_model(names: list[str], models_dir: str | os.PathLike | None = None, source: str | None = None,
+               device: str | None = None):
+    """The model for a process that must not build it: the first of `names` (cache folder names, in
+    order of preference) in this machine's cache, else the first published at `source`, fetched and
+    verified. Returns (model, where it came from: "cache" or "fetched")."""
+    from tanbr_ray.moe.resolve import load_dir
 
     cache = Path(models_dir or default_models_dir())
-    variants = [cfg, cfg.model_copy(update={"bf16": not cfg.bf16})]
-    found = next((v for v in variants if (cache / v.cache_dirname() / CONFIG).exists()), None)
+    found = next((n for n in names if (cache / n / CONFIG).exists()), None)
     how = "cache"
     if found is None:
         if source is None:
-            raise ValueError(f"model {cfg.cache_dirname()}: not in this machine's cache ({cache}) and no model "
-                             "source to fetch it from; run `tanbr build-moe --publish URI` and pass that URI as "
-                             "model_source")
+            raise ValueError(f"model {names[0]}: not in this machine's cache ({cache}) and no model source to "
+                             "fetch it from; run `tanbr build-moe --publish URI` and pass that URI as model_source")
         errors = []
-        for v in variants:
+        for n in names:
             try:
-                fetch(v, source, models_dir)
-                found = v
+                fetch(n, source, models_dir)
+                found = n
                 break
             except ValueError as exc:
                 errors.append(str(exc))
                 if "missing" not in str(exc):
                     raise  # present but corrupt: never fall back past a bad copy
         if found is None:
-            raise ValueError(f"model {cfg.cache_dirname()}: not in this machine's cache ({cache}) nor published "
-                             f"at {source} ({'; '.join(errors)})")
+            raise ValueError(f"model {names[0]}: not in this machine's cache ({cache}) nor published at {source} "
+                             f"({'; '.join(errors)})")
         how = "fetched"
-    return load_cached(found, cache / found.cache_dirname())[0], how
+    return load_dir(cache / found, device).moe, how

@@ -38,6 +38,39 @@ def is_cached(spec: str, models_dir=None) -> bool | None:
     return (Path(models_dir or default_models_dir()) / preset_config(spec).cache_dirname() / "config.json").exists()
 
 
+def cache_names(spec: str, data_dir=None) -> list[str]:
+    """The cache folders that hold the model a `model:` value names, in order of preference: what a
+    process that must not build it (a merger, a Tune trial) loads or fetches (`publish.load_model`).
+    A pool's name is content-keyed, so its checkpoints and data are hashed here."""
+    check_spec(spec)
+    if spec in PRESETS:
+        return preset_config(spec).cache_names()
+    from tanbr_ray.moe.pool_store import pool_cache_name
+
+    return [pool_cache_name(spec, data_dir)]
+
+
+def load_dir(directory, device: str | None = None) -> BuiltMoE:
+    """A cached model of either kind (built-in or pool), checksums verified; never builds."""
+    from tanbr_ray.moe.build import load_cached
+    from tanbr_ray.moe.config import MoEConfig, resolve_device
+    from tanbr_ray.moe.pool_store import FORMAT as POOL_FORMAT
+    from tanbr_ray.moe.pool_store import load_pool
+    from tanbr_ray.moe.store import FORMAT, read_meta
+
+    d = Path(directory)
+    meta = read_meta(d, (FORMAT, POOL_FORMAT))
+    if meta["format"] == POOL_FORMAT:
+        moe, meta = load_pool(d, resolve_device(device or meta.get("pool_config", {}).get("device", "auto")))
+        return BuiltMoE(moe, d, meta.get("build", {}))
+    try:
+        cfg = MoEConfig(**meta["moe_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{d}/config.json: invalid model config ({e})") from e
+    moe, meta = load_cached(cfg.model_copy(update={"device": device}) if device else cfg, d)
+    return BuiltMoE(moe, d, meta.get("build", {}))
+
+
 def open_model(spec: str, models_dir=None, progress: bool = True, data_dir=None, rebuild: bool = False,
                isolate: bool = False) -> BuiltMoE:
     """The model a `model:` value names: reused from the cache (checksums verified) or built."""

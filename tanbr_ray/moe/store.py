@@ -54,7 +54,8 @@ def write_model(moe, d: Path, fmt: str, meta: dict, build: dict | None = None, e
     return meta
 
 
-def read_meta(directory: str | os.PathLike) -> dict:
+def read_meta(directory: str | os.PathLike, formats: tuple[str, ...] = (FORMAT,)) -> dict:
+    """A cached model's config, if it is one of `formats`; ValueError naming the file otherwise."""
     path = Path(directory) / CONFIG
     try:
         meta = json.loads(path.read_text())
@@ -62,8 +63,8 @@ def read_meta(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: no model config (cache missing or incomplete)") from None
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: corrupt model config ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} model config")
+    if not isinstance(meta, dict) or meta.get("format") not in formats:
+        raise ValueError(f"{path}: not a {' or '.join(formats)} model config")
     return meta
 
 

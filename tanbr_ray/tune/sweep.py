@@ -111,21 +111,25 @@ def run_sweep(spec: TuneSpec, sim_raw: dict, config_dir: Path = Path("."), out: 
     else:
         scheduler = FIFOScheduler()
     threads = max(1, int(spec.resources.cpu))
+    base = SimConfig(**sim_raw)
     if spec.model_source is None:  # built once here, with progress; trials never build it
-        from tanbr_ray.moe import MoEConfig, default_config, quick_config
         from tanbr_ray.moe.build import load_or_build_info
+        from tanbr_ray.moe.config import MoEConfig
+        from tanbr_ray.moe.resolve import open_model
 
-        from tanbr_ray.moe.resolve import PRESETS, open_model
-
-        base = SimConfig(**sim_raw)
-        if base.model not in PRESETS and not spec.moe_config:
-            open_model(base.model, base.models_dir, progress=verbose > 0, data_dir=base.data_dir)
+        if spec.moe_config:
+            built = load_or_build_info(MoEConfig(**_moe_raw(spec)), base.models_dir, progress=verbose > 0,
+                                       data_dir=base.data_dir)
         else:
-            moe_cfg = MoEConfig(**_moe_raw(spec)) if spec.moe_config else (
-                quick_config() if base.model == "quick" else default_config())
-            load_or_build_info(moe_cfg, base.models_dir, progress=verbose > 0, data_dir=base.data_dir)
+            built = open_model(base.model, base.models_dir, progress=verbose > 0, data_dir=base.data_dir)
+        names = [built.cache_dir.name]
+    else:
+        from tanbr_ray.moe.config import MoEConfig
+        from tanbr_ray.moe.resolve import cache_names
+
+        names = MoEConfig(**_moe_raw(spec)).cache_names() if spec.moe_config else cache_names(base.model, base.data_dir)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=sim_raw, moe_raw=_moe_raw(spec), threads=threads,
+        tune.with_parameters(run_trial, base=sim_raw, model_names=names, threads=threads,
                              model_source=spec.model_source),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     storage = spec.storage or str(out_dir)

@@ -1,7 +1,7 @@
 """One Tune trial = one simulation of the Tanbr policy with the trial's settings.
 
 Runs in a Ray worker, so everything it needs travels in its arguments (the resolved base simulation
-config, the MoE config as a dict, where the model is published) — nothing is read from the driver's
+config, the model's cache folder names, where the model is published) — nothing is read from the driver's
 memory or disk. The MoE comes from the worker machine's cache, else it is fetched from `model_source`
 and verified (`moe.publish.load_model`); a trial never builds it (the sweep's driver builds it once).
 """
@@ -33,24 +33,13 @@ def trial_sim_config(base: dict, params: dict, threads: int | None) -> SimConfig
     return SimConfig(**raw)
 
 
-def _load_moe(cfg: SimConfig, moe_raw: dict | None, model_source: str | None):
-    from tanbr_ray.moe import MoEConfig, default_config, quick_config
-    from tanbr_ray.moe.pool_config import is_pool_spec
+def _load_moe(cfg: SimConfig, names: list[str], model_source: str | None):
     from tanbr_ray.moe.publish import load_model
 
-    if is_pool_spec(cfg.model) and not moe_raw:  # a pool: built by the sweep's driver, read from the cache
-        from tanbr_ray.moe.resolve import open_model
-
-        key = f"{cfg.models_dir}|{cfg.model}"
-        if key not in _MOE_CACHE:
-            _MOE_CACHE.clear()
-            _MOE_CACHE[key] = open_model(cfg.model, cfg.models_dir, progress=False, data_dir=cfg.data_dir).moe
-        return _MOE_CACHE[key]
-    moe_cfg = MoEConfig(**moe_raw) if moe_raw else (quick_config() if cfg.model == "quick" else default_config())
-    key = f"{cfg.models_dir}|{moe_cfg.cache_dirname()}"
+    key = f"{cfg.models_dir}|{names[0]}"
     if key not in _MOE_CACHE:
         _MOE_CACHE.clear()
-        _MOE_CACHE[key] = load_model(moe_cfg, cfg.models_dir, model_source)[0]
+        _MOE_CACHE[key] = load_model(names, cfg.models_dir, model_source)[0]
     return _MOE_CACHE[key]
 
 
@@ -62,13 +51,13 @@ def _number(v) -> float | None:
     return None
 
 
-def run_trial(config: dict, base: dict, moe_raw: dict | None = None, threads: int | None = None,
+def run_trial(config: dict, base: dict, model_names: list[str], threads: int | None = None,
               model_source: str | None = None) -> None:
     """Tune function trainable: report after every slot, then once more with the final summary."""
     from ray import tune
 
     cfg = trial_sim_config(base, config, threads)
-    moe = _load_moe(cfg, moe_raw, model_source)
+    moe = _load_moe(cfg, model_names, model_source)
     last: dict = {}
 
     def on_slot(policy: str, t: int, slot_score: float, running_score: float) -> None:

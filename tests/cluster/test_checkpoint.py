@@ -8,10 +8,11 @@ import torch
 
 from tanbr_ray.cluster.checkpoint import CheckpointStore
 from tanbr_ray.cluster.decision_service import DecisionService, ModelMeta, RouterSpec
+from tanbr_ray.moe.data import PAIR
 
 
 def _meta(moe) -> ModelMeta:
-    return ModelMeta(name="tiny", tasks=list(moe.tasks), num_experts=moe.num_experts,
+    return ModelMeta(name="tiny", tasks=list(moe.tasks), pair=[PAIR[t] for t in moe.tasks], num_experts=moe.num_experts,
                      task_experts=[moe.expert_of[t] for t in moe.tasks], merge_operator=moe.merge_operator)
 
 

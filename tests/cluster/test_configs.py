@@ -312,13 +312,13 @@ def test_import_path_is_a_one_argument_builder():
 @pytest.mark.parametrize("name", ["default", "quick"])
 def test_the_served_router_is_the_one_the_scenario_measures(name):
     """`serve deploy deployments/tanbr_<name>.yaml` resolves to the router `tanbr simulate` measures."""
+    from tanbr_ray.moe.resolve import preset_config
     from tanbr_ray.sim.config import load_config, scenario_path
 
     args, _ = args_from_deploy_file(ROOT / "deployments" / f"tanbr_{name}.yaml")
     sim = load_config(scenario_path(name))
     assert args.scenario == name and args.model == sim.model and args.bf16 == sim.bf16
-    assert args.merge_operator == sim.merge_operator and args.moe().merge_operator == (
-        sim.merge_operator or args.moe().merge_operator)
+    assert args.merge_operator == sim.merge_operator and args.model_names() == preset_config(name).cache_names()
     assert args.router.policy == "Tanbr" and args.router.seed == sim.seed
     assert args.router.random_points == sim.random_points
     want, got = sim.tanbr.model_dump(), args.router.tanbr.model_dump()
@@ -331,7 +331,7 @@ def test_app_args_override_the_scenario_key_by_key():
 
     sim = load_config(scenario_path("default"))
     a = AppArgs(router={"tanbr": {"tree": {"rho": 0.5}}}, merge_operator="linear")
-    assert a.router.tanbr.tree.rho == 0.5 and a.merge_operator == "linear" and a.moe().merge_operator == "linear"
+    assert a.router.tanbr.tree.rho == 0.5 and a.merge_operator == "linear"
     assert a.router.tanbr.bandit == sim.tanbr.bandit and a.router.tanbr.tree.nu == sim.tanbr.tree.nu
     assert AppArgs(**a.model_dump()) == a  # a resolved dump resolves to itself
     with pytest.raises(ValueError, match="scenario"):

@@ -88,7 +88,7 @@ from tanbr_ray.cluster import decision_actor, decision_client  # the actor's mod
 from tanbr_ray.cluster.decision_service import DecisionService, ModelMeta, RouterSpec
 from tanbr_ray.sim.fleet import Fleet
 fleet = Fleet(**json.loads(sys.argv[1]))
-meta = ModelMeta(name="t", tasks=["SST-2", "MNLI"], num_experts=2, task_experts=[0, 1], merge_operator="linear")
+meta = ModelMeta(name="t", tasks=["SST-2", "MNLI"], pair=[False, True], num_experts=2, task_experts=[0, 1], merge_operator="linear")
 svc = DecisionService(RouterSpec(storage=sys.argv[2]), meta, fleet)
 xs = svc.decide(None, 0)
 svc.update([(x, [0.5, 0.5], [1.0, 0.0], [True, True]) for x in xs], 0)

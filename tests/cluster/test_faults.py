@@ -39,7 +39,7 @@ def test_leader_merger_standby_and_replica_kills_lose_nothing(cluster, tiny, pub
     faults = [Fault("Tanbr", 1, "kill_leader"),  # mid-slot: decided, served after the takeover
               Fault("Tanbr", 2, "kill_merger"), Fault("Tanbr", 2, "kill_replica", target="board"),
               Fault("Tanbr", 2, "kill_leader", phase="end")]  # the standby that took over, after its update
-    out = run_ray_simulation(cfg, tiny[0], tiny[2], fleet=fleet, progress=False, storage=str(tmp_path),
+    out = run_ray_simulation(cfg, tiny[2], fleet=fleet, progress=False, storage=str(tmp_path),
                              faults=faults, model_source=published)
     r = out.summary["ray"]
     first, merger, replica, second = r["faults"]
@@ -62,7 +62,7 @@ def test_leader_merger_standby_and_replica_kills_lose_nothing(cluster, tiny, pub
 
 def test_corrupt_newest_checkpoint_costs_exactly_one_slot(cluster, tiny, published, fleet, cfg, tmp_path):
     faults = [Fault("Tanbr", 1, "corrupt_checkpoint", phase="end")]
-    out = run_ray_simulation(cfg, tiny[0], tiny[2], fleet=fleet, progress=False, storage=str(tmp_path),
+    out = run_ray_simulation(cfg, tiny[2], fleet=fleet, progress=False, storage=str(tmp_path),
                              faults=faults, model_source=published)
     f = out.summary["ray"]["faults"][0]
     assert f["corrupted"] in f["refused_checkpoints"][0]  # refused, naming the file
@@ -76,7 +76,7 @@ def test_losing_the_leaders_machine_loses_nothing(cluster, tiny, published, flee
     goes (raylet killed, its directory removed); the standby on the other machine restores the state
     from storage and the run's choices equal an uninterrupted run's."""
     faults = [Fault("Tanbr", 1, "lose_leader_machine")]
-    out = run_ray_simulation(cfg, tiny[0], tiny[2], fleet=fleet, progress=False, storage=str(tmp_path),
+    out = run_ray_simulation(cfg, tiny[2], fleet=fleet, progress=False, storage=str(tmp_path),
                              faults=faults, model_source=published)
     f = out.summary["ray"]["faults"][0]
     assert f["machine"] == "control" and f["new_leader"] != f["killed"]

@@ -11,13 +11,13 @@ POLICIES = ["Tanbr", "Random", "Uniform", "Switch-top2"]
 
 
 def test_ray_backend_equals_local(tiny, fleet, data_dir):
-    cfg_moe, models, moe = tiny
+    _, models, moe = tiny
     # fp32: the local backend scores from cached activations, the replicas run the whole forward,
     # and only in fp32 do the two round alike (bf16 replicas: tests/moe/test_edge.py)
     cfg = SimConfig(slots=3, slot_seconds=4, pool_per_task=12, fixed_candidates=1, wandb="disabled", seed=0,
                     threads=1, models_dir=str(models), data_dir=data_dir, policies=POLICIES, bf16=False)
     local = run_simulation(cfg, moe, fleet=fleet, progress=False)
-    ray_out = run_ray_simulation(cfg, cfg_moe, moe, fleet=fleet, progress=False)
+    ray_out = run_ray_simulation(cfg, moe, fleet=fleet, progress=False)
 
     # x matters for this model: different merges really score differently (Random's seed-0 draws
     # sit near (½, ½) on the 2-expert node and tie Uniform on these few requests; Tanbr does not)
@@ -43,13 +43,13 @@ def test_ray_backend_equals_local_at_32_nodes_on_4_replicas(tiny, data_dir):
     class."""
     from tanbr_ray.sim.fleet import load_fleet
 
-    cfg_moe, models, moe = tiny
+    _, models, moe = tiny
     fleet = load_fleet("32")
     cfg = SimConfig(slots=2, slot_seconds=8, pool_per_task=12, fixed_candidates=1, wandb="disabled", seed=0,
                     threads=1, models_dir=str(models), data_dir=data_dir, policies=["Tanbr"], scored_per_slot=4,
                     bf16=False)
     local = run_simulation(cfg, moe, fleet=fleet, progress=False)
-    ray_out = run_ray_simulation(cfg, cfg_moe, moe, fleet=fleet, progress=False, replicas=4)
+    ray_out = run_ray_simulation(cfg, moe, fleet=fleet, progress=False, replicas=4)
     a, b = local.series["Tanbr"], ray_out.series["Tanbr"]
     assert a.choices.shape == (2, 32, 2)
     assert np.array_equal(a.choices, b.choices) and np.array_equal(a.score, b.score)

@@ -28,10 +28,10 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def url(tiny, published, fleet, tmp_path_factory):
     cfg, _, _ = tiny
-    args = AppArgs(model_source=published, slot_seconds=1.0, router_name=ROUTER,
+    args = AppArgs(model=cfg.cache_dirname(), model_source=published, slot_seconds=1.0, router_name=ROUTER,
                    router={"policy": "Tanbr", "sample_per_slot": 8,
                            "storage": STORAGE.setdefault("path", str(tmp_path_factory.mktemp("ckpt")))})
-    with local_service(args, "127.0.0.1", _free_port(), fleet=fleet, moe_cfg=cfg, ready_timeout_s=240) as u:
+    with local_service(args, "127.0.0.1", _free_port(), fleet=fleet, ready_timeout_s=240) as u:
         yield u
 
 

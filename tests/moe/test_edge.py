@@ -97,3 +97,70 @@ def test_edge_model_serves_under_bf16_autocast_when_asked(tiny_moe):
         a, b = exact.predict(task, sp.text_a, sp.text_b), fast.predict(task, sp.text_a, sp.text_b)
         assert not any(seen[: len(seen) // 2]) and all(seen[len(seen) // 2:]), task
         assert np.mean(a == b) >= 0.9, task
+
+
+@pytest.fixture(scope="module")
+def pools(tmp_path_factory, data_dir):
+    """A GPT-2 pool (merge-aware adaptation on), a BERT pool and a Qwen2-MoE with a shared expert and a
+    dense layer: the three shapes of shell an edge node builds for a model that is not the built-in."""
+    from tanbr_ray.moe.resolve import open_model
+
+    from .tiny_pools import make_native, make_pool
+
+    root = tmp_path_factory.mktemp("edgepools")
+    specs = {"gpt2": make_pool(root / "gpt2", "gpt2"), "bert": make_pool(root / "bert", "bert"),
+             "qwen2_moe": make_native(root / "qwen", family="qwen2_moe")}
+    return {k: open_model(str(v), root / "models", progress=False).moe for k, v in specs.items()}
+
+
+ITEMS = [("SST-2", "a gripping, well acted film", None), ("RTE", "The cat sat on the mat.", "A cat sat."),
+         ("SST-2", "dull and far too long", None), ("RTE", "Rain fell all day.", "It was dry.")]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "qwen2_moe"])
+def test_a_pools_edge_model_is_its_merged_mode_without_the_experts(pools, family):
+    from tanbr_ray.moe.serving import moe_server
+
+    pool = pools[family]
+    pkg = edge_package(pool)
+    assert pkg.kind == "pool" and not any(".template." in k or k.startswith(("experts", "router")) for k in pkg.tensors)
+    edge = EdgeModel(pkg)
+    ids = torch.tensor([[5, 17, 9, 3]]), torch.ones(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)
+    for x in (np.array([0.3, 0.7]), np.array([1.0, 0.0])) if pool.num_experts == 2 else (np.full(4, 0.25),):
+        edge.load_ffn(pool.merged_state(x))
+        for task in pool.tasks:  # the same logits as the pool's merged mode (adapted where the pool adapts)
+            assert torch.equal(edge.model(*ids, task), pool(*ids, task, mode="merged", x=x)), (task, x)
+        assert np.array_equal(edge.predict_items(ITEMS), moe_server(pool, "merged", x)(ITEMS))
+    assert edge.resident_bytes() == pool.resident_bytes("merged") < pool.resident_bytes("top2")
+    if family == "gpt2":
+        assert bool(pool.adapted.item())  # so the package carried the adapted norms and heads
+
+
+def test_versions_on_one_pool_shell_run_from_threads_at_once(pools):
+    """A replica serving several nodes runs their versions concurrently on one shell: each thread
+    gets its own version's predictions (no version's weights swapped into the shell)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = pools["gpt2"]
+    edge = EdgeModel(edge_package(pool))
+    xs = [np.array([1.0, 0.0]), np.array([0.0, 1.0])]
+    versions = [edge.shell.with_ffn(pool.merged_state(x)) for x in xs]
+    ids = torch.randint(3, 500, (8, 12)), torch.ones(8, 12, dtype=torch.long), torch.zeros(8, 12, dtype=torch.long)
+    want = [v(*ids, "SST-2") for v in versions]
+    assert not torch.equal(want[0], want[1])
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda i: versions[i % 2](*ids, "SST-2"), range(40)))
+    assert all(torch.equal(g, want[i % 2]) for i, g in enumerate(got))
+
+
+def test_a_pool_package_that_does_not_match_its_config_is_refused(pools):
+    pool = pools["bert"]
+    pkg = edge_package(pool)
+    key = next(k for k in pkg.tensors if k.startswith("backbone."))
+    pkg.tensors[key] = pkg.tensors[key][..., :-1]
+    with pytest.raises(ValueError, match="edge package does not match its config"):
+        EdgeModel(pkg)
+    edge = EdgeModel(edge_package(pool))
+    state = pool.merged_state(np.array([0.5, 0.5]))
+    with pytest.raises(ValueError, match="merged MLP"):
+        edge.load_ffn({k: v[:1] for k, v in state.items()})

@@ -403,3 +403,26 @@ def test_model_commands_take_a_pool(tmp_path, data_dir):
     assert r.exit_code != 0 and "x" in r.output
     r = run(app, ["build-moe", "--model", str(path), "--quick"])
     assert r.exit_code != 0 and "drop --quick" in r.output
+
+
+def test_a_published_pool_is_fetched_whole_into_another_machines_cache(gpt2_pool, tmp_path):
+    """A pool travels as the built-in model does: published to storage, fetched and verified file by
+    file (its tokenizer folder included) by a process that never saw its checkpoints; one altered
+    file in storage is refused by name and leaves that machine's cache untouched."""
+    from tanbr_ray.moe.publish import load_model, publish
+
+    name = gpt2_pool.cache_dir.name
+    where = publish(gpt2_pool.cache_dir, str(tmp_path / "storage"))
+    remote = tmp_path / "storage" / name
+    assert where.endswith(name) and (remote / "tokenizer" / "tokenizer.json").is_file()
+    moe, how = load_model([name], tmp_path / "machine", str(tmp_path / "storage"))
+    assert how == "fetched" and moe.identity == gpt2_pool.moe.identity and moe.tasks == gpt2_pool.moe.tasks
+    b = _batches(moe, "SST-2")[0]
+    x = np.array([0.4, 0.6])
+    assert torch.equal(moe(b.input_ids, b.attention_mask, b.token_type_ids, "SST-2", mode="merged", x=x),
+                       gpt2_pool.moe(b.input_ids, b.attention_mask, b.token_type_ids, "SST-2", mode="merged", x=x))
+    tok = remote / "tokenizer" / "tokenizer.json"
+    tok.write_text(tok.read_text().replace('"[UNK]"', '"[UNK2]"', 1))
+    with pytest.raises(ValueError, match=r"published model file .*tokenizer/tokenizer\.json: sha256 mismatch"):
+        load_model([name], tmp_path / "other", str(tmp_path / "storage"))
+    assert not (tmp_path / "other" / name).exists() and not list((tmp_path / "other").glob(".fetch-*"))

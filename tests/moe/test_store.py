@@ -146,13 +146,13 @@ def test_a_published_model_is_fetched_verified_into_another_machines_cache(tmp_p
 
     built, remote = _published(tmp_path, tiny_cfg, data_dir)
     assert sorted(p.name for p in remote.iterdir()) == ["config.json", "model.safetensors", "stats.safetensors"]
-    moe, how = load_model(tiny_cfg, tmp_path / "other", str(tmp_path / "storage"))
+    moe, how = load_model(tiny_cfg.cache_names(), tmp_path / "other", str(tmp_path / "storage"))
     assert how == "fetched" and moe.identity == built.moe.identity
     for k, v in built.moe.state_dict().items():
         assert torch.equal(v, moe.state_dict()[k]), k
-    assert load_model(tiny_cfg, tmp_path / "other", str(tmp_path / "nowhere"))[1] == "cache"  # no second fetch
+    assert load_model(tiny_cfg.cache_names(), tmp_path / "other", str(tmp_path / "nowhere"))[1] == "cache"  # no second fetch
     with pytest.raises(ValueError, match=r"not in this machine's cache .*third.*tanbr build-moe --publish"):
-        load_model(tiny_cfg, tmp_path / "third", None)  # never built here, nothing to fetch: no build either
+        load_model(tiny_cfg.cache_names(), tmp_path / "third", None)  # never built here, nothing to fetch: no build either
 
 
 @pytest.mark.parametrize("damage", ["truncate", "alter", "missing"])
@@ -171,7 +171,7 @@ def test_a_corrupt_published_model_is_refused_naming_the_file(tmp_path, tiny_cfg
         victim.unlink()
     cache = tmp_path / "other"
     with pytest.raises(ValueError, match=r"published model file .*model\.safetensors"):
-        load_model(tiny_cfg, cache, str(tmp_path / "storage"))
+        load_model(tiny_cfg.cache_names(), cache, str(tmp_path / "storage"))
     assert not cache.exists() or not any(p.name == tiny_cfg.cache_dirname() for p in cache.iterdir())
     assert not list(cache.glob(".fetch-*"))  # the partial download is gone; nothing cached was touched
 
@@ -188,7 +188,7 @@ def test_two_processes_of_one_machine_fetching_at_once_both_get_the_model(tmp_pa
     def one():
         barrier.wait()
         try:
-            out.append(fetch(tiny_cfg, str(tmp_path / "storage"), tmp_path / "machine"))
+            out.append(fetch(tiny_cfg.cache_dirname(), str(tmp_path / "storage"), tmp_path / "machine"))
         except Exception as e:  # noqa: BLE001 - collected for the assertion
             errors.append(e)
 
@@ -209,5 +209,5 @@ def test_a_process_finds_the_model_built_at_another_precision(tmp_path, tiny_cfg
     built, _ = _published(tmp_path, tiny_cfg, data_dir)
     other = tiny_cfg.model_copy(update={"bf16": not tiny_cfg.bf16})
     assert other.cache_dirname() != tiny_cfg.cache_dirname()
-    moe, how = load_model(other, tmp_path / "cpu-machine", str(tmp_path / "storage"))
+    moe, how = load_model(other.cache_names(), tmp_path / "cpu-machine", str(tmp_path / "storage"))
     assert how == "fetched" and moe.identity == built.moe.identity
