@@ -29,8 +29,7 @@ def bench_fidelity(
 
     from tanbr_ray.bench.fidelity import FidelityPlan, plot_cdfs, run_fidelity
     from tanbr_ray.fileio import atomic_write_json
-    from tanbr_ray.moe import default_config, quick_config
-    from tanbr_ray.moe.build import load_or_build_info
+    from tanbr_ray.moe.resolve import open_model
     from tanbr_ray.moe.store import model_identity
     from tanbr_ray.sim.calibration import calibration_path
     from tanbr_ray.sim.config import load_config
@@ -41,8 +40,10 @@ def bench_fidelity(
         raise typer.BadParameter(str(exc)) from exc
     plan = FidelityPlan(seconds=seconds or (30.0 if quick else 120.0), runs=3 if quick else 5,
                         calibration_seconds=20.0 if quick else 60.0)
-    built = load_or_build_info(quick_config() if cfg.model == "quick" else default_config(), cfg.models_dir,
-                               progress=True, data_dir=cfg.data_dir, isolate=True)
+    try:
+        built = open_model(cfg.model, cfg.models_dir, progress=True, data_dir=cfg.data_dir, isolate=True)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     minutes = len(plan.modes) * (len(plan.levels) * plan.seconds + plan.calibration_seconds) / 60
     typer.echo(f"model {built.cache_dir.name}, {'bf16' if cfg.bf16 else 'fp32'}, queue {cfg.queue.max_batch} requests / "
                f"{cfg.queue.max_wait_ms:g} ms; traces take {minutes:.0f} min plus calibration; keep the host otherwise idle")

@@ -83,7 +83,8 @@ def build_moe_cmd(
             where = publish_model(built.cache_dir, publish)
         except (ValueError, OSError) as exc:
             raise typer.BadParameter(f"--publish: {exc}") from exc
-        typer.echo(f"published: {where} (model_source: {publish})")
+        typer.echo(f"published: {where} (in a deploy file's args: model: {built.cache_dir.name}, "
+                   f"model_source: {publish})")
 
 
 @bench_app.command("model")

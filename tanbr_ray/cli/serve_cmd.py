@@ -50,7 +50,7 @@ def serve_cmd(
 
 @bench_app.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
 def bench_serve(
-    model: str = typer.Option("quick", "--model", help="default | quick."),
+    model: str = typer.Option("quick", "--model", help="default | quick | path/to/pool.yaml."),
     requests: int = typer.Option(1000, "--requests", min=1, max=100_000, help="Requests in the load test."),
     concurrency: int = typer.Option(16, "--concurrency", min=1, max=256),
     pushes: int = typer.Option(20, "--pushes", min=0, max=1000, help="Timed full weight pushes afterwards."),
@@ -66,7 +66,7 @@ def bench_serve(
     from tanbr_ray.cluster.service import local_service
 
     # a slot never closes on its own during the bench: pushes are timed one by one, under no load
-    args = AppArgs(scenario=model, model=model, slot_seconds=0, api={"rate_limit_per_s": 1e6, "rate_burst": 1_000_000})
+    args = AppArgs(scenario=_scenario(model), model=model, slot_seconds=0, api={"rate_limit_per_s": 1e6, "rate_burst": 1_000_000})
     moe = args.open_model(progress=True).moe
     bodies = bench.request_bodies(list(moe.tasks), requests, os.environ.get("TANBR_DATA_DIR"))
     del moe
@@ -94,7 +94,7 @@ def bench_serve(
 
 @bench_app.command("reliability", context_settings={"help_option_names": ["-h", "--help"]})
 def bench_reliability(
-    model: str = typer.Option("quick", "--model", help="default | quick."),
+    model: str = typer.Option("quick", "--model", help="default | quick | path/to/pool.yaml."),
     concurrency: int = typer.Option(8, "--concurrency", min=1, max=64),
     gap: float = typer.Option(6.0, "--gap", min=1.0, max=120.0, help="Quiet seconds around each fault."),
     pair_gap: float = typer.Option(20.0, "--pair-gap", min=1.0, max=300.0,
@@ -116,7 +116,7 @@ def bench_reliability(
     from tanbr_ray.cluster.service import local_service
 
     tmp = Path(tempfile.mkdtemp(prefix="tanbr-reliability-"))
-    args = AppArgs(scenario=model, model=model, slot_seconds=slot_seconds,
+    args = AppArgs(scenario=_scenario(model), model=model, slot_seconds=slot_seconds,
                    router={"policy": "Tanbr", "storage": str(tmp / "checkpoints"), "sample_per_slot": 8,
                            "standby": True, "mergers": 2},
                    api={"rate_limit_per_s": 1e6, "rate_burst": 1_000_000})
@@ -165,3 +165,10 @@ def bench_reliability(
         typer.echo(f"wrote {json_path}")
     if plot_path:
         typer.echo(f"wrote {plot_path}")
+
+
+def _scenario(model: str) -> str:
+    """The router a bench serves: the preset's own scenario, or the default one over a pool."""
+    from tanbr_ray.moe.resolve import PRESETS
+
+    return model if model in PRESETS else "default"

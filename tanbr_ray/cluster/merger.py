@@ -10,21 +10,15 @@ others serve (merger_pool.py fails over).
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 
-import numpy as np
 import ray
 import torch
 
-from tanbr_ray.cluster.decision_service import ModelMeta, x_key
+from tanbr_ray.cluster.decision_service import ModelMeta
+from tanbr_ray.cluster.merge_service import MergeService
 from tanbr_ray.cluster.names import MERGER_RESOURCE, NAMESPACE, merger_name
 from tanbr_ray.cluster.placement import SHARE
-from tanbr_ray.moe.data import PAIR, TaskSplit
-from tanbr_ray.moe.edge import edge_package
-from tanbr_ray.moe.infer import _to_pred, make_batches
 from tanbr_ray.moe.publish import load_model
-
-CACHE = 16  # merged x kept per merger (a slot's distinct x are few; a re-publish hits the cache)
 
 
 class Merger:
@@ -36,13 +30,11 @@ class Merger:
         if threads:
             torch.set_num_threads(threads)
         # this machine's cache, else the published copy: a merger never builds the model
-        self.moe, self.model_from = load_model(model_names, models_dir, model_source)
+        moe, self.model_from = load_model(model_names, models_dir, model_source)
         if merge_operator:
-            self.moe.merge_operator = merge_operator
-        self.sample_per_slot = sample_per_slot
+            moe.merge_operator = merge_operator
+        self.svc = MergeService(moe, sample_per_slot)
         self.pkg_ref: ray.ObjectRef | None = None
-        self.cache: OrderedDict[bytes, dict[str, torch.Tensor]] = OrderedDict()
-        self.merges = 0
         self.started = {"load_model_s": time.perf_counter() - t0, "model_from": self.model_from,
                         "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
 
@@ -51,55 +43,24 @@ class Merger:
         return self.started
 
     def meta(self) -> dict:
-        m = self.moe
-        return ModelMeta(name=m.identity["key"], tasks=list(m.tasks), pair=[PAIR[t] for t in m.tasks],
-                         num_experts=m.num_experts, task_experts=[m.expert_of[t] for t in m.tasks],
-                         merge_operator=m.merge_operator).model_dump()
+        return self.svc.meta().model_dump()
 
     def package(self) -> list:
         """[ref] to the EdgePackage (in a list so callers get the ref, not the value)."""
         if self.pkg_ref is None:
-            self.pkg_ref = ray.put(edge_package(self.moe))
+            self.pkg_ref = ray.put(self.svc.package())
         return [self.pkg_ref]
 
     @ray.method(num_returns=2, concurrency_group="merge")
     def merge(self, x: list[float]) -> tuple[dict, dict]:
         """(a small receipt, the merged FFNs of x with the model's operator). The caller awaits the
         receipt and passes the weights' ref on, so the weights never travel through it."""
-        k = x_key(x)
-        if k not in self.cache:
-            # on the host: the object store carries it to replicas that may have no GPU
-            self.cache[k] = {n: t.cpu() for n, t in self.moe.merged_state(np.asarray(x, dtype=np.float64)).items()}
-            self.merges += 1
-            while len(self.cache) > CACHE:
-                self.cache.popitem(last=False)
-        self.cache.move_to_end(k)
-        return {"merges": self.merges}, self.cache[k]
+        weights = self.svc.merge(x)
+        return {"merges": self.svc.merges}, weights
 
     @ray.method(concurrency_group="score")
-    @torch.no_grad()
     def rewards(self, samples: dict[str, list]) -> dict[str, tuple[list[float], list[bool]]]:
-        """node -> (per-task agreement of the node's served predictions with the full MoE (top-2), mask)
-        on a sample of (head, text_a, text_b, prediction): the reward when no labels come back."""
-        tasks = list(self.moe.tasks)
-        out = {}
-        for node, sample in samples.items():
-            r, mask = np.zeros(len(tasks)), np.zeros(len(tasks), dtype=bool)
-            for v, task in enumerate(tasks):
-                rows = [s for s in sample if s[0] == task][: self.sample_per_slot]
-                if not rows:
-                    continue
-                split = TaskSplit(task, [s[1] for s in rows], [s[2] for s in rows] if PAIR[task] else None,
-                                  np.zeros(len(rows)))
-                ref = np.zeros(len(rows))
-                for b in make_batches(self.moe, [split]):
-                    b = b.to(self.moe.device)
-                    logits = self.moe(b.input_ids, b.attention_mask, b.token_type_ids, task, mode="top2")
-                    ref[b.index] = _to_pred(task, logits)
-                r[v] = float(np.mean(np.abs(ref - np.asarray([s[3] for s in rows])) < 1e-6))
-                mask[v] = True
-            out[node] = (r.tolist(), mask.tolist())
-        return out
+        return self.svc.rewards(samples)
 
 
 def start_mergers(router_name: str, n: int, model_names: list[str], merge_operator: str | None,

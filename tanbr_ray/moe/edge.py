@@ -1,34 +1,31 @@
 """What an edge node holds: the dense shell of the merged model plus one merged FFN per MoE layer.
 
-The central router keeps the full MoE; a node receives an `EdgePackage` once (embeddings, attention,
-heads, non-MoE FFNs, tokenizer files — plain tensors and bytes, so it crosses processes and machines
-without pickled code) and then only merged FFNs, one version per chosen x. `EdgeModel` serves raw
-text requests with it, never the experts.
+The central router keeps the full MoE; a node receives an `EdgePackage` once (the model's shell:
+embeddings, attention, heads, non-MoE FFNs — whatever its `edge_parts` names — and its tokenizer
+files, as plain tensors and bytes with the shell class named by import path, so it crosses processes
+and machines without pickled code) and then only merged FFNs, one version per chosen x. `EdgeModel`
+serves raw text requests with it, never the experts.
 """
 
 from __future__ import annotations
 
+import importlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, BertConfig
+from transformers import AutoTokenizer
 
 from tanbr_ray.moe.infer import max_len_for
-from tanbr_ray.moe.merge import FFN_KEYS
-from tanbr_ray.moe.model import DenseModel, MergedVersion, TaskMoE
-from tanbr_ray.moe.pool_edge import KIND, PoolShell, PoolVersion, pool_shell_parts
-from tanbr_ray.moe.pool_model import PoolMoE
+from tanbr_ray.moe.interface import EdgeVersion as Version
 from tanbr_ray.moe.serving import Item, check_items, serve_items
-
-Version = MergedVersion | PoolVersion  # a shell with one version of merged FFNs: a forward (ids, mask, types, task)
 
 
 @dataclass
 class EdgePackage:
-    kind: str  # which shell the node builds: "task-moe" (the built-in `DenseModel`) or "pool" (`PoolShell`)
+    shell: str  # the shell class ("module:Class", as Serve names code), built by its `from_package`
     config: dict  # the shell's structure, plain JSON
     tasks: list[str]
     max_len: dict[str, int]  # per task
@@ -39,48 +36,23 @@ class EdgePackage:
         return int(sum(t.numel() * t.element_size() for t in self.tensors.values()))
 
 
-def edge_package(moe, adapted: bool | None = None) -> EdgePackage:
-    """The shell a node needs besides merged FFNs (heads and norms as merged serving uses them)."""
-    if isinstance(moe, TaskMoE):
-        kind, (config, tensors) = "task-moe", _task_moe_parts(moe, adapted)
-    elif isinstance(moe, PoolMoE):
-        if adapted is not None and adapted != bool(moe.adapted.item()):
-            raise ValueError("a pool's edge package serves merged mode as the pool does (adapted as built)")
-        kind, (config, tensors) = KIND, pool_shell_parts(moe)
-    else:
-        raise TypeError(f"no edge package for a {type(moe).__name__}: the built-in MoE and pools have one")
+def edge_package(moe) -> EdgePackage:
+    """What a node needs besides merged FFNs: the model's shell (`edge_parts`) and its tokenizer."""
+    shell, config, tensors = moe.edge_parts()
     with tempfile.TemporaryDirectory() as d:
         moe.tokenizer.save_pretrained(d)
         files = {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file()}
-    return EdgePackage(kind, config, list(moe.tasks), {t: max_len_for(moe, t) for t in moe.tasks}, tensors, files)
-
-
-def _task_moe_parts(moe: TaskMoE, adapted: bool | None) -> tuple[dict, dict[str, torch.Tensor]]:
-    x = np.full(moe.num_experts, 1.0 / moe.num_experts)
-    dm = moe.dense_model(x=x, adapted=adapted)
-    moe_ffn = {f"ffn.{l}.{k}" for l in moe.moe_layers for k in FFN_KEYS}
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in dm.state_dict().items() if k not in moe_ffn}
-    head_hidden = dm.heads[TaskMoE._hk(moe.tasks[0])].fc.out_features
-    return {"bert_config": moe.bert_config.to_dict(), "moe_layers": list(moe.moe_layers),
-            "head_hidden": head_hidden}, tensors
+    return EdgePackage(shell, config, list(moe.tasks), {t: max_len_for(moe, t) for t in moe.tasks}, tensors, files)
 
 
 def build_shell(pkg: EdgePackage):
     """The package's shell with its tensors loaded; ValueError if they do not match its config."""
-    if pkg.kind == KIND:
-        shell = PoolShell(pkg.config)
-        shell.load_package(pkg.tensors)
-        return shell
-    if pkg.kind != "task-moe":
-        raise ValueError(f"edge package of unknown kind {pkg.kind!r}")
-    c = pkg.config
-    shell = DenseModel(BertConfig(**c["bert_config"]), pkg.tasks, c["moe_layers"], c["head_hidden"])
-    missing, unexpected = shell.load_state_dict(pkg.tensors, strict=False)
-    allowed = {f"ffn.{l}.{k}" for l in c["moe_layers"] for k in FFN_KEYS}
-    if unexpected or set(missing) - allowed:
-        raise ValueError(f"edge package does not match its config: missing {sorted(set(missing) - allowed)}, "
-                         f"unexpected {sorted(unexpected)}")
-    return shell
+    module, _, name = pkg.shell.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"edge package names a shell {pkg.shell!r} this process cannot import ({e})") from None
+    return cls.from_package(pkg.config, pkg.tensors, list(pkg.tasks))
 
 
 class EdgeModel:

@@ -72,4 +72,29 @@ class MergeableMoE(Protocol):
     def resident_bytes(self, mode: str) -> int:
         """Parameter bytes a node holds to serve the mode."""
 
+    def edge_parts(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
+        """What an edge node builds its dense shell from, without the experts: (the shell class as
+        "module:Class", an `EdgeShell`; its config, plain JSON; its tensors)."""
+
     def eval(self): ...
+
+
+@runtime_checkable
+class EdgeVersion(Protocol):
+    """One merged version on a node's shell: a forward, and what it holds beyond the shell."""
+
+    def __call__(self, input_ids, attention_mask, token_type_ids, task: str) -> torch.Tensor: ...
+
+    def tensors(self) -> list[torch.Tensor]: ...
+
+    def resident_bytes(self) -> int: ...
+
+
+class EdgeShell(Protocol):
+    """A model's dense shell on an edge node (`MergeableMoE.edge_parts`): merged FFNs swapped in per version."""
+
+    @classmethod
+    def from_package(cls, config: dict, tensors: Mapping[str, torch.Tensor], tasks: list[str]) -> "EdgeShell": ...
+
+    def with_ffn(self, state: Mapping[str, torch.Tensor]) -> EdgeVersion:
+        """This shell serving merged FFNs ({parameter: [moe layers, ...]}, as `merged_state` gives them)."""

@@ -418,6 +418,16 @@ class TaskMoE(ExpertMerging, nn.Module):
         plan = self._plan("merged", self.tasks[0], x, state, adapted)
         return DenseModel.from_moe(self, plan.state, plan.heads, plan.attn_ln)
 
+    def edge_parts(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
+        """(the shell class, its config, its tensors): the dense model of merged serving without the MoE
+        layers' FFNs (heads and attention norms as merged serving uses them)."""
+        dm = self.dense_model(x=np.full(self.num_experts, 1.0 / self.num_experts))
+        moe_ffn = {f"ffn.{l}.{k}" for l in self.moe_layers for k in FFN_KEYS}
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in dm.state_dict().items() if k not in moe_ffn}
+        config = {"bert_config": self.bert_config.to_dict(), "moe_layers": list(self.moe_layers),
+                  "head_hidden": dm.heads[self._hk(self.tasks[0])].fc.out_features}
+        return f"{DenseModel.__module__}:{DenseModel.__qualname__}", config, tensors
+
     def resident_bytes(self, mode: str) -> int:
         """Parameter bytes a node must hold to serve the mode."""
         shared = list(self.embeddings.parameters()) + list(self.attn.parameters()) + list(self.heads.parameters())
@@ -476,6 +486,17 @@ class DenseModel(nn.Module):
                 dm.attn[l].output.LayerNorm.weight.copy_(attn_ln[0][l])
                 dm.attn[l].output.LayerNorm.bias.copy_(attn_ln[1][l])
         return dm.to(moe.device).eval()
+
+    @classmethod
+    def from_package(cls, config: dict, tensors: Mapping[str, torch.Tensor], tasks: list[str]) -> "DenseModel":
+        """The shell an edge node builds from `TaskMoE.edge_parts` (its MoE layers' FFNs left empty)."""
+        shell = cls(BertConfig(**config["bert_config"]), tasks, config["moe_layers"], config["head_hidden"])
+        missing, unexpected = shell.load_state_dict(tensors, strict=False)
+        allowed = {f"ffn.{l}.{k}" for l in config["moe_layers"] for k in FFN_KEYS}
+        if unexpected or set(missing) - allowed:
+            raise ValueError(f"edge package does not match its config: missing {sorted(set(missing) - allowed)}, "
+                             f"unexpected {sorted(unexpected)}")
+        return shell
 
     def with_ffn(self, state: Mapping[str, torch.Tensor]) -> "MergedVersion":
         """This shell served with other merged FFNs in its MoE layers ([moe layers, ...] tensors, as

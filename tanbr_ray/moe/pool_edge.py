@@ -21,7 +21,6 @@ from torch import nn
 from tanbr_ray.moe.pool_model import ExpertMLP, PoolMoE, features, install_expert_mlps, read_head, trunk
 from tanbr_ray.moe.store import CONFIG
 
-KIND = "pool"
 _VERSION: contextvars.ContextVar[list[nn.Module]] = contextvars.ContextVar("tanbr_pool_version")
 META_KEYS = ("pool_config", "backbone_config", "head_configs", "mean_mlp_heads", "pooling", "moe_layers")
 
@@ -61,11 +60,17 @@ class PoolShell(nn.Module):
         self.heads = nn.ModuleDict({t.replace("-", "_"): heads[t] for t in self.tasks})
         self.eval()
 
-    def load_package(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    @classmethod
+    def from_package(cls, config: dict, tensors: Mapping[str, torch.Tensor], tasks: list[str]) -> "PoolShell":
+        """The shell an edge node builds from `PoolMoE.edge_parts`."""
+        shell = cls(config)
+        if shell.tasks != list(tasks):
+            raise ValueError(f"edge package: tasks {list(tasks)} != its config's {shell.tasks}")
         try:
-            self.load_state_dict(tensors, strict=True)
+            shell.load_state_dict(tensors, strict=True)
         except RuntimeError as e:
             raise ValueError(f"edge package does not match its config: {str(e)[:300]}") from None
+        return shell
 
     def run_mlp(self, m: int, template: nn.Module, h: torch.Tensor) -> torch.Tensor:
         return _VERSION.get()[m](h)

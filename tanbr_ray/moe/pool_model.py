@@ -295,6 +295,12 @@ class PoolMoE(ExpertMerging, nn.Module):
             return PoolDense(self, "dense", None)
         return PoolDense(self, "merged", self.merged_state(x) if state is None else state)
 
+    def edge_parts(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
+        """(the shell class, its config, its tensors): backbone and heads of merged serving, no experts."""
+        from tanbr_ray.moe.pool_edge import PoolShell, pool_shell_parts
+
+        return (f"{PoolShell.__module__}:{PoolShell.__qualname__}", *pool_shell_parts(self))
+
     def _bytes(self, tensors) -> int:
         return int(sum(t.numel() * t.element_size() for t in tensors))
 

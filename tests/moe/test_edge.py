@@ -123,7 +123,7 @@ def test_a_pools_edge_model_is_its_merged_mode_without_the_experts(pools, family
 
     pool = pools[family]
     pkg = edge_package(pool)
-    assert pkg.kind == "pool" and not any(".template." in k or k.startswith(("experts", "router")) for k in pkg.tensors)
+    assert pkg.shell.endswith(":PoolShell") and not any(".template." in k or k.startswith(("experts", "router")) for k in pkg.tensors)
     edge = EdgeModel(pkg)
     ids = torch.tensor([[5, 17, 9, 3]]), torch.ones(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)
     for x in (np.array([0.3, 0.7]), np.array([1.0, 0.0])) if pool.num_experts == 2 else (np.full(4, 0.25),):

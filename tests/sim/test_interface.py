@@ -20,7 +20,7 @@ from tanbr_ray.sim.fleet import Fleet
 from tanbr_ray.sim.loop import run_simulation
 
 ROOT = Path(__file__).resolve().parents[2] / "tanbr_ray"
-CONCRETE = {"TaskMoE", "PoolMoE", "DenseModel", "MergedVersion", "PoolDense"}
+CONCRETE = {"TaskMoE", "PoolMoE", "DenseModel", "MergedVersion", "PoolDense", "PoolShell", "PoolVersion"}
 
 
 class FakeMoE:
@@ -100,6 +100,40 @@ class FakeMoE:
         ffn = mode_spec(mode).ffn
         return int(self.emb.numel() * 4 + (per if ffn in ("base", "merged") else per * self.num_experts))
 
+    def edge_parts(self):
+        return f"{__name__}:FakeShell", {"hidden": self.emb.shape[1]}, {"emb": self.emb, **{
+            f"head.{t}": h for t, h in self.heads.items()}}
+
+
+class FakeShell(torch.nn.Module):
+    """The fake's dense shell on an edge node: its embeddings and heads, no experts."""
+
+    @classmethod
+    def from_package(cls, config, tensors, tasks):
+        shell = cls()
+        shell.emb = torch.nn.Parameter(tensors["emb"], requires_grad=False)
+        shell.heads = torch.nn.ParameterDict({t.replace("-", "_"): torch.nn.Parameter(tensors[f"head.{t}"],
+                                              requires_grad=False) for t in tasks})
+        return shell
+
+    def with_ffn(self, state):
+        return FakeVersion(self, state["w"])
+
+
+class FakeVersion:
+    def __init__(self, shell, w):
+        self.shell, self.w = shell, w
+
+    def __call__(self, input_ids, attention_mask, token_type_ids, task):
+        feats = mean_pool(torch.tanh(self.shell.emb[input_ids] @ self.w), attention_mask)
+        return F.linear(feats, self.shell.heads[task.replace("-", "_")])
+
+    def tensors(self):
+        return [self.w]
+
+    def resident_bytes(self):
+        return int(sum(p.numel() * 4 for p in self.shell.parameters()) + self.w.numel() * 4)
+
 
 FLEET = dict(classes=[
     dict(name="board", count=2, slowdown=4, memory_x_dense=1.001, bandwidth_mbps=50, rtt_ms=20, budget=1, rate=1.0),
@@ -128,6 +162,39 @@ def test_the_landscape_bench_runs_on_the_fake_model(data_dir):
                     screen_examples=2, finalists=1, budget=2, runs=1, progress=False)
     assert set(res["modes"]) == {"dense", "merged", "top1", "top2", "soft", "oracle"}
     assert res["landscape_by_operator"]["linear"]["mean"]
+
+
+def test_the_clusters_model_side_runs_on_the_fake_model(data_dir):
+    """What the cluster asks of a model — a merger's merges, meta, edge package and label-free reward,
+    an edge replica's shell and versions, the decision side's choice from the meta — on the fake. (A
+    deployed model also travels between machines by its cache folder; the fake has none, so this runs
+    in one process: `tests/cluster/test_pool_cluster.py` runs a pool through Ray itself.)"""
+    from tanbr_ray.cluster.decision_service import DecisionService, RouterSpec
+    from tanbr_ray.cluster.merge_service import MergeService
+    from tanbr_ray.moe.edge import EdgeModel
+    from tanbr_ray.moe.serving import moe_server
+
+    fake = FakeMoE()
+    svc = MergeService(fake, sample_per_slot=8)
+    meta = svc.meta()
+    assert (meta.name, meta.tasks, meta.pair, meta.task_experts) == ("fake", ["SST-2", "MNLI"], [False, True], [0, 1])
+    x = [0.3, 0.7]
+    assert svc.merge(x) is svc.merge(x) and svc.merges == 1  # one merge per distinct x
+    assert torch.equal(svc.merge(x)["w"], fake.merged_state(x)["w"])
+    edge = EdgeModel(svc.package())
+    edge.load_ffn(svc.merge(x))
+    items = [("SST-2", "a gripping, well acted film", None), ("MNLI", "A man sleeps.", "Nobody sleeps."),
+             ("SST-2", "dull and far too long", None), ("MNLI", "It rains.", "The street is wet.")]
+    assert np.array_equal(edge.predict_items(items), moe_server(fake, "merged", np.asarray(x))(items))
+    assert fake.resident_bytes("merged") < edge.resident_bytes() < fake.resident_bytes("top2")  # + heads, no experts
+    top2 = moe_server(fake, "top2")(items)
+    served = [(h, a, b, float(p)) for (h, a, b), p in zip(items, top2)]
+    assert svc.rewards({"n": served})["n"] == ([1.0, 1.0], [True, True])
+    wrong = [(h, a, b, p + 1.0) for h, a, b, p in served[:2]]  # only SST-2 and MNLI's first rows, off by one
+    assert svc.rewards({"n": wrong})["n"] == ([0.0, 0.0], [True, True])
+    decision = DecisionService(RouterSpec(policy="Tanbr"), meta, Fleet(**FLEET), restore=False)
+    xs = decision.decide(np.full((3, 2), 0.5), slot=0)
+    assert xs.shape == (3, 2) and np.allclose(xs.sum(1), 1.0)
 
 
 def test_nothing_above_moe_names_a_concrete_model_class():
