@@ -45,6 +45,11 @@ COMMANDS = {
     "roundtrip_simulate_builtin.json": "tanbr simulate slots=8 bf16=false wandb=disabled --out /tmp/sim-builtin",
     "roundtrip_simulate_pool.json": "tanbr simulate model=/tmp/dexp/pool.yaml slots=8 bf16=false wandb=disabled "
                                     "--out /tmp/sim-pool (the default MoE exported by `tanbr bench pool --out /tmp/dexp`)",
+    "roundtrip_ray_builtin.json": "tanbr simulate --backend ray slots=8 bf16=false wandb=disabled fixed_candidates=0 "
+                                  '"policies=[Tanbr,psi-merge,Uniform]" --out /tmp/ray-builtin',
+    "roundtrip_ray_pool.json": "tanbr simulate --backend ray model=/tmp/dexp/pool.yaml slots=8 bf16=false "
+                               'wandb=disabled fixed_candidates=0 "policies=[Tanbr,psi-merge,Uniform]" --out /tmp/ray-pool '
+                               "(the default MoE exported by `tanbr bench pool --out /tmp/dexp`)",
 }
 
 

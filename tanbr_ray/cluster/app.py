@@ -22,13 +22,18 @@ from tanbr_ray.fileio import deep_merge
 from tanbr_ray.moe.config import default_models_dir
 from tanbr_ray.moe.config import load_config as load_moe_config
 from tanbr_ray.moe.pool_config import is_pool_spec
-from tanbr_ray.moe.resolve import PRESETS, cache_names, check_spec, load_dir, open_model
+from tanbr_ray.moe.resolve import cache_names, check_spec, load_dir, open_model
 from tanbr_ray.sim.config import load_config as load_sim_config
 from tanbr_ray.sim.config import scenario_path
 from tanbr_ray.sim.fleet import Fleet, load_fleet
 from tanbr_ray.sim.queueing import QueueConfig
 
 CACHE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{12}")  # a built model's cache folder name
+
+
+def is_model_name(v: str) -> bool:
+    """A built model named by its cache folder (what `tanbr build-moe --publish` prints), not a file."""
+    return bool(CACHE_NAME.fullmatch(v)) and not is_pool_spec(v)
 
 
 class AppArgs(BaseModel):
@@ -67,9 +72,7 @@ class AppArgs(BaseModel):
     @field_validator("model")
     @classmethod
     def _served_model(cls, v: str) -> str:
-        if CACHE_NAME.fullmatch(v) and not is_pool_spec(v):
-            return v
-        return check_spec(v)
+        return v if is_model_name(v) else check_spec(v)
 
     @model_validator(mode="before")
     @classmethod
@@ -99,7 +102,7 @@ class AppArgs(BaseModel):
         in order of preference. A pool YAML is hashed here (its checkpoints and data must be readable)."""
         if self.moe_config:
             return load_moe_config(self.moe_config).cache_names()
-        if CACHE_NAME.fullmatch(self.model) and not is_pool_spec(self.model):
+        if is_model_name(self.model):
             return [self.model]
         return cache_names(self.model)
 
@@ -109,7 +112,7 @@ class AppArgs(BaseModel):
 
         if self.moe_config:
             return load_or_build_info(load_moe_config(self.moe_config), self.models_dir, progress=progress)
-        if self.model not in PRESETS and not is_pool_spec(self.model):
+        if is_model_name(self.model):
             return load_dir(Path(self.models_dir or default_models_dir()) / self.model)
         return open_model(self.model, self.models_dir, progress=progress)
 
