@@ -463,6 +463,7 @@ class DenseModel(nn.Module):
         self.embeddings = BertEmbeddings(cfg)
         self.attn = nn.ModuleList([BertAttention(cfg, layer_idx=i) for i in range(L)])
         shapes = {"w1": (I, H), "b1": (I,), "w2": (H, I), "b2": (H,), "ln_w": (H,), "ln_b": (H,)}
+        self.ffn_shapes = shapes
         self.ffn = nn.ModuleList(
             nn.ParameterDict({k: nn.Parameter(torch.zeros(shapes[k]), requires_grad=False) for k in FFN_KEYS})
             for _ in range(L))
@@ -496,6 +497,8 @@ class DenseModel(nn.Module):
         if unexpected or set(missing) - allowed:
             raise ValueError(f"edge package does not match its config: missing {sorted(set(missing) - allowed)}, "
                              f"unexpected {sorted(unexpected)}")
+        for l in shell.moe_layers:  # every version brings these: the shell holds none (it serves through with_ffn)
+            shell.ffn[l] = nn.ParameterDict()
         return shell
 
     def with_ffn(self, state: Mapping[str, torch.Tensor]) -> "MergedVersion":
@@ -507,13 +510,12 @@ class DenseModel(nn.Module):
         threads on one shell would see."""
         layers: list[Mapping[str, torch.Tensor]] = list(self.ffn)
         for k in FFN_KEYS:
-            want = (len(self.moe_layers), *self.ffn[self.moe_layers[0]][k].shape)
+            want = (len(self.moe_layers), *self.ffn_shapes[k])
             if k not in state or tuple(state[k].shape) != want:
                 raise ValueError(f"merged FFN: {k} missing or shaped {getattr(state.get(k), 'shape', None)}, want {want}")
-        ref = self.ffn[self.moe_layers[0]]
+        ref = self.embeddings.word_embeddings.weight
         for m, l in enumerate(self.moe_layers):
-            layers[l] = {k: state[k][m].detach().to(device=ref[k].device, dtype=ref[k].dtype).contiguous()
-                         for k in FFN_KEYS}
+            layers[l] = {k: state[k][m].detach().to(device=ref.device, dtype=ref.dtype).contiguous() for k in FFN_KEYS}
         return MergedVersion(self, layers)
 
     def forward(self, input_ids, attention_mask, token_type_ids, task: str,

@@ -33,6 +33,10 @@ def test_ray_backend_equals_local(tiny, fleet, data_dir):
     assert r["policies_on_cluster"] == ["Tanbr", "Random", "Uniform"]
     assert r["pushes"] == 3 * cfg.slots and r["replicas"] == 3
     assert r["stale_replicas"] == 0 and r["push_seconds_max"] < 30
+    # a replica holds the shell once plus each held node's merged FFNs: what the simulator charges a node
+    version = sum(t.numel() * t.element_size() for t in moe.merged_state(np.array([0.5, 0.5])).values())
+    for st in r["replicas_status"]:
+        assert st["resident_bytes"] == moe.resident_bytes("merged") + (len(st["nodes"]) - 1) * version, st
     # latency on the cluster is measured end to end, not the local cost model
     assert ray_out.summary["policies"]["Tanbr"]["latency_ms_p50"] != local.summary["policies"]["Tanbr"]["latency_ms_p50"]
 

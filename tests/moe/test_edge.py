@@ -37,7 +37,7 @@ def test_swap_shares_the_shell_and_keeps_running_models(tiny_moe):
     l = tiny_moe.moe_layers[0]
     assert not torch.equal(edge.model.ffn_layers[l]["w1"], old.ffn_layers[l]["w1"])
     assert torch.equal(old.ffn_layers[l]["w1"], tiny_moe.merged_state([0.5, 0.5])["w1"][0])
-    assert not edge.shell.ffn[l]["w1"].abs().sum()  # the shell itself is never written
+    assert not len(edge.shell.ffn[l])  # the shell holds no FFN of its own where versions bring theirs
     sp = _splits()["SST-2"]
     want = predict(tiny_moe, prepare(tiny_moe, {"SST-2": sp}), "merged", x=[0.5, 0.5])["SST-2"]
     assert np.array_equal(edge.predict("SST-2", sp.text_a, model=old), want)  # the old version still serves
