@@ -32,13 +32,14 @@ def serve_cmd(
         args, http = args_from_deploy_file(config) if config else (AppArgs(), {})
         update = {k: v for k, v in {"model": model, "slot_seconds": slot_seconds}.items() if v is not None}
         args = AppArgs(**{**args.model_dump(), **update})
+        home = None
         if args.model_source is None:  # built here on first use; the nodes fetch it from the cluster storage
             typer.echo(f"model: {args.model} (built on first use, then reused from the models cache)")
-            args.open_model(progress=True)
+            home = args.open_model(progress=True).cache_dir
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     host, port = host or http.get("host", "127.0.0.1"), port or http.get("port", 8000)
-    with local_service(args, host, port) as url:
+    with local_service(args, host, port, model_dir=home) as url:
         typer.echo(f"serving on {url}: POST /v1/infer, GET /healthz, GET /v1/state (Ctrl-C stops)")
         try:
             t0 = time.monotonic()
@@ -67,11 +68,12 @@ def bench_serve(
 
     # a slot never closes on its own during the bench: pushes are timed one by one, under no load
     args = AppArgs(scenario=_scenario(model), model=model, slot_seconds=0, api={"rate_limit_per_s": 1e6, "rate_burst": 1_000_000})
-    moe = args.open_model(progress=True).moe
-    bodies = bench.request_bodies(list(moe.tasks), requests, os.environ.get("TANBR_DATA_DIR"))
-    del moe
+    built = args.open_model(progress=True)
+    home = built.cache_dir
+    bodies = bench.request_bodies(list(built.moe.tasks), requests, os.environ.get("TANBR_DATA_DIR"))
+    del built  # the nodes fetch it; this process need not hold it
     t0 = time.perf_counter()
-    with local_service(args, "127.0.0.1", port) as url:
+    with local_service(args, "127.0.0.1", port, model_dir=home) as url:
         from tanbr_ray.cluster.decision_client import DecisionClient
 
         DecisionClient(args.router_name, args.router.decision_actors()).call("close_slot")  # every node gets a model
@@ -120,11 +122,12 @@ def bench_reliability(
                    router={"policy": "Tanbr", "storage": str(tmp / "checkpoints"), "sample_per_slot": 8,
                            "standby": True, "mergers": 2},
                    api={"rate_limit_per_s": 1e6, "rate_burst": 1_000_000})
-    moe = args.open_model(progress=True).moe
-    bodies = bench.request_bodies(list(moe.tasks), 400, os.environ.get("TANBR_DATA_DIR"))
-    del moe
+    built = args.open_model(progress=True)
+    home = built.cache_dir
+    bodies = bench.request_bodies(list(built.moe.tasks), 400, os.environ.get("TANBR_DATA_DIR"))
+    del built  # the nodes fetch it; this process need not hold it
     t0 = time.perf_counter()
-    with local_service(args, LOOPBACK, port) as url:
+    with local_service(args, LOOPBACK, port, model_dir=home) as url:
         typer.echo(f"service up in {time.perf_counter() - t0:.1f} s on {url}; load at concurrency {concurrency}, "
                    f"a fault every ~{gap:.0f} s")
         load = rb.LoadThread(url, bodies, concurrency)

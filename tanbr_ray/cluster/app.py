@@ -9,7 +9,6 @@ declares it per node type; the local demo cluster sets it per node).
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -21,20 +20,12 @@ from tanbr_ray.cluster.names import APP_NAME, HEAD_RESOURCE, ROUTER_NAME, edge_d
 from tanbr_ray.fileio import deep_merge
 from tanbr_ray.moe.config import default_models_dir
 from tanbr_ray.moe.config import load_config as load_moe_config
-from tanbr_ray.moe.pool_config import is_pool_spec
-from tanbr_ray.moe.resolve import cache_names, check_spec, load_dir, open_model
+from tanbr_ray.moe import resolve
+from tanbr_ray.moe.resolve import cache_names, check_spec, is_model_name, load_dir, open_model
 from tanbr_ray.sim.config import load_config as load_sim_config
 from tanbr_ray.sim.config import scenario_path
 from tanbr_ray.sim.fleet import Fleet, load_fleet
 from tanbr_ray.sim.queueing import QueueConfig
-
-CACHE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{12}")  # a built model's cache folder name
-
-
-def is_model_name(v: str) -> bool:
-    """A built model named by its cache folder (what `tanbr build-moe --publish` prints), not a file."""
-    return bool(CACHE_NAME.fullmatch(v)) and not is_pool_spec(v)
-
 
 class AppArgs(BaseModel):
     """The served app. Its router is the one a simulation scenario measures: `scenario` names it and
@@ -106,6 +97,16 @@ class AppArgs(BaseModel):
             return [self.model]
         return cache_names(self.model)
 
+    def merge_settings(self) -> dict:
+        """How the mergers merge: the model's settings (its YAML or preset; a model known only by name
+        merges as built), the app's `merge_operator` over them."""
+        if self.moe_config:
+            cfg = load_moe_config(self.moe_config)
+            own = {"merge_operator": cfg.merge_operator, "regmean_alpha": cfg.regmean_alpha}
+        else:
+            own = {} if is_model_name(self.model) else resolve.merge_settings(self.model)
+        return {**own, **({"merge_operator": self.merge_operator} if self.merge_operator else {})}
+
     def open_model(self, progress: bool = True):
         """The model on this machine, built on first use (`BuiltMoE`): what a local cluster publishes."""
         from tanbr_ray.moe.build import load_or_build_info
@@ -153,7 +154,7 @@ def build_app(args: dict):
     return make_app(args)
 
 
-def start_router(a: AppArgs, fleet: Fleet, model_names: list[str]):
+def start_router(a: AppArgs, fleet: Fleet, model_names: list[str], merge: dict):
     """The mergers (each loads the model), then the decision actors (model-free, given the model's
     meta), all named after `router_name`, detached; returns the model's meta once one leads."""
     from tanbr_ray.cluster.decision_actor import start_decision
@@ -163,7 +164,7 @@ def start_router(a: AppArgs, fleet: Fleet, model_names: list[str]):
 
     r = a.router
     check_cluster(r.decision_actors(), [c.name for c in fleet.classes])
-    meta = start_mergers(a.router_name, r.mergers, model_names, a.merge_operator, a.model_source, r.threads,
+    meta = start_mergers(a.router_name, r.mergers, model_names, merge, a.model_source, r.threads,
                          r.sample_per_slot, a.models_dir, a.merger_gpus)
     live = {"slot_seconds": a.slot_seconds, "app": APP_NAME, "edges": [edge_deployment(c.name) for c in fleet.classes]}
     start_decision(r.model_dump(mode="json"), meta.model_dump(), fleet.model_dump(mode="json"), a.router_name, live)
@@ -177,16 +178,18 @@ def stop_router(a: AppArgs) -> None:
     end_router(a.router_name, a.router.decision_actors(), a.router.mergers)
 
 
-def make_app(args: dict | AppArgs, fleet: Fleet | None = None, model_names: list[str] | None = None):
+def make_app(args: dict | AppArgs, fleet: Fleet | None = None, model_names: list[str] | None = None,
+             merge: dict | None = None):
     """Start (or reuse) the mergers and decision actors, then bind the edge deployments and the ingress.
-    `fleet` and `model_names` override the args' (a driver passes the fleet and the model it holds)."""
+    `fleet`, `model_names` and `merge` override the args' (a driver passes the fleet and the model it
+    holds, merging as it merges there)."""
     from tanbr_ray.cluster.edge import EdgeNode
     from tanbr_ray.cluster.ingress import Ingress
     from tanbr_ray.cluster.placement import SHARE
 
     a = parse_args(args)
     fleet = fleet or a.load_fleet()
-    meta = start_router(a, fleet, model_names or a.model_names())
+    meta = start_router(a, fleet, model_names or a.model_names(), a.merge_settings() if merge is None else merge)
     n_dec, n_merge = a.router.decision_actors(), a.router.mergers
     edges = {}
     plan = replica_plan(fleet, a.replicas)

@@ -21,6 +21,7 @@ from tanbr_ray.cluster.app import AppArgs, make_app, replica_plan, stop_router
 from tanbr_ray.cluster.decision_client import DecisionClient
 from tanbr_ray.cluster.decision_service import RouterSpec
 from tanbr_ray.cluster.edge import call_node
+from tanbr_ray.cluster.merger_pool import MergerPool
 from tanbr_ray.cluster.names import APP_NAME, LOOPBACK, NAMESPACE, edge_deployment
 from tanbr_ray.cluster.local import local_cluster, pin_loopback, publish_model
 from tanbr_ray.cluster.push import PushResult, push, summarize
@@ -133,6 +134,9 @@ def run_ray_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None,
 
     from ray import serve
 
+    if getattr(moe, "cache_dir", None) is None:
+        raise ValueError("the cluster loads a model from its cache folder (published to its storage); a model that "
+                         "was never stored runs on the local backend only")
     fleet = fleet or load_fleet(cfg.fleet)
     faults = faults or []
     t0 = time.perf_counter()
@@ -147,7 +151,11 @@ def run_ray_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None,
         serve.start(proxy_location="Disabled")
         router_policies = [p for p in cfg.policies if registry.POLICIES[p].picks_x]
         args = _app_args(cfg, router_policies, model_source, storage, replicas)
-        serve.run(make_app(args, fleet, [moe.identity["key"]]), name=APP_NAME, route_prefix=None)
+        # the mergers load this model and merge as it merges here (its operator and α are not in its cache key)
+        merge = {"merge_operator": cfg.merge_operator or moe.merge_operator,
+                 "regmean_alpha": getattr(moe, "regmean_alpha", None)}
+        serve.run(make_app(args, fleet, [moe.identity["key"]], merge), name=APP_NAME, route_prefix=None)
+        mergers = MergerPool(args.router_name, args.router.mergers)
         client = DecisionClient(args.router_name, args.router.decision_actors())
         edges = {c.name: serve.get_deployment_handle(edge_deployment(c.name), app_name=APP_NAME) for c in fleet.classes}
         setup_s = time.perf_counter() - t0
@@ -172,6 +180,7 @@ def run_ray_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None,
         try:
             out = run_simulation(cfg, moe, fleet, progress, slot_done, backend=backend)
             final_state = client.wait_leader()
+            merger_status = asyncio.run(mergers.started())
             replica_status = [st for h in edges.values() for st in h.broadcast("status").results(timeout_s=60)]
         finally:
             serve.delete(APP_NAME)
@@ -187,6 +196,7 @@ def run_ray_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None,
         "final_router_state": {k: final_state[k] for k in ("policy", "version", "slot", "updated_slot", "restored_from",
                                                             "name", "term")},
         "takeovers": final_state["takeovers"],
+        "mergers": merger_status,
         "replica_plan": {c: {"replicas": r, "nodes_per_replica": k} for c, (r, k) in replica_plan(fleet, replicas).items()},
         "replicas_status": [{k: st[k] for k in ("replica", "class", "resident_bytes", "peak_rss_bytes", "weights_refetched")}
                             | {"nodes": sorted(st["nodes"])} for st in replica_status],

@@ -62,6 +62,10 @@ class MergerPool:
                 self._failed(name)
         raise RuntimeError(f"no merger answered {method}: {'; '.join(errors)}")
 
+    async def started(self) -> list[dict]:
+        """How each merger started (where its model came from, how long loading took, its Ray node)."""
+        return list(await asyncio.gather(*(self._handle(n).ready.remote() for n in self.names)))
+
     async def merged_ref(self, x) -> ray.ObjectRef:
         """A ref to x's merged FFNs, owned by the caller."""
         _, weights = await self.call("merge", [float(v) for v in x], num_returns=2)

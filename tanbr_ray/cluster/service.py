@@ -30,11 +30,11 @@ def args_from_deploy_file(path: str | Path) -> tuple[AppArgs, dict]:
 
 @contextmanager
 def local_service(args: AppArgs | dict, host: str = "127.0.0.1", port: int = 8000, fleet: Fleet | None = None,
-                  ready_timeout_s: float = 300.0):
+                  ready_timeout_s: float = 300.0, model_dir: Path | None = None):
     """Cluster up, Serve's HTTP proxy on host:port, the app deployed and its first slot pushed;
     yields the base URL; everything is torn down on exit. Without `model_source`, the model this
-    process has cached (built here on first use) is published to the cluster's storage and the nodes
-    fetch it from there."""
+    process has cached (`model_dir`, else opened here: built on first use) is published to the
+    cluster's storage and the nodes fetch it from there."""
     import httpx
     from ray import serve
 
@@ -42,7 +42,7 @@ def local_service(args: AppArgs | dict, host: str = "127.0.0.1", port: int = 800
     fleet = fleet or a.load_fleet()
     names = None
     if a.model_source is None:  # the model this process holds, published where the nodes read
-        home = a.open_model().cache_dir
+        home = Path(model_dir) if model_dir is not None else a.open_model().cache_dir
         names = [home.name]
     with local_cluster(fleet) as cluster:
         if names is not None:

@@ -52,6 +52,8 @@ def build_shell(pkg: EdgePackage):
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
         raise ValueError(f"edge package names a shell {pkg.shell!r} this process cannot import ({e})") from None
+    if not callable(getattr(cls, "from_package", None)):
+        raise ValueError(f"edge package names {pkg.shell!r}, which is no edge shell (no from_package)")
     return cls.from_package(pkg.config, pkg.tensors, list(pkg.tasks))
 
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import contextvars
 import copy
-import json
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from tanbr_ray.moe.pool_model import ExpertMLP, PoolMoE, features, install_expert_mlps, read_head, trunk
-from tanbr_ray.moe.store import CONFIG
 
 _VERSION: contextvars.ContextVar[list[nn.Module]] = contextvars.ContextVar("tanbr_pool_version")
 META_KEYS = ("pool_config", "backbone_config", "head_configs", "mean_mlp_heads", "pooling", "moe_layers")
@@ -28,8 +26,7 @@ META_KEYS = ("pool_config", "backbone_config", "head_configs", "mean_mlp_heads",
 def pool_shell_parts(moe: PoolMoE) -> tuple[dict, dict[str, torch.Tensor]]:
     """(the shell's config, its tensors) for merged serving: the experts, router and MoE layers' MLPs
     stay with the router; adapted parameters and heads replace the plain ones when merged mode adapts."""
-    meta = json.loads((moe.cache_dir / CONFIG).read_text())  # verified when the pool was loaded or built
-    config = {k: meta[k] for k in META_KEYS if k in meta}
+    config = {k: moe.meta[k] for k in META_KEYS if k in moe.meta}  # the stored config it was loaded or saved with
     adapted = bool(moe.adapted.item())
     own = {f"backbone.{n}": moe.adapt[n.replace(".", "__")] for n in moe.adapt_names()} if adapted else {}
     skip = tuple(f"backbone.{n}.template." for n, m in moe.backbone.named_modules() if isinstance(m, ExpertMLP))
@@ -77,7 +74,7 @@ class PoolShell(nn.Module):
 
     def with_ffn(self, state: Mapping[str, torch.Tensor]) -> "PoolVersion":
         """This shell with merged MLPs ({parameter: [moe layers, ...]}, as `merged_state` gives them)."""
-        device = next(self.parameters()).device
+        ref = next(self.parameters())
         modules = []
         for m, mlp in enumerate(self.mlps):
             want = dict(mlp.template.named_parameters())
@@ -87,7 +84,7 @@ class PoolShell(nn.Module):
                 if t is None or tuple(t.shape) != (len(self.mlps), *want[k].shape):
                     raise ValueError(f"merged MLP: {k} missing or shaped {getattr(t, 'shape', None)}, "
                                      f"want {(len(self.mlps), *want[k].shape)}")
-                own[k] = t[m].detach().to(device=device, dtype=torch.float32).contiguous()
+                own[k] = t[m].detach().to(device=ref.device, dtype=ref.dtype).contiguous()
             module = copy.deepcopy(mlp.template)
             module.load_state_dict(own, assign=True)
             modules.append(module.requires_grad_(False))

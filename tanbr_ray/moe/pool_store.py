@@ -81,6 +81,7 @@ def save_pool(moe: PoolMoE, cfg: PoolConfig, ident: dict, directory: Path, build
             "mean_mlp_heads": {t: int(h["mean_mlp"].fc.out_features) for t, h in heads.items() if "mean_mlp" in h}}
     d = Path(directory)
     write_model(moe, d, FORMAT, meta, build, tokenizer)
+    moe.meta = meta
     moe.head_configs = meta["head_configs"]  # each task's classifier config (for merged checkpoints)
     return d
 
@@ -105,8 +106,12 @@ def pool_modules(meta: dict, where: str) -> tuple[PoolConfig, Family, torch.nn.M
     if hasattr(backbone, "pooler"):
         backbone.pooler = None
     hidden, inner = backbone.config.hidden_size, meta.get("mean_mlp_heads", {})
-    heads = {t: empty_mean_mlp_head(hidden, inner[t], t) if t in inner else
-             family.head_modules(AutoModelForSequenceClassification.from_config(config(c)))
+    def head(c: dict) -> torch.nn.ModuleDict:  # the classifier built bodiless (meta), its head given storage
+        with torch.device("meta"):
+            clf = AutoModelForSequenceClassification.from_config(config(c))
+        return family.head_modules(clf).to_empty(device="cpu")  # the caller loads its weights
+
+    heads = {t: empty_mean_mlp_head(hidden, inner[t], t) if t in inner else head(c)
              for t, c in meta["head_configs"].items()}
     return cfg, family, backbone, heads
 
@@ -143,6 +148,7 @@ def load_pool(directory: str | os.PathLike, device="cpu") -> tuple[PoolMoE, dict
         f = d / TOKENIZER / name
         if not f.is_file() or sha256_file(f) != sha:
             raise ValueError(f"{f}: missing or altered (sha256 mismatch)")
+    moe.meta = meta  # what an edge package rebuilds the shell from
     moe.tokenizer = AutoTokenizer.from_pretrained(d / TOKENIZER)
     if moe.tokenizer.pad_token is None:
         moe.tokenizer.pad_token = moe.tokenizer.eos_token

@@ -1,7 +1,7 @@
 """Built models in cluster storage: built once, fetched everywhere else.
 
-`tanbr build-moe --publish URI` uploads a cached model (weights, merge statistics, and the config
-recording their sha256) to `<URI>/<cache dir name>/`, the config last: it is the commit point, as in
+`tanbr build-moe [--model pool.yaml] --publish URI` uploads a cached model (weights, merge statistics,
+a pool's tokenizer files, and the config recording their sha256) to `<URI>/<cache dir name>/`, the config last: it is the commit point, as in
 the local cache. A process on another machine (a merger, a Tune trial) calls `load_model` with the model's
 cache folder name (content-keyed, so a name is one exact model): its own machine's cache, else the
 published copy, downloaded beside the cache, verified file by file (size
@@ -25,6 +25,7 @@ from tanbr_ray.moe.pool_store import TOKENIZER
 from tanbr_ray.moe.store import CONFIG, FORMAT, read_meta
 
 FORMATS = (FORMAT, POOL_FORMAT)  # the built-in MoE, a pool of fine-tunes or a native MoE
+UNSIZED_LIMIT = 256 << 20  # bytes: a file the config records no size for (a tokenizer file) is cut off here
 
 
 def _join(base: str, *parts: str) -> str:
@@ -39,8 +40,10 @@ def stored_files(meta: dict) -> dict[str, tuple[int | None, str]]:
         files.update({f"{TOKENIZER}/{n}": (None, str(sha)) for n, sha in meta.get("tokenizer_sha256", {}).items()})
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"model config lists its files wrongly ({exc})") from exc
-    if any(".." in Path(n).parts or Path(n).is_absolute() for n in files):
-        raise ValueError(f"model config names a file outside its folder: {sorted(files)}")
+    for n in files:
+        parts = Path(n).parts
+        if not parts or Path(n).is_absolute() or any(q in (".", "..") for q in parts) or n == CONFIG:
+            raise ValueError(f"model config lists a file it may not name: {n!r}")
     return files
 
 
@@ -63,11 +66,15 @@ def publish(cache_dir: str | os.PathLike, uri: str) -> str:
 def _download(fs, remote: str, local: Path, size: int | None = None, sha256: str | None = None) -> None:
     h = hashlib.sha256()
     local.parent.mkdir(parents=True, exist_ok=True)
+    limit = size if size is not None else UNSIZED_LIMIT
     try:
         with fs.open_input_stream(remote) as src, open(local, "wb") as out:
             while chunk := src.read(1 << 22):
                 h.update(chunk)
                 out.write(chunk)
+                if out.tell() > limit:
+                    raise ValueError(f"published model file {remote}: larger than "
+                                     f"{'recorded' if size is not None else 'any tokenizer file'} ({limit} bytes)")
     except FileNotFoundError:
         raise ValueError(f"published model file {remote}: missing") from None
     if size is not None and local.stat().st_size != size:
@@ -81,6 +88,7 @@ def fetch(name: str, uri: str, models_dir: str | os.PathLike | None = None) -> P
     """Download and verify the published model `name` (a cache folder's name) into this machine's
     cache; ValueError naming the remote file if anything is missing, truncated or altered (nothing
     cached is touched)."""
+    _check_name(name)
     fs, base = open_storage(uri)
     src = _join(base, name)
     cache = Path(models_dir or default_models_dir())
@@ -115,6 +123,13 @@ def fetch(name: str, uri: str, models_dir: str | os.PathLike | None = None) -> P
     return final
 
 
+def _check_name(name: str) -> None:
+    from tanbr_ray.moe.resolve import MODEL_NAME
+
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise ValueError(f"model {name!r}: not a built model's cache folder name (name-<12 hex digits>)")
+
+
 def load_model(names: list[str], models_dir: str | os.PathLike | None = None, source: str | None = None,
                device: str | None = None):
     """The model for a process that must not build it: the first of `names` (cache folder names, in
@@ -122,13 +137,18 @@ def load_model(names: list[str], models_dir: str | os.PathLike | None = None, so
     verified. Returns (model, where it came from: "cache" or "fetched")."""
     from tanbr_ray.moe.resolve import load_dir
 
+    if isinstance(names, str) or not names:
+        raise TypeError(f"model names: a non-empty list of cache folder names, got {names!r}")
+    for n in names:
+        _check_name(n)
     cache = Path(models_dir or default_models_dir())
     found = next((n for n in names if (cache / n / CONFIG).exists()), None)
     how = "cache"
     if found is None:
         if source is None:
             raise ValueError(f"model {names[0]}: not in this machine's cache ({cache}) and no model source to "
-                             "fetch it from; run `tanbr build-moe --publish URI` and pass that URI as model_source")
+                             "fetch it from; run `tanbr build-moe [--model pool.yaml] --publish URI` and pass that URI "
+                             "as model_source")
         errors = []
         for n in names:
             try:

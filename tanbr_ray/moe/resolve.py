@@ -4,12 +4,19 @@ command resolves its model here and then sees only the interface of `moe/interfa
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tanbr_ray.moe.build import BuiltMoE
 from tanbr_ray.moe.pool_config import is_pool_spec
 
 PRESETS = ("default", "quick")
+MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*-[0-9a-f]{12}")  # a built model's cache folder name
+
+
+def is_model_name(v: str) -> bool:
+    """A built model named by its cache folder (what `tanbr build-moe --publish` prints), not a file."""
+    return bool(MODEL_NAME.fullmatch(v)) and not is_pool_spec(v)
 
 
 def check_spec(spec: str) -> str:
@@ -48,6 +55,27 @@ def cache_names(spec: str, data_dir=None) -> list[str]:
     from tanbr_ray.moe.pool_store import pool_cache_name
 
     return [pool_cache_name(spec, data_dir)]
+
+
+def merge_settings(spec: str) -> dict:
+    """How the model a `model:` value names merges (its operator and RegMean's α): settings of the YAML or
+    preset, applied at merge time and so not part of the cache key ({} for a model known only by name:
+    it merges as it was built)."""
+    check_spec(spec)
+    if spec in PRESETS:
+        cfg = preset_config(spec)
+    else:
+        from tanbr_ray.moe.pool_config import load_pool_config
+
+        cfg = load_pool_config(spec)
+    return {"merge_operator": cfg.merge_operator, "regmean_alpha": cfg.regmean_alpha}
+
+
+def apply_merge_settings(moe, merge: dict | None) -> None:
+    """Set a loaded model's operator and RegMean α from `merge_settings`-shaped values (None: leave)."""
+    for key in ("merge_operator", "regmean_alpha"):
+        if (merge or {}).get(key) is not None:
+            setattr(moe, key, merge[key])
 
 
 def load_dir(directory, device: str | None = None) -> BuiltMoE:

@@ -123,13 +123,19 @@ def run_sweep(spec: TuneSpec, sim_raw: dict, config_dir: Path = Path("."), out: 
         else:
             built = open_model(base.model, base.models_dir, progress=verbose > 0, data_dir=base.data_dir)
         names = [built.cache_dir.name]
+        merge = {"merge_operator": built.moe.merge_operator, "regmean_alpha": built.moe.regmean_alpha}
     else:
         from tanbr_ray.moe.config import MoEConfig
-        from tanbr_ray.moe.resolve import cache_names
+        from tanbr_ray.moe.resolve import cache_names, merge_settings
 
-        names = MoEConfig(**_moe_raw(spec)).cache_names() if spec.moe_config else cache_names(base.model, base.data_dir)
+        if spec.moe_config:
+            moe_cfg = MoEConfig(**_moe_raw(spec))
+            names = moe_cfg.cache_names()
+            merge = {"merge_operator": moe_cfg.merge_operator, "regmean_alpha": moe_cfg.regmean_alpha}
+        else:
+            names, merge = cache_names(base.model, base.data_dir), merge_settings(base.model)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=sim_raw, model_names=names, threads=threads,
+        tune.with_parameters(run_trial, base=sim_raw, model_names=names, merge=merge, threads=threads,
                              model_source=spec.model_source),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     storage = spec.storage or str(out_dir)

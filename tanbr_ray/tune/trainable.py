@@ -33,13 +33,16 @@ def trial_sim_config(base: dict, params: dict, threads: int | None) -> SimConfig
     return SimConfig(**raw)
 
 
-def _load_moe(cfg: SimConfig, names: list[str], model_source: str | None):
+def _load_moe(cfg: SimConfig, names: list[str], merge: dict, model_source: str | None):
+    """The model by its cache names, merging as the sweep's driver has it (operator and α: not in the key)."""
     from tanbr_ray.moe.publish import load_model
+    from tanbr_ray.moe.resolve import apply_merge_settings
 
     key = f"{cfg.models_dir}|{names[0]}"
     if key not in _MOE_CACHE:
         _MOE_CACHE.clear()
         _MOE_CACHE[key] = load_model(names, cfg.models_dir, model_source)[0]
+    apply_merge_settings(_MOE_CACHE[key], merge)
     return _MOE_CACHE[key]
 
 
@@ -51,13 +54,13 @@ def _number(v) -> float | None:
     return None
 
 
-def run_trial(config: dict, base: dict, model_names: list[str], threads: int | None = None,
+def run_trial(config: dict, base: dict, model_names: list[str], merge: dict, threads: int | None = None,
               model_source: str | None = None) -> None:
     """Tune function trainable: report after every slot, then once more with the final summary."""
     from ray import tune
 
     cfg = trial_sim_config(base, config, threads)
-    moe = _load_moe(cfg, model_names, model_source)
+    moe = _load_moe(cfg, model_names, merge, model_source)
     last: dict = {}
 
     def on_slot(policy: str, t: int, slot_score: float, running_score: float) -> None:

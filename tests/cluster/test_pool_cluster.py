@@ -33,6 +33,10 @@ def test_app_args_name_a_pool_by_its_content_key(pool):
 
 def test_ray_backend_serves_a_pool_as_the_local_backend_scores_it(pool, fleet, data_dir):
     spec, moe = pool
+    # the operator is not in the cache key: as if the YAML said fisher after the build (stored: linear),
+    # so the mergers must merge with what the driver's model says, not what their fetched copy recorded
+    assert moe.meta["pool_config"]["merge_operator"] == "linear"
+    moe.merge_operator = "fisher"
     cfg = SimConfig(model=str(spec), slots=3, slot_seconds=4, pool_per_task=12, fixed_candidates=1, wandb="disabled",
                     seed=0, threads=1, models_dir=str(moe.cache_dir.parent), data_dir=data_dir, policies=POLICIES,
                     bf16=False)
@@ -47,7 +51,11 @@ def test_ray_backend_serves_a_pool_as_the_local_backend_scores_it(pool, fleet, d
     r = ray_out.summary["ray"]
     assert r["policies_on_cluster"] == ["Tanbr", "Random", "Uniform"] and r["stale_replicas"] == 0
     assert r["pushes"] == 3 * cfg.slots
-    assert ray_out.summary["model"]["key"] == moe.cache_dir.name
+    # the mergers' machine (both run on the head's `tanbr_merger`) fetched the pool from the cluster's
+    # storage into its own cache: one fetches, the other finds that machine's copy (or fetches alongside)
+    ms = r["mergers"]
+    assert {(m["model"], m["merge_operator"]) for m in ms} == {(moe.cache_dir.name, "fisher")}
+    assert "fetched" in {m["model_from"] for m in ms} <= {"fetched", "cache"} and len({m["ray_node"] for m in ms}) == 1
     # a replica holds the shell once plus the merged MLPs of each node it holds: never the experts
     version = sum(t.numel() * t.element_size() for t in moe.merged_state(np.array([0.5, 0.5])).values())
     for st in r["replicas_status"]:

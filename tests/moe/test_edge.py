@@ -1,5 +1,7 @@
 """The edge node's model: built from a package (no experts), it matches the MoE's merged mode."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -160,6 +162,9 @@ def test_a_pool_package_that_does_not_match_its_config_is_refused(pools):
     pkg.tensors[key] = pkg.tensors[key][..., :-1]
     with pytest.raises(ValueError, match="edge package does not match its config"):
         EdgeModel(pkg)
+    for shell, why in (("tanbr_ray.moe.nowhere:Shell", "cannot import"), ("collections:OrderedDict", "no edge shell")):
+        with pytest.raises(ValueError, match=why):
+            EdgeModel(dataclasses.replace(edge_package(pool), shell=shell))
     edge = EdgeModel(edge_package(pool))
     state = pool.merged_state(np.array([0.5, 0.5]))
     with pytest.raises(ValueError, match="merged MLP"):

@@ -151,7 +151,7 @@ def test_a_published_model_is_fetched_verified_into_another_machines_cache(tmp_p
     for k, v in built.moe.state_dict().items():
         assert torch.equal(v, moe.state_dict()[k]), k
     assert load_model(tiny_cfg.cache_names(), tmp_path / "other", str(tmp_path / "nowhere"))[1] == "cache"  # no second fetch
-    with pytest.raises(ValueError, match=r"not in this machine's cache .*third.*tanbr build-moe --publish"):
+    with pytest.raises(ValueError, match=r"not in this machine's cache .*third.*tanbr build-moe .*--publish"):
         load_model(tiny_cfg.cache_names(), tmp_path / "third", None)  # never built here, nothing to fetch: no build either
 
 
@@ -211,3 +211,22 @@ def test_a_process_finds_the_model_built_at_another_precision(tmp_path, tiny_cfg
     assert other.cache_dirname() != tiny_cfg.cache_dirname()
     moe, how = load_model(other.cache_names(), tmp_path / "cpu-machine", str(tmp_path / "storage"))
     assert how == "fetched" and moe.identity == built.moe.identity
+
+
+@pytest.mark.parametrize("name", ["../escape", "", ".", "config.json", "/abs/path"])
+def test_a_model_config_naming_a_file_it_may_not_is_refused(name):
+    from tanbr_ray.moe.publish import stored_files
+
+    meta = {"files": {"model.safetensors": {"bytes": 1, "sha256": "0" * 64}, name: {"bytes": 1, "sha256": "0" * 64}}}
+    with pytest.raises(ValueError, match="may not name"):
+        stored_files(meta)
+
+
+def test_model_names_are_checked_before_any_path_is_built(tmp_path):
+    from tanbr_ray.moe.publish import fetch, load_model
+
+    with pytest.raises(TypeError, match="list of cache folder names"):
+        load_model("minilm-task-moe-0123456789ab", tmp_path)  # a string is not a list of names
+    with pytest.raises(ValueError, match="not a built model's cache folder name"):
+        fetch("../../etc-0123456789ab", str(tmp_path / "storage"), tmp_path)
+    assert not any(tmp_path.iterdir())
