@@ -18,7 +18,7 @@ def bare():
 def test_a_cluster_without_the_roles_resources_is_refused_with_them_named(bare, fleet, tiny):
     cfg, models, _ = tiny
     with pytest.raises(ValueError) as e:
-        start_router(AppArgs(model_source=str(models), router={"storage": "/tmp/unused-router-state"}), fleet, cfg)
+        start_router(AppArgs(model_source=str(models), router={"storage": "/tmp/unused-router-state"}), fleet, cfg.cache_names(), {})
     msg = str(e.value)
     assert "tanbr_control on 2 machines (leader and standby apart), found on 1" in msg
     assert "tanbr_merger on no machine" in msg and "tanbr_head on no machine" in msg
