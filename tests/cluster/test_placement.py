@@ -65,3 +65,4 @@ def test_a_cluster_whose_node_misses_rays_start_up_wait_is_started_again(monkeyp
     monkeypatch.setattr(cluster_utils, "Cluster", Broken)
     with pytest.raises(Exception, match="port in use"):
         local._start(fleet, 1, 2**20, "/tmp/tanbr-test-start")
+
