@@ -34,7 +34,15 @@ def pool_shell_parts(moe: PoolMoE) -> tuple[dict, dict[str, torch.Tensor]]:
                if k.startswith("backbone.") and not k.startswith(skip)}
     heads = moe.merge_heads if adapted else moe.heads
     tensors.update((f"heads.{n}", p) for n, p in heads.state_dict().items())
+    tensors.update((k, v) for k, v in _computed_buffers(moe.backbone, "backbone.").items() if not k.startswith(skip))
     return config, {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+
+
+def _computed_buffers(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """Buffers a module computes when built and does not store (rotary frequencies, position ids): a shell
+    built without storage (meta) takes them from the package instead."""
+    return {prefix + ".".join(filter(None, (name, b))): m._buffers[b] for name, m in module.named_modules()
+            for b in m._non_persistent_buffers_set if m._buffers.get(b) is not None}
 
 
 class PoolShell(nn.Module):
@@ -59,14 +67,23 @@ class PoolShell(nn.Module):
 
     @classmethod
     def from_package(cls, config: dict, tensors: Mapping[str, torch.Tensor], tasks: list[str]) -> "PoolShell":
-        """The shell an edge node builds from `PoolMoE.edge_parts`."""
-        shell = cls(config)
+        """The shell an edge node builds from `PoolMoE.edge_parts`: its modules made without storage (a
+        native MoE's experts are never allocated here), then given the package's tensors."""
+        with torch.device("meta"):
+            shell = cls(config)
         if shell.tasks != list(tasks):
             raise ValueError(f"edge package: tasks {list(tasks)} != its config's {shell.tasks}")
+        shell.to_empty(device="cpu")
+        computed = _computed_buffers(shell.backbone, "backbone.")
         try:
-            shell.load_state_dict(tensors, strict=True)
+            shell.load_state_dict({k: v for k, v in tensors.items() if k not in computed}, strict=True)
+            if set(computed) - set(tensors):
+                raise RuntimeError(f"missing computed buffers {sorted(set(computed) - set(tensors))[:5]}")
         except RuntimeError as e:
             raise ValueError(f"edge package does not match its config: {str(e)[:300]}") from None
+        for key in computed:
+            owner, _, name = key.removeprefix("backbone.").rpartition(".")
+            shell.backbone.get_submodule(owner).register_buffer(name, tensors[key].clone(), persistent=False)
         return shell
 
     def run_mlp(self, m: int, template: nn.Module, h: torch.Tensor) -> torch.Tensor:
