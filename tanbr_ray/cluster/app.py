@@ -101,8 +101,7 @@ class AppArgs(BaseModel):
         """How the mergers merge: the model's settings (its YAML or preset; a model known only by name
         merges as built), the app's `merge_operator` over them."""
         if self.moe_config:
-            cfg = load_moe_config(self.moe_config)
-            own = {"merge_operator": cfg.merge_operator, "regmean_alpha": cfg.regmean_alpha}
+            own = resolve.merge_settings_of(load_moe_config(self.moe_config))
         else:
             own = {} if is_model_name(self.model) else resolve.merge_settings(self.model)
         return {**own, **({"merge_operator": self.merge_operator} if self.merge_operator else {})}

@@ -25,6 +25,7 @@ from tanbr_ray.cluster.merger_pool import MergerPool
 from tanbr_ray.cluster.names import APP_NAME, LOOPBACK, NAMESPACE, edge_deployment
 from tanbr_ray.cluster.local import local_cluster, pin_loopback, publish_model
 from tanbr_ray.cluster.push import PushResult, push, summarize
+from tanbr_ray.moe.resolve import merge_settings_of
 from tanbr_ray.sim.config import SimConfig
 from tanbr_ray.sim.fleet import Fleet, load_fleet
 from tanbr_ray.router import registry
@@ -152,8 +153,7 @@ def run_ray_simulation(cfg: SimConfig, moe, fleet: Fleet | None = None,
         router_policies = [p for p in cfg.policies if registry.POLICIES[p].picks_x]
         args = _app_args(cfg, router_policies, model_source, storage, replicas)
         # the mergers load this model and merge as it merges here (its operator and α are not in its cache key)
-        merge = {"merge_operator": cfg.merge_operator or moe.merge_operator,
-                 "regmean_alpha": getattr(moe, "regmean_alpha", None)}
+        merge = {**merge_settings_of(moe), "merge_operator": cfg.merge_operator or moe.merge_operator}
         serve.run(make_app(args, fleet, [moe.identity["key"]], merge), name=APP_NAME, route_prefix=None)
         mergers = MergerPool(args.router_name, args.router.mergers)
         client = DecisionClient(args.router_name, args.router.decision_actors())

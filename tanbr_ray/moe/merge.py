@@ -18,6 +18,7 @@ the fp16 Grams at every merge 0.83 s).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -230,15 +231,15 @@ class Merger:
 STATIC_MERGES = {"uniform": "linear", "fisher": "fisher", "regmean": "regmean"}
 
 
-class ExpertMerging:
+class ExpertMerging(ABC):
     """What every model does with its experts, one mechanism for all: tasks to expert indices, the
     feasibility of x, the statistics, one `Merger` over the stacked experts (`expert_tensors`, laid out
     as `merge_layout` says), merges by x and the static merges (computed once, then kept). A model sets
     tasks, expert_of, num_experts, budget, stats, merge_operator, regmean_alpha, _merger, static_merges."""
 
+    @abstractmethod
     def expert_tensors(self) -> dict[str, torch.Tensor]:
         """The experts of every MoE layer, {parameter: [layers, K, ...]}."""
-        raise NotImplementedError
 
     def merge_layout(self) -> tuple[Mapping[str, str], frozenset]:
         """(each linear weight's Gram name, the weights stored [in, out])."""

@@ -63,12 +63,15 @@ def merge_settings(spec: str) -> dict:
     it merges as it was built)."""
     check_spec(spec)
     if spec in PRESETS:
-        cfg = preset_config(spec)
-    else:
-        from tanbr_ray.moe.pool_config import load_pool_config
+        return merge_settings_of(preset_config(spec))
+    from tanbr_ray.moe.pool_config import load_pool_config
 
-        cfg = load_pool_config(spec)
-    return {"merge_operator": cfg.merge_operator, "regmean_alpha": cfg.regmean_alpha}
+    return merge_settings_of(load_pool_config(spec))
+
+
+def merge_settings_of(obj) -> dict:
+    """The merge settings a model config or a loaded model carries (α None where it has none)."""
+    return {"merge_operator": obj.merge_operator, "regmean_alpha": getattr(obj, "regmean_alpha", None)}
 
 
 def apply_merge_settings(moe, merge: dict | None) -> None:

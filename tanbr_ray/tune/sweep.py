@@ -112,10 +112,11 @@ def run_sweep(spec: TuneSpec, sim_raw: dict, config_dir: Path = Path("."), out: 
         scheduler = FIFOScheduler()
     threads = max(1, int(spec.resources.cpu))
     base = SimConfig(**sim_raw)
+    from tanbr_ray.moe.config import MoEConfig
+    from tanbr_ray.moe.resolve import cache_names, merge_settings, merge_settings_of, open_model
+
     if spec.model_source is None:  # built once here, with progress; trials never build it
         from tanbr_ray.moe.build import load_or_build_info
-        from tanbr_ray.moe.config import MoEConfig
-        from tanbr_ray.moe.resolve import open_model
 
         if spec.moe_config:
             built = load_or_build_info(MoEConfig(**_moe_raw(spec)), base.models_dir, progress=verbose > 0,
@@ -123,15 +124,12 @@ def run_sweep(spec: TuneSpec, sim_raw: dict, config_dir: Path = Path("."), out: 
         else:
             built = open_model(base.model, base.models_dir, progress=verbose > 0, data_dir=base.data_dir)
         names = [built.cache_dir.name]
-        merge = {"merge_operator": built.moe.merge_operator, "regmean_alpha": built.moe.regmean_alpha}
+        merge = merge_settings_of(built.moe)
     else:
-        from tanbr_ray.moe.config import MoEConfig
-        from tanbr_ray.moe.resolve import cache_names, merge_settings
-
         if spec.moe_config:
             moe_cfg = MoEConfig(**_moe_raw(spec))
             names = moe_cfg.cache_names()
-            merge = {"merge_operator": moe_cfg.merge_operator, "regmean_alpha": moe_cfg.regmean_alpha}
+            merge = merge_settings_of(moe_cfg)
         else:
             names, merge = cache_names(base.model, base.data_dir), merge_settings(base.model)
     trainable = tune.with_resources(

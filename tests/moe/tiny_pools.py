@@ -80,10 +80,7 @@ def make_pool(root: Path, family: str, tasks=("SST-2", "RTE"), steps: int = 4, s
             "max_len_single": 32, "max_len_pair": 48,
             "build": {"router_examples": 16, "router_steps": 20, "fisher_examples": 8, "regmean_examples": 16,
                       "batch_size": 8}}
-    spec.update(extra)
-    path = root / "pool.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return _write_spec(root / "pool.yaml", spec, extra)
 
 
 def make_native(root: Path, tasks=("SST-2", "RTE"), steps: int = 4, seed: int = 0, experts: int = 4,
@@ -123,7 +120,9 @@ def make_native(root: Path, tasks=("SST-2", "RTE"), steps: int = 4, seed: int = 
             "max_len_single": 32, "max_len_pair": 48,
             "build": {"router_examples": 16, "fisher_examples": 8, "regmean_examples": 16, "batch_size": 8,
                       "adapt_steps": 4}}
-    spec.update(extra)
-    path = root / "native.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    return _write_spec(root / "native.yaml", spec, extra)
+
+
+def _write_spec(path: Path, spec: dict, extra: dict) -> Path:
+    path.write_text(yaml.safe_dump({**spec, **extra}))
     return path
